@@ -1,0 +1,131 @@
+"""chat_magic: post notebook results and job completions to a Google Chat space.
+
+    %load_ext chat_magic            # in IPython / Jupyter
+    import chat_magic
+    chat_magic.send("training done")  # returns at once; a background worker delivers
+
+The destination is ``GOOGLE_CHAT_WEBHOOK_URL`` or a named space in the config
+file (see :mod:`chat_magic.config`). Importing this package is cheap: IPython,
+ipywidgets, requests and sqlite3 load when first needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    ChatMagicError,
+    ConfigError,
+    DeliveryError,
+    DeliveryFailed,
+    DeliveryTimeout,
+    MessageError,
+    NoDestinationError,
+    OutboxError,
+    WebhookURLError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatMagicError",
+    "Composer",
+    "ConfigError",
+    "Delivered",
+    "DeliveryError",
+    "DeliveryFailed",
+    "DeliveryTimeout",
+    "MessageError",
+    "NoDestinationError",
+    "OutboxError",
+    "Receipt",
+    "WebhookURLError",
+    "__version__",
+    "configure",
+    "flush",
+    "load_ipython_extension",
+    "notify_when_done",
+    "send",
+    "tqdm",
+    "unload_ipython_extension",
+]
+
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "Receipt": "delivery",
+    "Delivered": "delivery",
+    "notify_when_done": "notify",
+    "Composer": "composer",
+    "tqdm": "progress",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .composer import Composer
+    from .delivery import Delivered, Receipt
+    from .notify import notify_when_done
+    from .progress import tqdm
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'chat_magic' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def send(
+    text: str | None = None,
+    *,
+    to: str | None = None,
+    thread_key: str | None = None,
+    cards: list[dict[str, Any]] | None = None,
+    fallback_text: str | None = None,
+    truncate: bool = False,
+) -> Receipt:
+    """Queue a message for the space and return a :class:`Receipt` at once.
+
+    ``to`` is a space name from the config file (default: ``GOOGLE_CHAT_WEBHOOK_URL``).
+    ``thread_key`` puts the message into that thread. Text over Chat's limits is
+    split into several messages in order, or cut with a note when ``truncate``.
+    Raises only for a mistake in the call or the set-up (one-line
+    :class:`ConfigError` / :class:`MessageError`); delivery problems never raise
+    here: see ``Receipt.wait``.
+    """
+    from .delivery import send as _send
+
+    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate)
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """Wait until nothing is queued; return whether everything was delivered."""
+    from .delivery import flush as _flush
+
+    return _flush(timeout)
+
+
+def configure(**settings: Any) -> None:
+    """Change delivery settings, e.g. ``configure(interval=1.1, read_timeout=20)``."""
+    from .delivery import settings as current
+
+    for k, v in settings.items():
+        if not hasattr(current, k) or k == "lease":
+            raise ConfigError(f"unknown setting {k!r}: choose from {', '.join(sorted(vars(current)))}")
+        setattr(current, k, type(getattr(current, k))(v))
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """Called by ``%load_ext chat_magic``."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ip)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """Called by ``%unload_ext chat_magic``."""
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ip)

@@ -1,0 +1,64 @@
+"""Exceptions raised by chat_magic.
+
+The hierarchy::
+
+    ChatMagicError
+    ├── ConfigError            a user's set-up is wrong (ValueError)
+    │   ├── WebhookURLError    a webhook URL is malformed or not Google Chat's
+    │   └── NoDestinationError no webhook configured, or an unknown name
+    ├── MessageError           a message cannot be sent as given (ValueError)
+    ├── OutboxError            the outbox database cannot be used
+    └── DeliveryError          the space did not accept a message
+        ├── DeliveryFailed     the server refused it for good (a 4xx other than 408/429)
+        └── DeliveryTimeout    not delivered within the time asked for
+
+Every message is one line, says what is wrong and how to fix it, and never
+contains a webhook's ``key`` or ``token``.
+"""
+
+from __future__ import annotations
+
+
+class ChatMagicError(Exception):
+    """Base class of every chat_magic error."""
+
+
+class ConfigError(ChatMagicError, ValueError):
+    """The user's configuration is wrong."""
+
+
+class WebhookURLError(ConfigError):
+    """A webhook URL is malformed or does not point at Google Chat."""
+
+
+class NoDestinationError(ConfigError):
+    """No webhook is configured, or a destination name is unknown."""
+
+
+class MessageError(ChatMagicError, ValueError):
+    """A message cannot be sent as given (empty, or too large to split)."""
+
+
+class OutboxError(ChatMagicError):
+    """The outbox database cannot be used."""
+
+
+class DeliveryError(ChatMagicError):
+    """A message was not delivered.
+
+    ``code`` is the HTTP status (0 for a network error), ``status`` the
+    ``google.rpc`` status name when the server sent one.
+    """
+
+    def __init__(self, message: str, *, code: int = 0, status: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class DeliveryFailed(DeliveryError):
+    """The server refused the message for good; retrying would not help."""
+
+
+class DeliveryTimeout(DeliveryError):
+    """The message was not delivered within the time asked for."""

@@ -1,0 +1,193 @@
+"""Message payloads: Chat-syntax escaping, code blocks, splitting and truncation.
+
+Google Chat rejects ``text`` over 4,096 characters and a request body over
+32,000 bytes. Everything here produces payloads that fit, so the server never
+sees an over-limit message.
+
+Text that did not come from the user's explicit wish (captured output,
+tracebacks) goes through :func:`neutralize` or :func:`code_block`: it cannot
+mention anyone (``<users/all>``), turn into a link, or close the code block it
+sits in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .errors import MessageError
+
+MAX_TEXT = 4096
+MAX_BYTES = 32_000
+ZWSP = "\u200b"  # zero-width space: breaks a token without changing what a reader sees
+FENCE = "```"
+SEPARATOR = "\n\n"
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove ANSI colour and cursor codes (and other C0 control characters but tab/newline)."""
+    text = _ANSI.sub("", text)
+    text = text.replace("\r\n", "\n")
+    # a bare carriage return (progress bars) keeps only what was drawn last on that line
+    if "\r" in text:
+        text = "\n".join(line.rsplit("\r", 1)[-1] if line.rstrip("\r") else line.replace("\r", "") for line in text.split("\n"))
+    return _CONTROL.sub("", text)
+
+
+def neutralize(text: str) -> str:
+    """Make untrusted text inert in Chat syntax.
+
+    ``<users/all>``, ``<users/123>`` and ``<https://x|label>`` are broken up by
+    a zero-width space after ``<`` so they show as typed but neither ping nor
+    link; runs of backticks are broken up so they cannot open or close a code
+    block.
+    """
+    text = text.replace("<", "<" + ZWSP)
+    return re.sub(r"`(?=`)", "`" + ZWSP, text)
+
+
+def code_block(text: str) -> str:
+    """Wrap untrusted text in a code block it cannot escape from."""
+    body = neutralize(strip_ansi(text)).rstrip("\n")
+    return f"{FENCE}\n{body}\n{FENCE}" if body else ""
+
+
+def tail(text: str, max_chars: int, max_lines: int | None = None) -> tuple[str, int]:
+    """Keep the end of ``text`` within ``max_chars`` and ``max_lines``.
+
+    Returns the kept text and how many characters were cut from the front.
+    """
+    kept = text
+    if max_lines is not None and max_lines >= 0:
+        lines = kept.splitlines(keepends=True)
+        if len(lines) > max_lines:
+            kept = "".join(lines[len(lines) - max_lines:]) if max_lines else ""
+    if len(kept) > max_chars:
+        kept = kept[len(kept) - max_chars:]
+        nl = kept.find("\n")
+        if 0 <= nl < len(kept) - 1:  # start on a whole line when one is there
+            kept = kept[nl + 1:]
+    return kept, len(text) - len(kept)
+
+
+def cut_note(cut: int, unit: str = "characters") -> str:
+    return f"[… {cut:,} {unit} cut]"
+
+
+def truncate_text(text: str, limit: int = MAX_TEXT) -> str:
+    """Cut ``text`` to ``limit`` characters with a marker saying how much was cut.
+
+    A code block left open by the cut is closed.
+    """
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    while True:
+        marker = "\n" + cut_note(cut)
+        head = text[: max(0, limit - len(marker) - len(FENCE) - 1)]
+        if _open_fence(head):
+            head += "\n" + FENCE
+        out = head + marker
+        if len(out) <= limit:
+            return out
+        cut += len(out) - limit  # the marker grew by a digit: cut a little more
+
+
+def _open_fence(text: str) -> bool:
+    """Whether ``text`` ends inside a ``` code block."""
+    return text.count(FENCE) % 2 == 1
+
+
+def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
+    """Split ``text`` into parts of at most ``limit`` characters, in order.
+
+    Splits at line ends where it can (else at spaces, else anywhere). A code
+    block open at a split is closed at the end of one part and reopened at the
+    start of the next, so each part renders on its own.
+    """
+    if limit < 16:
+        raise ValueError("limit too small")
+    if len(text) <= limit:
+        return [text]
+    parts: list[str] = []
+    rest = text
+    reopen = False
+    while rest:
+        prefix = FENCE + "\n" if reopen else ""
+        room = limit - len(prefix)
+        if len(rest) <= room:
+            parts.append(prefix + rest)
+            break
+        # leave room to close a block we might end inside
+        window = rest[: room - len(FENCE) - 1]
+        cut = window.rfind("\n") + 1
+        if cut < len(window) // 2:
+            sp = window.rfind(" ") + 1
+            cut = sp if sp > len(window) // 2 else len(window)
+        # never cut inside a fence marker
+        while 0 < cut < len(rest) and rest[cut - 1] == "`" and rest[cut] == "`":
+            cut -= 1
+        if cut == 0:
+            cut = len(window)
+        chunk = prefix + rest[:cut]
+        rest = rest[cut:]
+        inside = _open_fence(chunk)
+        if inside:
+            chunk = chunk.rstrip("\n") + "\n" + FENCE
+        parts.append(chunk)
+        reopen = inside
+    return parts
+
+
+def payload_size(payload: dict[str, Any]) -> int:
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def build_payloads(
+    text: str | None,
+    *,
+    cards: list[dict[str, Any]] | None = None,
+    thread_key: str | None = None,
+    truncate: bool = False,
+    fallback_text: str | None = None,
+) -> list[dict[str, Any]]:
+    """The Message bodies to POST for one ``send``: one, or several in order when split.
+
+    Raises :class:`MessageError` for an empty message or cards over the size limit.
+    """
+    text = "" if text is None else str(text)
+    if not text.strip() and not cards:
+        raise MessageError("the message is empty: give some text or a card")
+    if thread_key is not None and len(thread_key) > 4000:
+        raise MessageError("a thread key is at most 4,000 characters")
+    thread = {"threadKey": thread_key} if thread_key else None
+
+    if cards:
+        payload: dict[str, Any] = {"cardsV2": cards}
+        if text.strip():
+            payload["text"] = truncate_text(text)
+        if fallback_text:
+            payload["fallbackText"] = truncate_text(fallback_text, 1000)
+        if thread:
+            payload["thread"] = thread
+        if payload_size(payload) > MAX_BYTES:
+            raise MessageError(f"the cards are {payload_size(payload):,} bytes; a Chat message is at most {MAX_BYTES:,}: shorten the card text")
+        return [payload]
+
+    texts = [truncate_text(text)] if truncate else split_text(text)
+    out = []
+    for t in texts:
+        p: dict[str, Any] = {"text": t}
+        if thread:
+            p["thread"] = thread
+        out.append(p)
+    return out
+
+
+def merge_texts(texts: list[str]) -> str:
+    """Join several short messages into one, in order, separated by a blank line."""
+    return SEPARATOR.join(t.strip("\n") for t in texts)

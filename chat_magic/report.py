@@ -1,0 +1,154 @@
+"""Completion notices: one builder for ``%%chat``, auto-notify, ``notify_when_done`` and ``chat-magic run``.
+
+A :class:`Report` says what ran, how it ended, how long it took, where it ran,
+and the tail of its output or traceback. It renders as Chat-syntax text
+(:meth:`Report.text`) and as a ``cardsV2`` card with that text as fallback
+(:meth:`Report.card`). Output and tracebacks are untrusted: in text they sit
+in a code block they cannot break out of and cannot mention anyone; in cards
+they are HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
+
+OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
+ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
+WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}
+COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8"}
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+@dataclass
+class Report:
+    """What to tell the space about a finished (or started) piece of work."""
+
+    title: str
+    status: str = OK
+    duration: float | None = None
+    output: str = ""  # captured stdout/stderr/result, untrusted
+    error: str = ""  # "ValueError: bad value", untrusted
+    traceback: str = ""  # the last traceback lines, untrusted
+    details: dict[str, str] = field(default_factory=dict)  # e.g. {"Host": ..., "Notebook": ..., "Exit code": ...}
+    mention: str | None = None  # "all" or a user id: the only way a mention gets in
+    max_lines: int | None = 40
+    note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
+
+    # -- pieces ----------------------------------------------------------------
+
+    @property
+    def headline(self) -> str:
+        dur = format_duration(self.duration)
+        word = WORDS.get(self.status, self.status)
+        return f"{self.title} {word}" + (f" in {dur}" if dur and self.status != STARTED else "")
+
+    def _mention_tag(self) -> str:
+        if not self.mention:
+            return ""
+        m = str(self.mention).strip()
+        if m.startswith("users/"):
+            m = m[len("users/"):]
+        return f"<users/{m}> "
+
+    def _tail(self, text: str, budget: int) -> str:
+        text = strip_ansi(text)
+        kept, cut = tail(text, max(0, budget), self.max_lines)
+        if cut:
+            lines_cut = text[: len(text) - len(kept)].count("\n")
+            unit = f"characters ({lines_cut:,} lines)" if lines_cut else "characters"
+            return f"{cut_note(cut, unit)}\n{kept}"
+        return kept
+
+    # -- renderings --------------------------------------------------------
+
+    def text(self, limit: int = MAX_TEXT) -> str:
+        """The report as Chat-syntax text, within ``limit`` characters."""
+        head = f"{self._mention_tag()}{ICONS.get(self.status, '')} *{neutralize(self.headline)}*".strip()
+        lines = [head]
+        if self.error:
+            lines.append(f"`{neutralize(self.error.splitlines()[0] if self.error else '')[:300].replace('`', 'ʼ')}`")
+        facts = " · ".join(f"{k}: {neutralize(str(v))}" for k, v in self.details.items() if v not in (None, ""))
+        if facts:
+            lines.append(facts)
+        if self.note:
+            lines.append(self.note)
+        body = "\n".join(lines)
+        blocks = [t for t in (self.output, self.traceback) if t and t.strip()]
+        if blocks:
+            room = limit - len(body) - 16 * len(blocks) - 200
+            share = max(0, room // len(blocks))
+            for t in blocks:
+                kept = self._tail(t, share)
+                cb = code_block(kept)
+                if cb:
+                    body += "\n" + cb
+        return body[:limit]
+
+    def card(self, card_id: str = "report") -> dict[str, Any]:
+        """The report as one ``cardsV2`` entry, within Chat's card limits."""
+        color = COLORS.get(self.status, "#5f6368")
+        widgets: list[dict[str, Any]] = []
+        if self.error:
+            widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{html.escape(self.error.splitlines()[0][:500])}</font>', "wrapText": True}})
+        if self.duration is not None and self.status != STARTED:
+            widgets.append({"decoratedText": {"topLabel": "Duration", "text": html.escape(format_duration(self.duration))}})
+        for k, v in self.details.items():
+            if v not in (None, ""):
+                widgets.append({"decoratedText": {"topLabel": html.escape(str(k)), "text": html.escape(str(v)), "wrapText": True}})
+        sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
+        for label, t in (("Output", self.output), ("Traceback", self.traceback)):
+            if t and t.strip():
+                kept = self._tail(t, 6000)
+                sections.append({
+                    "header": label,
+                    "collapsible": True,
+                    "uncollapsibleWidgetsCount": 1,
+                    "widgets": [{"textParagraph": {"text": f"<pre>{html.escape(kept)}</pre>"}}],
+                })
+        return {
+            "cardId": card_id,
+            "card": {
+                "header": {"title": f"{ICONS.get(self.status, '')} {self.headline}"[:200], "subtitle": html.escape(self.details.get("Host", ""))[:200]},
+                "sections": sections,
+            },
+        }
+
+    def payload_kwargs(self, *, cards: bool = True) -> dict[str, Any]:
+        """Arguments for ``send``/``Session.send``: a card with a text fallback, or text alone.
+
+        A mention must be in ``text`` to notify anyone, so a report with a
+        mention carries it there.
+        """
+        if not cards:
+            return {"text": self.text()}
+        card = self.card()
+        fallback = f"{ICONS.get(self.status, '')} {self.headline}"[:1000]
+        kwargs: dict[str, Any] = {"cards": [card], "fallback_text": fallback}
+        if self.mention:
+            kwargs["text"] = f"{self._mention_tag()}{neutralize(self.headline)}"
+        # keep within Chat's 32,000 bytes: shorten the output sections until it fits
+        budget = 6000
+        while payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) > MAX_BYTES - 500 and budget > 200:
+            budget //= 2
+            for sec in card["card"]["sections"][1:]:
+                w = sec["widgets"][0]["textParagraph"]
+                raw = html.unescape(w["text"][5:-6])
+                w["text"] = f"<pre>{html.escape(tail(raw, budget)[0])}</pre>"
+        return kwargs

@@ -1,0 +1,139 @@
+"""One thread per notebook session (or per script run).
+
+Every message a kernel (or a script) posts shares one ``threadKey``, made of
+the notebook's name where the frontend exposes it, the start time and a
+random part. The first message into each space's thread says where it comes
+from: notebook or script, host and user.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_THREAD_KEY = "CHAT_MAGIC_THREAD_KEY"
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return s[:limit] or "session"
+
+
+def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(kind, name): ``("notebook", "train.ipynb")``, ``("script", "train.py")`` or ``("ipython", "IPython")``.
+
+    Looks at VS Code's ``__vsc_ipynb_file__``, IPython's ``__session__``,
+    Jupyter Server's ``JPY_SESSION_NAME``, then ``sys.argv[0]``.
+    """
+    ns = user_ns or {}
+    for candidate in (ns.get("__vsc_ipynb_file__"), ns.get("__session__"), os.environ.get("JPY_SESSION_NAME")):
+        if isinstance(candidate, str) and candidate.strip():
+            name = Path(candidate).name
+            if name.endswith(".ipynb") or "ipynb" in name:
+                return "notebook", name
+    if user_ns is not None or "IPython" in sys.modules and _in_ipython():
+        return "ipython", "IPython"
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if argv0 and argv0 not in ("-c", "-m"):
+        return "script", Path(argv0).name
+    return "python", "python"
+
+
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+class Session:
+    """The thread this process (notebook kernel or script) posts into."""
+
+    def __init__(self, user_ns: Mapping[str, Any] | None = None, *, thread_key: str | None = None) -> None:
+        self.kind, self.source = detect_source(user_ns)
+        self.host = socket.gethostname()
+        try:
+            self.user = getpass.getuser()
+        except Exception:
+            self.user = "unknown"
+        self.started = time.time()
+        self._fixed_key = thread_key or os.environ.get(ENV_THREAD_KEY) or None
+        self.thread_key = self._fixed_key or self._make_key()
+        self._announced: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def _make_key(self) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.started))
+        return f"chat-magic-{_slug(self.source)}-{stamp}-{secrets.token_hex(3)}"
+
+    def new_thread(self, thread_key: str | None = None) -> str:
+        """Start a fresh thread (a new key, announced again) and return its key."""
+        with self._lock:
+            self.started = time.time()
+            self.thread_key = thread_key or self._make_key()
+            self._announced.clear()
+        return self.thread_key
+
+    @property
+    def origin(self) -> str:
+        """Where messages come from, e.g. ``train.ipynb on gpu-01 (alice)``."""
+        return f"{self.source} on {self.host} ({self.user})"
+
+    def header(self) -> str:
+        from .message import neutralize
+
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started))
+        icon = {"notebook": "📓", "script": "📜"}.get(self.kind, "🐍")
+        return f"{icon} *{neutralize(self.source)}* on {neutralize(self.host)} ({neutralize(self.user)}), session started {when}"
+
+    def send(self, text: str | None = None, *, to: Any = None, thread_key: str | None = None, **kwargs: Any):
+        """``chat_magic.send`` into this session's thread, announcing the session first.
+
+        ``thread_key`` overrides the session's key for this one message.
+        """
+        from . import config
+        from .delivery import send
+        from .message import build_payloads
+
+        build_payloads(text, cards=kwargs.get("cards"))  # a bad message fails before the announcement
+        webhook = config.resolve(to)
+        key = thread_key or self.thread_key
+        with self._lock:
+            first = (webhook.space_key, key) not in self._announced
+            self._announced.add((webhook.space_key, key))
+        if first and thread_key is None:
+            try:
+                send(self.header(), to=webhook, thread_key=key)
+            except Exception:
+                with self._lock:
+                    self._announced.discard((webhook.space_key, key))
+                raise
+        return send(text, to=webhook, thread_key=key, **kwargs)
+
+
+_current: Session | None = None
+_clock = threading.Lock()
+
+
+def current_session(user_ns: Mapping[str, Any] | None = None) -> Session:
+    """The process's session, made on first use."""
+    global _current
+    if _current is None:
+        with _clock:
+            if _current is None:
+                _current = Session(user_ns)
+    return _current
+
+
+def set_session(session: Session | None) -> None:
+    global _current
+    _current = session
