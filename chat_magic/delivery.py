@@ -221,6 +221,8 @@ class Dispatcher:
         if self._session is None:
             import requests
 
+            _guard_urllib3_logs()
+
             self._session = requests.Session()
             self._session.headers["Content-Type"] = "application/json; charset=UTF-8"
             self._session.headers["User-Agent"] = "chat_magic"
@@ -286,6 +288,30 @@ class Dispatcher:
                 keep.append(r)
         with self._lock:
             self._watchers.extend(keep)
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs key and token from a log record: urllib3 logs request URLs at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_redacting_filter = RedactingFilter()
+
+
+def _guard_urllib3_logs() -> None:
+    for name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry", "requests"):
+        logger = logging.getLogger(name)
+        if _redacting_filter not in logger.filters:
+            logger.addFilter(_redacting_filter)
 
 
 def _request_url(job: Job) -> str:

@@ -85,16 +85,10 @@ def truncate_text(text: str, limit: int = MAX_TEXT) -> str:
     """
     if len(text) <= limit:
         return text
-    cut = len(text) - limit
-    while True:
-        marker = "\n" + cut_note(cut)
-        head = text[: max(0, limit - len(marker) - len(FENCE) - 1)]
-        if _open_fence(head):
-            head += "\n" + FENCE
-        out = head + marker
-        if len(out) <= limit:
-            return out
-        cut += len(out) - limit  # the marker grew by a digit: cut a little more
+    reserve = len("\n" + cut_note(len(text))) + len(FENCE) + 1
+    head = text[: limit - reserve]
+    closing = "\n" + FENCE if _open_fence(head) else ""
+    return f"{head}{closing}\n{cut_note(len(text) - len(head))}"
 
 
 def _open_fence(text: str) -> bool:
