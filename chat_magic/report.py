@@ -50,6 +50,7 @@ class Report:
     mention: str | None = None  # "all" or a user id: the only way a mention gets in
     max_lines: int | None = 40
     note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
+    output_cut: int = 0  # characters already cut from the front of ``output`` before it got here
 
     # -- pieces ----------------------------------------------------------------
 
@@ -67,9 +68,11 @@ class Report:
             m = m[len("users/"):]
         return f"<users/{m}> "
 
-    def _tail(self, text: str, budget: int) -> str:
+    def _tail(self, text: str, budget: int, already: int = 0) -> str:
         text = strip_ansi(text)
         kept, cut = tail(text, max(0, budget), self.max_lines)
+        if already > 0:
+            return f"{cut_note(cut + already)}\n{kept}"
         if cut:
             lines_cut = text[: len(text) - len(kept)].count("\n")
             unit = f"characters ({lines_cut:,} lines)" if lines_cut else "characters"
@@ -90,12 +93,12 @@ class Report:
         if self.note:
             lines.append(self.note)
         body = "\n".join(lines)
-        blocks = [t for t in (self.output, self.traceback) if t and t.strip()]
+        blocks = [(t, c) for t, c in ((self.output, self.output_cut), (self.traceback, 0)) if t and t.strip()]
         if blocks:
             room = limit - len(body) - 16 * len(blocks) - 200
             share = max(0, room // len(blocks))
-            for t in blocks:
-                kept = self._tail(t, share)
+            for t, already in blocks:
+                kept = self._tail(t, share, already)
                 cb = code_block(kept)
                 if cb:
                     body += "\n" + cb
@@ -113,9 +116,9 @@ class Report:
             if v not in (None, ""):
                 widgets.append({"decoratedText": {"topLabel": html.escape(str(k)), "text": html.escape(str(v)), "wrapText": True}})
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
-        for label, t in (("Output", self.output), ("Traceback", self.traceback)):
+        for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
-                kept = self._tail(t, 6000)
+                kept = self._tail(t, 6000, already)
                 sections.append({
                     "header": label,
                     "collapsible": True,
