@@ -20,6 +20,11 @@ OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "sta
 ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
 WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}
 COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8"}
+MAX_DETAILS = 95  # detail rows in a card: with error, duration, "more", output and traceback, at most 100 widgets
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
 def format_duration(seconds: float | None) -> str:
@@ -87,7 +92,7 @@ class Report:
         lines = [head]
         if self.error:
             lines.append(f"`{neutralize(self.error.splitlines()[0] if self.error else '')[:300].replace('`', 'ʼ')}`")
-        facts = " · ".join(f"{k}: {neutralize(str(v))}" for k, v in self.details.items() if v not in (None, ""))
+        facts = " · ".join(f"{neutralize(_clip(str(k), 60))}: {neutralize(_clip(str(v), 300))}" for k, v in self.details.items() if v not in (None, ""))
         if facts:
             lines.append(facts)
         if self.note:
@@ -104,17 +109,24 @@ class Report:
                     body += "\n" + cb
         return body[:limit]
 
-    def card(self, card_id: str = "report") -> dict[str, Any]:
-        """The report as one ``cardsV2`` entry, within Chat's card limits."""
+    def card(self, card_id: str = "report", *, max_details: int = MAX_DETAILS, detail_chars: int = 1000) -> dict[str, Any]:
+        """The report as one ``cardsV2`` entry, within Chat's card limits.
+
+        At most ``max_details`` detail rows (the rest are counted in one line,
+        so a card never exceeds 100 widgets), each value cut at ``detail_chars``.
+        """
+        max_details = max(0, min(max_details, MAX_DETAILS))
         color = COLORS.get(self.status, "#5f6368")
         widgets: list[dict[str, Any]] = []
         if self.error:
             widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{html.escape(self.error.splitlines()[0][:500])}</font>', "wrapText": True}})
         if self.duration is not None and self.status != STARTED:
             widgets.append({"decoratedText": {"topLabel": "Duration", "text": html.escape(format_duration(self.duration))}})
-        for k, v in self.details.items():
-            if v not in (None, ""):
-                widgets.append({"decoratedText": {"topLabel": html.escape(str(k)), "text": html.escape(str(v)), "wrapText": True}})
+        shown = [(k, v) for k, v in self.details.items() if v not in (None, "")]
+        for k, v in shown[:max_details]:
+            widgets.append({"decoratedText": {"topLabel": html.escape(_clip(str(k), 60)), "text": html.escape(_clip(str(v), detail_chars)), "wrapText": True}})
+        if len(shown) > max_details:
+            widgets.append({"textParagraph": {"text": html.escape(f"[… {len(shown) - max_details:,} more details]")}})
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
         for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
@@ -128,7 +140,7 @@ class Report:
         return {
             "cardId": card_id,
             "card": {
-                "header": {"title": f"{ICONS.get(self.status, '')} {self.headline}"[:200], "subtitle": html.escape(self.details.get("Host", ""))[:200]},
+                "header": {"title": f"{ICONS.get(self.status, '')} {self.headline}"[:200], "subtitle": html.escape(_clip(str(self.details.get("Host") or ""), 100))},
                 "sections": sections,
             },
         }
@@ -141,17 +153,22 @@ class Report:
         """
         if not cards:
             return {"text": self.text()}
-        card = self.card()
         fallback = f"{ICONS.get(self.status, '')} {self.headline}"[:1000]
-        kwargs: dict[str, Any] = {"cards": [card], "fallback_text": fallback}
+        kwargs: dict[str, Any] = {"fallback_text": fallback}
         if self.mention:
-            kwargs["text"] = f"{self._mention_tag()}{neutralize(self.headline)}"
-        # keep within Chat's 32,000 bytes: shorten the output sections until it fits
-        budget = 6000
-        while payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) > MAX_BYTES - 500 and budget > 200:
-            budget //= 2
-            for sec in card["card"]["sections"][1:]:
-                w = sec["widgets"][0]["textParagraph"]
-                raw = html.unescape(w["text"][5:-6])
-                w["text"] = f"<pre>{html.escape(tail(raw, budget)[0])}</pre>"
+            kwargs["text"] = f"{self._mention_tag()}{neutralize(_clip(self.headline, 300))}"
+        # keep within Chat's 32,000 bytes: shorten the output sections until it fits,
+        # then (huge or countless details) the detail rows
+        for max_details, detail_chars in ((MAX_DETAILS, 1000), (MAX_DETAILS, 200), (40, 80), (10, 40)):
+            card = self.card(max_details=max_details, detail_chars=detail_chars)
+            budget = 6000
+            while payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) > MAX_BYTES - 500 and budget > 200:
+                budget //= 2
+                for sec in card["card"]["sections"][1:]:
+                    w = sec["widgets"][0]["textParagraph"]
+                    raw = html.unescape(w["text"][5:-6])
+                    w["text"] = f"<pre>{html.escape(tail(raw, budget)[0])}</pre>"
+            if payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) <= MAX_BYTES - 500:
+                break
+        kwargs["cards"] = [card]
         return kwargs
