@@ -37,6 +37,7 @@ from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact
 
 log = logging.getLogger("chat_magic")
+log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on stderr from the worker thread
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -133,7 +134,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._session = None
         self._watchers: list[Receipt] = []
-        self.mine: set[int] = set()  # ids this process queued and has not seen finished
+        self.mine: set[int] = set()  # ids this process queued
+        self.reported: set[int] = set()  # ids whose failure the caller has already been told
 
     # -- caller side -----------------------------------------------------
 
@@ -388,6 +390,7 @@ class Receipt:
         rows = self._d.outbox.resolve(self.ids)
         for r in rows:
             if r.state == FAILED:
+                self._d.reported.update(self.ids)
                 raise DeliveryFailed(r.error or "delivery failed", code=r.error_code or 0, status=r.error_status or "")
         return Delivered(rows[0].name, rows[0].thread_name)
 
@@ -461,7 +464,12 @@ def shutdown(timeout: float = 5.0) -> None:
 
 
 def _at_exit() -> None:
-    """A bounded last chance for what this process queued; the rest stays in the outbox."""
+    """A bounded last chance for what this process queued; the rest stays in the outbox.
+
+    Says in one line on stderr what was not delivered, unless the caller was told already.
+    """
+    import sys
+
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
     for d in list(_dispatchers.values()):
         try:
@@ -470,5 +478,13 @@ def _at_exit() -> None:
             if mine and left > 0:
                 d.wait_for(mine, left)
             d.stop(0.5)
+            untold = sorted(d.mine - d.reported)
+            rows = d.outbox.resolve(untold) if untold else []
+            failed = [r for r in rows if r.state == FAILED]
+            waiting = [r for r in rows if r.state not in (SENT, FAILED)]
+            if failed:
+                print(f"chat_magic: {len(failed)} message(s) not delivered: {failed[0].error} (see: chat-magic outbox list)", file=sys.stderr)
+            if waiting:
+                print(f"chat_magic: {len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them", file=sys.stderr)
         except Exception:
             pass
