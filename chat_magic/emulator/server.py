@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import html
 import json
 import random
 import re
@@ -333,41 +332,16 @@ def validate_message(body: bytes, strict: bool = True) -> tuple[dict | None, tup
 # --------------------------------------------------------------------------- page
 
 
-def render_page(state: dict) -> str:
-    """The HTML of ``GET /``: a plain list of the stored messages.
+def render_page(state: dict, space: str | None = None) -> str:
+    """The HTML of ``GET /``: the live web view of :mod:`chat_magic.emulator.webview`.
 
     ``state`` is a snapshot: ``{"messages": [...], "stats": {...}, "base_url": str}``
-    (messages as returned by :meth:`Emulator.messages`). Every value coming
-    from a request is escaped. A placeholder, meant to be replaced by a live view.
+    (messages as returned by :meth:`Emulator.messages`); ``space`` shows one space.
+    Every value coming from a request is escaped.
     """
-    esc = html.escape
-    rows = []
-    for m in state.get("messages", []):
-        text = m.get("text") or ""
-        if not text and m.get("cardsV2"):
-            titles = []
-            for c in m["cardsV2"]:
-                header = (c.get("card") or {}).get("header") or {} if isinstance(c, dict) else {}
-                titles.append(str(header.get("title") or c.get("cardId") or "card") if isinstance(c, dict) else "card")
-            text = "[cards: " + ", ".join(titles) + "]"
-        rows.append(
-            "<tr><td>{t}</td><td>{th}</td><td><pre>{x}</pre></td></tr>".format(
-                t=esc(str(m.get("createTime", ""))),
-                th=esc(str((m.get("thread") or {}).get("name", ""))),
-                x=esc(text),
-            )
-        )
-    stats = state.get("stats", {})
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-        "<meta http-equiv=\"refresh\" content=\"2\">"
-        "<title>Google Chat emulator</title></head><body>\n"
-        f"<h1>Google Chat emulator</h1>\n<p>{esc(str(state.get('base_url', '')))} &mdash; "
-        f"{len(state.get('messages', []))} messages, {esc(str(stats.get('requests', 0)))} requests</p>\n"
-        "<table border=\"1\"><tr><th>time</th><th>thread</th><th>message</th></tr>\n"
-        + "\n".join(rows)
-        + "\n</table>\n</body></html>\n"
-    )
+    from .webview import render_page as _render
+
+    return _render(state, space=space)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -566,7 +540,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/stats":
             self._send_json(200, emu.stats())
         elif path == "/":
-            self._send(200, render_page(emu._page_state()), "text/html; charset=utf-8")
+            space = (query.get("space") or [None])[0]
+            self._send(200, render_page(emu._page_state(), space=space), "text/html; charset=utf-8")
         else:
             self._send_json(404, _NOT_FOUND)
 
