@@ -1,0 +1,738 @@
+"""The IPython extension: ``%%chat``, ``%chat``, ``%chat_autonotify`` and ``%chat_thread``.
+
+``%load_ext chat_magic`` registers :class:`ChatMagics`. The magics are thin
+adapters: they parse the line, run the cell exactly as IPython would (the
+user still sees its output, its ``Out[n]`` and its traceback) while a
+bounded copy of what it printed is kept, build one
+:class:`~chat_magic.report.Report` and queue it into the session's thread
+(:func:`chat_magic.session.current_session`). Queueing returns at once; the
+background worker delivers. Nothing here talks HTTP.
+
+A user's mistake (no webhook, an unknown space, a bad option, empty text) is
+a one-line :class:`~IPython.core.error.UsageError`. A problem while queueing
+after a cell ran is one ``chat_magic: ...`` line on stderr; it never changes
+the cell's own result.
+
+Configuration (``%config ChatMagics`` lists it; ``c.ChatMagics.x = ...`` in
+``ipython_config.py``): ``to``, ``thread_key``, ``autonotify_threshold``,
+``max_lines``, ``max_chars``, ``cards``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+
+from . import config
+from .errors import ChatMagicError, ConfigError, MessageError
+from .message import strip_ansi, tail
+from .report import FAILED, INTERRUPTED, OK, Report
+from .session import current_session
+from .webhook import REDACTED, Webhook, redact
+
+__all__ = ["ChatMagics", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
+
+_MENTION = re.compile(r"^(?:users/)?(all|[A-Za-z0-9_-]{1,128})$")
+_DEFAULT_REPR = re.compile(r"^<.*(?: object(?: at 0x[0-9a-fA-F]+)?| at 0x[0-9a-fA-F]+)>$", re.S)
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+TRACEBACK_LINES = 15
+
+
+def _warn(text: str) -> None:
+    """One ``chat_magic: ...`` line on stderr, redacted; never raises."""
+    try:
+        line = " ".join(redact(text).split())
+        print(f"chat_magic: {line}", file=sys.stderr)
+    except Exception:
+        pass
+
+
+def _usage(text: object) -> UsageError:
+    return UsageError(" ".join(redact(text).split()))
+
+
+# -- capture ---------------------------------------------------------------------
+
+
+class OutputTail:
+    """The last ``limit`` characters written to it, and how many were dropped before them.
+
+    Memory stays bounded whatever a cell prints: chunks are kept in a deque and
+    dropped from the front once the total exceeds ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self._chunks: deque[str] = deque()
+        self._size = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if len(text) > self.limit:
+                self.dropped += len(text) - self.limit
+                text = text[len(text) - self.limit:]
+            self._chunks.append(text)
+            self._size += len(text)
+            while self._size > self.limit:
+                first = self._chunks[0]
+                excess = self._size - self.limit
+                if len(first) <= excess:
+                    self._chunks.popleft()
+                    self._size -= len(first)
+                    self.dropped += len(first)
+                else:
+                    self._chunks[0] = first[excess:]
+                    self._size -= excess
+                    self.dropped += excess
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._chunks)
+
+
+def describe_display(data: Any) -> str:
+    """What a display (or a result) looks like in a chat message.
+
+    Its ``text/plain`` form when that is all it has or says something useful
+    (a DataFrame's table); else a summary such as ``[image/png]``,
+    ``[text/html]`` or ``[widget]``.
+    """
+    if not isinstance(data, dict):
+        return ""
+    plain = data.get("text/plain")
+    plain = plain if isinstance(plain, str) else ""
+    rich = [m for m in data if m != "text/plain"]
+    if not rich:
+        return plain
+    if WIDGET_MIME in rich:
+        return "[widget]"
+    images = [m for m in rich if m.startswith("image/")]
+    if images:
+        return f"[{images[0]}]"
+    if plain and not _DEFAULT_REPR.match(plain.strip()):
+        return plain
+    return f"[{rich[0]}]"
+
+
+class Capture:
+    """While installed, keeps a bounded copy of stdout, stderr and display summaries.
+
+    It wraps ``sys.stdout.write`` / ``sys.stderr.write`` (as IPython's own
+    output history does) and ``shell.display_pub.publish``: everything still
+    goes where it went; a copy of the text (and a one-line summary of each rich
+    display) goes into :attr:`tail`. What IPython writes itself while showing
+    a result or a traceback is not copied (the report has its own).
+    """
+
+    def __init__(self, shell: Any, limit: int) -> None:
+        self.shell = shell
+        self.tail = OutputTail(limit)
+        self.active = False
+        self._undo: list[tuple[Any, str, Any, bool, Callable]] = []
+
+    def _busy(self) -> bool:
+        sh = self.shell
+        return bool(
+            getattr(getattr(sh, "display_pub", None), "is_publishing", False)
+            or getattr(getattr(sh, "displayhook", None), "is_active", False)
+            or getattr(sh, "showing_traceback", False)
+        )
+
+    def _patch(self, obj: Any, attr: str, make: Callable[[Callable], Callable]) -> None:
+        try:
+            original = getattr(obj, attr)
+            own = attr in getattr(obj, "__dict__", {})
+            wrapper = make(original)
+            setattr(obj, attr, wrapper)
+        except (AttributeError, TypeError):
+            return
+        self._undo.append((obj, attr, original, own, wrapper))
+
+    def install(self) -> "Capture":
+        self.active = True
+
+        def stream_writer(original: Callable) -> Callable:
+            def write(data, *args, **kwargs):
+                result = original(data, *args, **kwargs)
+                if self.active and isinstance(data, str):
+                    try:
+                        if not self._busy():
+                            self.tail.write(data)
+                    except Exception:
+                        pass
+                return result
+
+            return write
+
+        def publisher(original: Callable) -> Callable:
+            def publish(data, *args, **kwargs):
+                if self.active and not kwargs.get("update"):
+                    try:
+                        line = describe_display(data)
+                        if line:
+                            self.tail.write(line if line.endswith("\n") else line + "\n")
+                    except Exception:
+                        pass
+                return original(data, *args, **kwargs)
+
+            return publish
+
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name, None)
+            if stream is not None:
+                self._patch(stream, "write", stream_writer)
+        display_pub = getattr(self.shell, "display_pub", None)
+        if display_pub is not None:
+            self._patch(display_pub, "publish", publisher)
+        return self
+
+    def remove(self) -> None:
+        """Put back what :meth:`install` wrapped (if nobody wrapped it since)."""
+        self.active = False
+        while self._undo:
+            obj, attr, original, own, wrapper = self._undo.pop()
+            try:
+                if obj.__dict__.get(attr) is wrapper:
+                    if own:
+                        setattr(obj, attr, original)
+                    else:
+                        delattr(obj, attr)
+            except Exception:
+                pass  # a wrapper left in place passes everything through: it is inactive
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def cell_title(source: str) -> str:
+    """The cell's first ``#`` comment line, or ``""``."""
+    for line in source.splitlines():
+        s = line.strip()
+        if s.startswith("#") and not s.startswith("#!"):
+            text = s.lstrip("#").strip()
+            if text and not text.startswith("-*-"):
+                return text[:120]
+    return ""
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "KeyboardInterrupt"
+    msg = str(err).strip()
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def _traceback_text(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return ""
+    tb = err.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("IPython."):
+        tb = tb.tb_next  # IPython's own frames (run_code's exec) say nothing about the cell
+    try:
+        lines = "".join(traceback.format_exception(type(err), err, tb)).splitlines()
+    except Exception:
+        return ""
+    return "\n".join(lines[-TRACEBACK_LINES:])
+
+
+def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
+    """Leading ``--options`` of ``line`` and the rest, kept exactly as typed."""
+    rest = line.lstrip()
+    opts: list[str] = []
+    token = re.compile(r"""("[^"]*"|'[^']*'|\S+)\s*""")
+    while rest.startswith("-"):
+        m = token.match(rest)
+        tok, rest = m.group(1), rest[m.end():]
+        if tok == "--":
+            break
+        opts.append(tok)
+        if tok in takes_value:
+            m = token.match(rest)
+            if m:
+                opts.append(m.group(1))
+                rest = rest[m.end():]
+    return opts, rest
+
+
+def _hide(text: str, *secrets: str) -> str:
+    """``text`` with these exact secrets (a webhook's key and token) replaced."""
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+# -- the magics ----------------------------------------------------------------
+
+
+def _destination_args(func: Callable) -> Callable:
+    """Options shared by every magic that posts."""
+    func = argument(
+        "--mention", metavar="WHO",
+        help="mention someone: 'all' (everyone in the space) or a user id. Only this option ever mentions anyone.",
+    )(func)
+    func = argument(
+        "--to", metavar="NAME",
+        help="a space name from the config file (default: ChatMagics.to, else GOOGLE_CHAT_WEBHOOK_URL).",
+    )(func)
+    return func
+
+
+class _Cell:
+    """A cell seen by the auto-notify callbacks."""
+
+    __slots__ = ("info", "start", "capture", "handled")
+
+    def __init__(self, info: Any, capture: Capture | None) -> None:
+        self.info = info
+        self.start = time.perf_counter()
+        self.capture = capture
+        self.handled = False
+
+
+@magics_class
+class ChatMagics(Magics):
+    """Post cell results and completions to a Google Chat space (``%load_ext chat_magic``)."""
+
+    to = Unicode("", help="Default destination: a space name from the config file ('' = GOOGLE_CHAT_WEBHOOK_URL).").tag(config=True)
+    thread_key = Unicode("", help="Thread key for this session's messages ('' = a new thread per kernel session).").tag(config=True)
+    autonotify_threshold = Float(60.0, min=0.0, help="%chat_autonotify: seconds after which a finished cell is announced.").tag(config=True)
+    max_lines = Int(40, min=0, help="Lines of output (the tail) a message shows.").tag(config=True)
+    max_chars = Int(3000, min=100, help="Characters of output (the tail) a message shows.").tag(config=True)
+    cards = Bool(True, help="Post notices as cards (with a plain-text fallback); False: plain text.").tag(config=True)
+
+    @validate("to")
+    def _check_to(self, proposal: Any) -> str:
+        value = proposal["value"]
+        if "://" in value:
+            raise TraitError(
+                f"ChatMagics.to takes a space name: put the webhook URL under [spaces.NAME] in {config.config_path()} "
+                f"or in {config.ENV_URL}, not in a notebook"
+            )
+        return value
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self._applied: tuple[Any, str] | None = None
+        self._cells: list[_Cell] = []
+        self._auto: dict[str, Any] | None = None  # settings while auto-notify is on
+        self._callbacks = {"pre_run_cell": self._pre_run_cell, "post_run_cell": self._post_run_cell}
+        self._registered = False
+
+    # -- shared pieces -----------------------------------------------------
+
+    def _session(self):
+        s = current_session(self.shell.user_ns)
+        key = self.thread_key.strip()
+        if key and s.thread_key != key and not (self._applied and self._applied[0] is s and self._applied[1] == key):
+            s.new_thread(key)
+        if key:
+            self._applied = (s, key)
+        return s
+
+    def _parse(self, func: Callable, magic: str, line: str):
+        try:
+            argv = shlex.split(line)
+        except ValueError as e:
+            raise _usage(f"{magic}: {e} in the options (see {magic}?)") from None
+        try:
+            return func.parser.parse_args(argv)
+        except UsageError as e:
+            raise _usage(f"{magic}: {e} (see {magic}?)") from None
+
+    def _destination(self, magic: str, to: str | None) -> Webhook:
+        """The webhook a magic posts to; a mistake is a one-line UsageError."""
+        name = (to or "").strip() or self.to.strip() or None
+        try:
+            webhook = config.resolve(name)
+        except ConfigError as e:
+            raise _usage(f"{magic}: {e}") from None
+        if name and "://" in name:
+            _warn(
+                f"{magic} --to has a webhook URL ({webhook.redacted}): it is saved with the notebook and anyone who "
+                f"reads it can post to the space; set {config.ENV_URL} or add a space to {config.config_path()} and use --to NAME"
+            )
+        return webhook
+
+    @staticmethod
+    def _mention(magic: str, who: str | None) -> str | None:
+        if who is None:
+            return None
+        m = _MENTION.match(who.strip())
+        if not m:
+            raise _usage(f"{magic}: --mention takes 'all' or a user id such as 123456789012345678901, not {who!r}")
+        return m.group(1)
+
+    def _post(self, report: Report, webhook: Webhook) -> None:
+        """Queue ``report`` into the session thread; a problem is one warning line."""
+        try:
+            self._session().send(to=webhook, **report.payload_kwargs(cards=self.cards))
+        except (ChatMagicError, OSError, ValueError) as e:
+            _warn(f"message not queued: {e}")
+        except Exception as e:  # never let a notice break the user's cell
+            _warn(f"message not queued: {type(e).__name__}: {e}")
+
+    def _report(
+        self,
+        *,
+        title: str,
+        error: BaseException | None,
+        duration: float,
+        capture: Capture | None,
+        result: Any,
+        number: int | None,
+        webhook: Webhook,
+        mention: str | None,
+        max_lines: int,
+        with_output: bool = True,
+    ) -> Report:
+        if error is None:
+            status = OK
+        elif isinstance(error, KeyboardInterrupt):
+            status = INTERRUPTED
+        else:
+            status = FAILED
+        output, cut = "", 0
+        if with_output and capture is not None:
+            output, cut = capture.tail.text(), capture.tail.dropped
+            if result is not None:
+                shown = self._result_text(result)
+                if shown:
+                    label = f"Out[{number}]: " if number is not None else "Out: "
+                    output += ("" if not output or output.endswith("\n") else "\n") + label + shown
+            output = strip_ansi(output)
+            output, more = tail(output, self.max_chars, None)
+            cut += more
+        secrets = (webhook.key, webhook.token)
+        return Report(
+            title=title or (f"Cell [{number}]" if number is not None else "Cell"),
+            status=status,
+            duration=duration,
+            output=_hide(output, *secrets),
+            output_cut=cut,
+            error=_hide(_error_text(error), *secrets) if error is not None else "",
+            traceback=_hide(_traceback_text(error), *secrets) if (error is not None and with_output) else "",
+            mention=mention,
+            max_lines=max_lines,
+        )
+
+    def _result_text(self, value: Any) -> str:
+        try:
+            data, _ = self.shell.display_formatter.format(value)
+            return describe_display(data)
+        except Exception:
+            try:
+                return repr(value)
+            except Exception:
+                return f"<{type(value).__name__}>"
+
+    # -- %%chat ----------------------------------------------------------------
+
+    @magic_arguments("%chat")
+    @_destination_args
+    @argument("--title", metavar="TEXT", help="the notice's title (default: the cell's first # comment, else 'Cell [n]').")
+    @argument("--on-error", action="store_true", help="post only when the cell fails.")
+    @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
+    @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
+    @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
+    @cell_magic("chat")
+    def chat_cell(self, line: str, cell: str) -> None:
+        """Run the cell as usual, then post how it went to Google Chat.
+
+        The cell runs exactly as without the magic: its output, its result and
+        its traceback show as usual. Then one message goes to this session's
+        thread: the title (``--title``, else the cell's first ``#`` comment,
+        else ``Cell [n]``), ok / failed / interrupted, the duration, and the
+        tail of what the cell printed (stdout, stderr, its result; images and
+        HTML as ``[image/png]``), with the exception and the last traceback
+        lines if it failed. Output never mentions anyone: only ``--mention``
+        does. Posting only queues the message: the cell never waits for the
+        network.
+
+        The space is ``GOOGLE_CHAT_WEBHOOK_URL`` or a named space in the
+        config file (``--to NAME``); keep webhook URLs out of notebooks.
+
+        Example::
+
+            %%chat --on-error --mention all
+            # Nightly training
+            train(model)
+        """
+        magic = "%%chat"
+        args = self._parse(self.chat_cell, magic, line)
+        webhook = self._destination(magic, args.to)
+        mention = self._mention(magic, args.mention)
+        max_lines = self.max_lines if args.max_lines is None else args.max_lines
+        if max_lines < 0:
+            raise _usage(f"{magic}: --max-lines takes a number >= 0, not {max_lines}")
+        if args.title is not None and not args.title.strip():
+            raise _usage(f'{magic}: --title is empty: give a title such as --title "Train the model"')
+        if args.new_thread:
+            self._session().new_thread()
+
+        for frame in self._cells:  # auto-notify leaves this cell to us
+            frame.handled = True
+        hook = getattr(self.shell, "displayhook", None)
+        outer = getattr(hook, "exec_result", None)
+        number = getattr(outer, "execution_count", None)
+        if number is None:
+            number = getattr(self.shell, "execution_count", None)
+
+        capture = Capture(self.shell, max(4 * self.max_chars, 8192)).install()
+        start = time.perf_counter()
+        result = None
+        try:
+            result = self.shell.run_cell(cell, store_history=False)
+        finally:
+            duration = time.perf_counter() - start
+            capture.remove()
+            if hook is not None and outer is not None:
+                hook.exec_result = outer  # the nested run reset it
+
+        error = None
+        if result is not None:
+            error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+        if error is not None and outer is not None and outer.error_in_exec is None and outer.error_before_exec is None:
+            # the cell failed: so does the %%chat cell (Run All stops, the kernel reports an error), with no second traceback
+            outer.error_in_exec = error
+        if args.on_error and error is None:
+            return None
+        report = self._report(
+            title=args.title.strip() if args.title else cell_title(cell),
+            error=error,
+            duration=duration,
+            capture=capture,
+            result=getattr(result, "result", None),
+            number=number,
+            webhook=webhook,
+            mention=mention,
+            max_lines=max_lines,
+            with_output=not args.no_output,
+        )
+        self._post(report, webhook)
+        return None
+
+    # -- %chat -----------------------------------------------------------------
+
+    @magic_arguments("chat")
+    @_destination_args
+    @argument("text", nargs="*", help="the message, in Chat syntax (*bold*, _italic_, `code`); $name and {expression} are expanded.")
+    @line_magic("chat")
+    def chat_line(self, line: str) -> None:
+        """Post a line of text to this session's Google Chat thread.
+
+        ``$name`` and ``{expression}`` are replaced by their values, as in any
+        line magic. The text is yours: Chat syntax such as ``*bold*`` works.
+        Options come first; use ``--`` before text that starts with ``-``.
+
+        Example::
+
+            %chat Training done: loss *{round(loss, 3)}* after $epochs epochs
+        """
+        magic = "%chat"
+        opts, text = _split_options(line, {"--to", "--mention"})
+        args = self._parse(self.chat_line, magic, " ".join(opts))
+        text = text.strip()
+        if not text:
+            raise _usage(f"{magic}: nothing to post: write %chat TEXT, e.g. %chat training done, loss $loss")
+        webhook = self._destination(magic, args.to)
+        mention = self._mention(magic, args.mention)
+        if mention:
+            text = f"<users/{mention}> {text}"
+        try:
+            self._session().send(text, to=webhook)
+        except (ConfigError, MessageError) as e:
+            raise _usage(f"{magic}: {e}") from None
+        except (ChatMagicError, OSError) as e:
+            _warn(f"message not queued: {e}")
+
+    # -- %chat_autonotify ----------------------------------------------------------
+
+    @magic_arguments("chat_autonotify")
+    @_destination_args
+    @argument("--threshold", type=float, metavar="SECONDS", help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
+    @argument("--on-error", action="store_true", help="announce only cells that fail.")
+    @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
+    @line_magic("chat_autonotify")
+    def chat_autonotify(self, line: str) -> None:
+        """Announce every cell that fails or runs longer than a threshold.
+
+        From now on, a cell that runs at least ``--threshold`` seconds (default
+        ``ChatMagics.autonotify_threshold``: 60) or fails posts a completion
+        notice to this session's thread: its title, status, duration and the
+        tail of its output. ``%chat_autonotify off`` stops it. ``%%chat`` cells
+        post their own notice and are not announced twice.
+
+        Example::
+
+            %chat_autonotify --threshold 300
+        """
+        magic = "%chat_autonotify"
+        args = self._parse(self.chat_autonotify, magic, line)
+        if args.state == "off":
+            was_on = self._auto is not None
+            self._autonotify_off()
+            print("chat_magic: auto-notify is off" if was_on else "chat_magic: auto-notify was not on")
+            return
+        if args.threshold is not None and not args.threshold >= 0:
+            raise _usage(f"{magic}: --threshold takes seconds >= 0, not {args.threshold}")
+        webhook = self._destination(magic, args.to)
+        mention = self._mention(magic, args.mention)
+        self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention}
+        if not self._registered:
+            for event, fn in self._callbacks.items():
+                self.shell.events.register(event, fn)
+            self._registered = True
+        if args.on_error:
+            print("chat_magic: auto-notify is on: cells that fail post a notice to this session's thread")
+        else:
+            secs = self._threshold()
+            print(f"chat_magic: auto-notify is on: cells that fail or run {secs:g} s or longer post a notice to this session's thread")
+
+    def _threshold(self) -> float:
+        t = (self._auto or {}).get("threshold")
+        return self.autonotify_threshold if t is None else t
+
+    def _autonotify_off(self) -> None:
+        self._auto = None
+        if self._registered:
+            for event, fn in self._callbacks.items():
+                try:
+                    self.shell.events.unregister(event, fn)
+                except ValueError:
+                    pass
+            self._registered = False
+        while self._cells:
+            frame = self._cells.pop()
+            if frame.capture is not None:
+                frame.capture.remove()
+
+    def _pre_run_cell(self, info: Any) -> None:
+        try:
+            capture = None
+            if not self._cells and self._auto is not None:
+                capture = Capture(self.shell, max(4 * self.max_chars, 8192)).install()
+            self._cells.append(_Cell(info, capture))
+        except Exception as e:
+            _warn(f"auto-notify: {type(e).__name__}: {e}")
+
+    def _post_run_cell(self, result: Any) -> None:
+        try:
+            info = getattr(result, "info", None)
+            idx = next((i for i in range(len(self._cells) - 1, -1, -1) if self._cells[i].info is info), None)
+            if idx is None:  # an empty cell, or one that started before auto-notify
+                return
+            frame = None
+            while len(self._cells) > idx:
+                frame = self._cells.pop()
+                if frame.capture is not None:
+                    frame.capture.remove()
+            if self._cells or frame is None or frame.handled or self._auto is None:
+                return  # a nested cell, or a %%chat cell that posted on its own
+            self._announce(frame, result)
+        except Exception as e:
+            _warn(f"auto-notify: {type(e).__name__}: {e}")
+
+    def _announce(self, frame: _Cell, result: Any) -> None:
+        auto = self._auto or {}
+        duration = time.perf_counter() - frame.start
+        error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+        failed = error is not None and not isinstance(error, KeyboardInterrupt)
+        slow = duration >= self._threshold()
+        if not (failed or (slow and not auto.get("on_error"))):
+            return
+        raw = getattr(frame.info, "raw_cell", "") or ""
+        report = self._report(
+            title=cell_title(raw),
+            error=error,
+            duration=duration,
+            capture=frame.capture,
+            result=result.result,
+            number=getattr(result, "execution_count", None),
+            webhook=auto["webhook"],
+            mention=auto.get("mention"),
+            max_lines=self.max_lines,
+        )
+        self._post(report, auto["webhook"])
+
+    # -- %chat_thread --------------------------------------------------------------
+
+    @magic_arguments("chat_thread")
+    @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
+    @argument("key", nargs="?", help="use this thread key from now on (e.g. to continue a thread from an earlier session).")
+    @line_magic("chat_thread")
+    def chat_thread(self, line: str) -> None:
+        """Show this session's thread key, or start a new thread.
+
+        Every message of a kernel session goes into one thread.
+        ``%chat_thread --new`` starts a fresh one; ``%chat_thread KEY`` posts
+        into the thread with that key from now on.
+        """
+        magic = "%chat_thread"
+        args = self._parse(self.chat_thread, magic, line)
+        if args.key is not None and (not args.key.strip() or len(args.key) > 4000):
+            raise _usage(f"{magic}: a thread key is 1 to 4,000 characters")
+        session = self._session()
+        if args.key:
+            key = session.new_thread(args.key.strip())
+            print(f"chat_magic: this session now posts into thread {key}")
+        elif args.new:
+            key = session.new_thread()
+            print(f"chat_magic: started a new thread: {key}")
+        else:
+            print(f"chat_magic: this session posts into thread {session.thread_key} ({session.origin})")
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop auto-notify and remove every hook this instance installed."""
+        self._autonotify_off()
+
+
+# -- load / unload ---------------------------------------------------------------
+
+
+def _instance(ip: Any) -> ChatMagics | None:
+    m = ip.magics_manager.registry.get("ChatMagics")
+    return m if m is not None and hasattr(m, "close") and type(m).__name__ == "ChatMagics" else None
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """Register :class:`ChatMagics` (``%load_ext chat_magic``)."""
+    if _instance(ip) is not None:
+        return
+    magics = ChatMagics(shell=ip)  # Magics.__init__ adds it to ip.configurables
+    if not any(c is magics for c in ip.configurables):
+        ip.configurables.append(magics)
+    ip.register_magics(magics)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """Remove exactly what :func:`load_ipython_extension` (and auto-notify) installed."""
+    magics = _instance(ip)
+    if magics is None:
+        return
+    magics.close()
+    manager = ip.magics_manager
+    for kind, table in magics.magics.items():
+        for name, fn in table.items():
+            if manager.magics.get(kind, {}).get(name) == fn:
+                del manager.magics[kind][name]
+    if manager.registry.get("ChatMagics") is magics:
+        del manager.registry["ChatMagics"]
+    ip.configurables[:] = [c for c in ip.configurables if c is not magics]
