@@ -1,0 +1,405 @@
+"""``notify_when_done``: tell the space when a block or a function ends.
+
+As a context manager::
+
+    with chat_magic.notify_when_done("training") as n:
+        for epoch in range(10):
+            ...
+            n.update(f"epoch {epoch}: loss {loss:.3f}")   # a progress line in the same thread
+
+As a decorator, for plain and ``async`` functions::
+
+    @chat_magic.notify_when_done(mention="all", on="error")
+    def train(): ...
+
+When the block ends it posts a card (with a text fallback) into the session's
+thread: success with the duration, failure with the exception and the last
+traceback lines, ``KeyboardInterrupt`` as interrupted, each saying where it ran
+(host, notebook or script, rank).
+
+Guarantees:
+
+- the user's exception propagates unchanged (same object, same traceback) and
+  the return value is the very object the function returned;
+- posting never raises into user code: a problem while posting is one
+  ``chat_magic: ...`` line on stderr, and the message itself is queued in the
+  durable outbox (delivered in the background, retried, never blocking);
+- a set-up mistake (no webhook configured, unknown ``to=``, bad ``on=``) raises
+  a one-line :class:`~chat_magic.ConfigError` when ``notify_when_done(...)`` is
+  called, before any of the user's work starts: better at once than after an
+  eight-hour run whose notice could not be sent.
+
+In distributed jobs only rank 0 posts success, start and progress; a failure
+is posted by whichever rank fails (see :mod:`chat_magic.ranks`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+import time
+import traceback
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import ranks as _ranks
+from .errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ON = ("always", "error")
+
+# the notify_when_done blocks running in this context, innermost last: (owner, run)
+_STACK: ContextVar[tuple] = ContextVar("chat_magic_notify_stack", default=())
+
+
+def _warn(message: str) -> None:
+    """One line on stderr. Never raises (it runs inside ``__exit__``)."""
+    try:
+        from .webhook import redact
+
+        print(f"chat_magic: {redact(message)}", file=sys.stderr, flush=True)
+    except Exception:
+        pass
+
+
+def user_namespace() -> dict | None:
+    """The IPython user namespace when running in IPython (without importing IPython)."""
+    if "IPython" not in sys.modules:
+        return None
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        return ip.user_ns if ip is not None else None
+    except Exception:
+        return None
+
+
+def session():
+    from .session import current_session
+
+    return current_session(user_namespace())
+
+
+def origin_details(sess: Any, rank: _ranks.RankInfo | None = None) -> dict[str, str]:
+    """``{"Notebook": "train.ipynb", "Host": "gpu-01", "Rank": "rank 3 of 8"}``: where a notice comes from."""
+    kind = {"notebook": "Notebook", "script": "Script", "command": "Command"}.get(sess.kind, "Session")
+    details = {kind: sess.source, "Host": sess.host}
+    if rank is not None and rank.distributed:
+        details["Rank"] = rank.describe()
+    return details
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``"ValueError: bad value"`` (never raises, even for a broken ``__str__``)."""
+    name = type(exc).__qualname__
+    try:
+        msg = str(exc)
+    except Exception:
+        msg = "<unprintable>"
+    return f"{name}: {msg}" if msg else name
+
+
+def _is_cell_file(filename: str) -> bool:
+    return bool(re.search(r"ipykernel_\d+|<ipython-input|<stdin>|<string>|<console>", filename))
+
+
+class _Run:
+    """One execution of a block or a call: when it started, where it posts."""
+
+    def __init__(self, owner: notify_when_done, label: str) -> None:
+        self.owner = owner
+        self.label = label
+        self.t0 = time.monotonic()
+        self.rank = _ranks.current()
+        self.session = session()
+        self.receipt = None
+
+    @property
+    def title(self) -> str:
+        where = self.rank.describe()
+        return f"{self.label} ({where})" if where else self.label
+
+    def details(self) -> dict[str, str]:
+        return origin_details(self.session, self.rank)
+
+    def post(self, kind: str, what: str, **payload: Any):
+        """Queue a message into the thread if this rank posts ``kind``; never raises."""
+        try:
+            if not _ranks.should_post(kind, self.owner.ranks, self.rank):
+                return None
+            return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, **payload)
+        except Exception as e:
+            _warn(f"could not post the {what} of {self.label!r}: {e}")
+            return None
+
+    def update(self, text: str) -> Any:
+        from .message import neutralize
+
+        text = str(text).strip()
+        if not text:
+            return None
+        return self.post(_ranks.PROGRESS, "progress line", text=f"⏳ *{neutralize(self.title)}*: {neutralize(text)}", truncate=True)
+
+
+class notify_when_done:
+    """Post a notice when a block (``with``) or a function (decorator) ends.
+
+    ``label``: what to call the work (default: the function's qualified name,
+    or ``block at train.py:42``). ``to``: a space name from the config file or
+    a webhook URL (default: ``GOOGLE_CHAT_WEBHOOK_URL``). ``thread_key``: post
+    into that thread instead of the session's. ``notify_start``: also post when
+    it starts. ``mention``: ``"all"`` or a user id, pinged in the completion
+    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted).
+    ``cards``: a card with a text fallback (default) or plain text.
+    ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
+
+    Raises :class:`~chat_magic.ConfigError` at once when the destination cannot
+    be resolved or an argument is wrong; never raises when the work ends.
+    """
+
+    def __new__(cls, label: Any = None, **kwargs: Any):
+        if callable(label) and not isinstance(label, str) and not kwargs:
+            # bare ``@notify_when_done`` without parentheses
+            return cls()(label)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        label: str | None = None,
+        *,
+        to: Any = None,
+        thread_key: str | None = None,
+        notify_start: bool = False,
+        mention: str | None = None,
+        on: str = "always",
+        cards: bool = True,
+        ranks: str | None = None,
+    ) -> None:
+        from . import config
+
+        if label is not None and not isinstance(label, str):
+            raise ConfigError(f"label must be a string, not {type(label).__name__}")
+        if on not in ON:
+            raise ConfigError(f"on={on!r}: use 'always' (every ending) or 'error' (failures only)")
+        if thread_key is not None and (not isinstance(thread_key, str) or not thread_key.strip() or len(thread_key) > 4000):
+            raise ConfigError("thread_key must be a non-empty string of at most 4,000 characters")
+        if mention is not None and not re.fullmatch(r"(users/)?(all|\d+)", str(mention).strip()):
+            raise ConfigError(f"mention={mention!r}: use 'all' or a numeric user id such as '123456789'")
+        _ranks.policy(ranks)  # a bad value (argument or CHAT_MAGIC_RANKS) fails now
+        self.label = label
+        self.to = to
+        self.thread_key = thread_key
+        self.notify_start = bool(notify_start)
+        self.mention = str(mention).strip() if mention is not None else None
+        self.on = on
+        self.cards = bool(cards)
+        self.ranks = ranks
+        self.webhook = config.resolve(to)  # ConfigError now, not after the job
+        self.receipt = None  # the last completion notice's Receipt (None if none was posted)
+        self._where = self._caller()
+
+    @staticmethod
+    def _caller() -> str:
+        """``train.py:42`` for the code that called ``notify_when_done(...)``."""
+        try:
+            frame = sys._getframe(2)
+            while frame is not None and frame.f_code.co_filename == __file__:
+                frame = frame.f_back
+            if frame is None:
+                return ""
+            filename = frame.f_code.co_filename
+            if _is_cell_file(filename):
+                return ""
+            return f"{Path(filename).name}:{frame.f_lineno}"
+        except Exception:
+            return ""
+
+    def __repr__(self) -> str:
+        return f"<notify_when_done {self.label!r} to {self.webhook}>"
+
+    # -- the run --------------------------------------------------------
+
+    def _begin(self, label: str) -> _Run:
+        run = _Run(self, label)
+        if self.notify_start:
+            from .report import STARTED, Report
+
+            report = Report(run.title, status=STARTED, details=run.details())
+            run.post(_ranks.START, "start notice", **report.payload_kwargs(cards=self.cards))
+        return run
+
+    def _end(self, run: _Run, exc: BaseException | None) -> None:
+        """Post how the run ended. Never raises."""
+        try:
+            self._finish(run, exc)
+        except Exception as e:  # a bug here must not hide the user's result
+            _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
+
+    def _finish(self, run: _Run, exc: BaseException | None) -> None:
+        from . import report as R
+
+        duration = time.monotonic() - run.t0
+        status, kind, error, tb = R.OK, _ranks.SUCCESS, "", ""
+        if exc is None:
+            pass
+        elif isinstance(exc, SystemExit) and exc.code in (None, 0):
+            pass
+        elif isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "CancelledError":
+            status, kind = R.INTERRUPTED, _ranks.INTERRUPT
+            error = "cancelled" if type(exc).__name__ == "CancelledError" else exception_summary(exc)
+        else:
+            status, kind = R.FAILED, _ranks.FAILURE
+            error = exception_summary(exc)
+            try:
+                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            except Exception:
+                tb = ""
+        if self.on == "error" and status != R.FAILED:
+            return
+        report = R.Report(
+            run.title,
+            status=status,
+            duration=duration,
+            error=error,
+            traceback=tb,
+            details=run.details(),
+            mention=self.mention,
+            max_lines=30,
+        )
+        receipt = run.post(kind, "notice", **report.payload_kwargs(cards=self.cards))
+        if receipt is not None:
+            run.receipt = self.receipt = receipt
+
+    # -- context manager -------------------------------------------------
+
+    def _default_label(self) -> str:
+        if self.label:
+            return self.label
+        if self._where:
+            return f"block at {self._where}"
+        try:
+            return f"block in {session().source}"
+        except Exception:
+            return "block"
+
+    def _push(self) -> _Run:
+        try:
+            run = self._begin(self._default_label())
+        except Exception as e:  # never keep the user's block from running
+            _warn(f"could not start watching: {exception_summary(e)}")
+            run = None
+        _STACK.set(_STACK.get() + ((self, run),))
+        return run
+
+    def _pop(self) -> _Run | None:
+        stack = _STACK.get()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self:
+                _STACK.set(stack[:i] + stack[i + 1:])
+                return stack[i][1]
+        return None
+
+    def __enter__(self) -> notify_when_done:
+        self._push()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        run = self._pop()
+        if run is not None:
+            self._end(run, exc)
+        return False  # never swallow
+
+    async def __aenter__(self) -> notify_when_done:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def update(self, text: str) -> Any:
+        """Post a progress line into the thread (rank 0 only). Returns the Receipt, or None.
+
+        Lines that wait together are merged into one message by the delivery
+        worker, so frequent updates stay within the space's quota.
+        """
+        run = None
+        for owner, r in reversed(_STACK.get()):
+            if owner is self:
+                run = r
+                break
+        if run is None:
+            _warn("update() outside its `with notify_when_done(...)` block or decorated call: not posted")
+            return None
+        return run.update(text)
+
+    # -- decorator -------------------------------------------------------
+
+    def __call__(self, func: F) -> F:
+        if not callable(func):
+            raise TypeError(f"notify_when_done(...) decorates a function, not {type(func).__name__}")
+        label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
+
+        def begin():
+            try:
+                run = self._begin(label)
+            except Exception as e:
+                _warn(f"could not start watching: {exception_summary(e)}")
+                run = None
+            return run, _STACK.set(_STACK.get() + ((self, run),))
+
+        def end(run, token, exc):
+            try:
+                _STACK.reset(token)
+            except Exception:
+                pass
+            if run is not None:
+                self._end(run, exc)
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                run, token = begin()
+                try:
+                    result = await func(*args, **kwargs)
+                except BaseException as e:
+                    end(run, token, e)
+                    raise
+                end(run, token, None)
+                return result
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            run, token = begin()
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as e:
+                end(run, token, e)
+                raise
+            end(run, token, None)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+
+def active() -> _Run | None:
+    """The innermost ``notify_when_done`` run in this context, if any."""
+    for _owner, run in reversed(_STACK.get()):
+        if run is not None:
+            return run
+    return None
+
+
+def update(text: str) -> Any:
+    """Post a progress line into the innermost running ``notify_when_done`` (e.g. from a decorated function)."""
+    run = active()
+    if run is None:
+        _warn("update() outside a notify_when_done block or decorated call: not posted")
+        return None
+    return run.update(text)
