@@ -54,8 +54,14 @@ _CSS = """<style>
 .chat-magic-composer .cm-mention { color: #0b57d0; background: #d3e3fd; border-radius: 10px; padding: 0 6px;
   font-weight: 500; }
 .chat-magic-composer a { color: #0b57d0; text-decoration: underline; }
-.chat-magic-composer .cm-history { font-size: 12px; color: #444746; border-collapse: collapse; }
-.chat-magic-composer .cm-history td { padding: 1px 8px 1px 0; vertical-align: top; }
+.chat-magic-composer .cm-history { font-size: 12px; line-height: 18px; color: #444746; }
+.chat-magic-composer .cm-history-title { font-weight: 500; color: #5f6368; }
+.chat-magic-composer .cm-row { display: flex; gap: 10px; white-space: nowrap; }
+.chat-magic-composer .cm-row span { overflow: hidden; text-overflow: ellipsis; }
+.chat-magic-composer .cm-row .cm-t { flex: none; color: #80868b; }
+.chat-magic-composer .cm-row .cm-s { flex: 0 1 auto; max-width: 45%; }
+.chat-magic-composer .cm-row .cm-w { flex: 0 1 auto; max-width: 30%; color: #5f6368; }
+.chat-magic-composer .cm-row .cm-x { flex: 1 1 0; min-width: 60px; }
 .chat-magic-composer .cm-help { font-size: 12px; color: #5f6368; }
 </style>"""
 
@@ -103,6 +109,7 @@ class Composer(widgets.VBox):
         thread: str = SESSION,
         thread_key: str = "",
         history_size: int = 5,
+        shell: Any = None,
         **kwargs: Any,
     ) -> None:
         if thread not in dict((v, k) for k, v in THREAD_CHOICES):
@@ -112,6 +119,7 @@ class Composer(widgets.VBox):
             known = ", ".join(v for _, v in options if v) or "none"
             raise NoDestinationError(f"unknown space {to!r} (known: {known}): add [spaces.{to}] with webhook_url to {config.config_path()}")
 
+        self._shell = shell  # an IPython shell, for the session (default: the running one, if any)
         self._lock = threading.Lock()
         self._pending: Any = None  # the Receipt of the send in flight
         self._entries: list[dict[str, Any]] = []
@@ -122,7 +130,7 @@ class Composer(widgets.VBox):
         self.thread = widgets.ToggleButtons(options=list(THREAD_CHOICES), value=thread,
                                             style={"button_width": "auto"})
         self.thread_key = widgets.Text(value=thread_key, placeholder="thread key", disabled=thread != CUSTOM,
-                                       layout=widgets.Layout(width="220px"))
+                                       layout=widgets.Layout(width="200px", display="" if thread == CUSTOM else "none"))
         self.message = widgets.Textarea(placeholder="Write a message…", rows=4, continuous_update=True,
                                         layout=widgets.Layout(width="100%"))
         self.preview = widgets.HTML()
@@ -166,7 +174,9 @@ class Composer(widgets.VBox):
         self._update_button()
 
     def _on_thread(self, change: Any = None) -> None:
-        self.thread_key.disabled = self.thread.value != CUSTOM
+        custom = self.thread.value == CUSTOM
+        self.thread_key.disabled = not custom
+        self.thread_key.layout.display = "" if custom else "none"
         self._update_button()
 
     def _update_button(self) -> None:
@@ -196,13 +206,15 @@ class Composer(widgets.VBox):
         to = self.destination.value or None
         choice = self.thread.value
         if choice == SESSION:
-            try:
-                from IPython import get_ipython
+            ip = self._shell
+            if ip is None:
+                try:
+                    from IPython import get_ipython
 
-                ip = get_ipython()
-            except ImportError:
-                ip = None
-            session = current_session(ip.user_ns if ip is not None else None)
+                    ip = get_ipython()
+                except ImportError:
+                    ip = None
+            session = current_session(getattr(ip, "user_ns", None))
             return session.send(text, to=to), "session thread"
         key = _new_thread_key() if choice == NEW else self.thread_key.value.strip()
         receipt = chat_magic.send(text, to=to, thread_key=key)
@@ -285,16 +297,21 @@ class Composer(widgets.VBox):
         rows = []
         for e in entries:
             color = _STATUS_COLORS.get(e["state"], "#5f6368")
-            status = e["state"] + (f": {e['detail']}" if e["detail"] else "")
+            full = e["state"] + (f": {e['detail']}" if e["detail"] else "")
+            if e["state"] == DELIVERED and e["detail"]:
+                short = f"delivered ({e['detail'].split('/messages/')[-1]})"
+            else:
+                short = full
+            where = f"{e['to']} · {e['where']}"
             rows.append(
-                "<tr>"
-                f"<td>{html.escape(e['time'])}</td>"
-                f'<td style="color:{color}">{html.escape(status)}</td>'
-                f"<td>{html.escape(e['to'])} · {html.escape(_snippet(e['where'], 40))}</td>"
-                f"<td>{html.escape(_snippet(e['text']))}</td>"
-                "</tr>"
+                '<div class="cm-row">'
+                f'<span class="cm-t">{html.escape(e["time"])}</span>'
+                f'<span class="cm-s" style="color:{color}" title="{html.escape(full)}">{html.escape(short)}</span>'
+                f'<span class="cm-w" title="{html.escape(where)}">{html.escape(where)}</span>'
+                f'<span class="cm-x" title="{html.escape(_snippet(e["text"], 300))}">{html.escape(_snippet(e["text"]))}</span>'
+                "</div>"
             )
-        self.history.value = f'<table class="cm-history"><caption style="text-align:left">Last sends</caption>{"".join(rows)}</table>'
+        self.history.value = f'<div class="cm-history"><div class="cm-history-title">Last sends</div>{"".join(rows)}</div>'
 
     # -- text fallback ------------------------------------------------------
 
@@ -356,6 +373,6 @@ def compose_magic(line: str = "", shell: Any = None) -> Composer:
         raise UsageError(f"%chat_compose: {e}; usage: {usage}") from None
     thread = CUSTOM if args.key and args.thread == SESSION else args.thread
     try:
-        return Composer(to=args.to, thread=thread, thread_key=args.key)
+        return Composer(to=args.to, thread=thread, thread_key=args.key, shell=shell)
     except ChatMagicError as e:
         raise UsageError(f"%chat_compose: {redact(e)}") from None

@@ -161,7 +161,7 @@ def test_history_keeps_the_last_five(outbox_home):
     for i in range(7):
         c.message.value = f"attempt {i}"
         c.send_button.click()
-    assert c.history.value.count("<tr>") == 5
+    assert c.history.value.count("cm-row") == 5
     assert "attempt 6" in c.history.value and "attempt 2" in c.history.value
     assert "attempt 1" not in c.history.value
 
@@ -219,3 +219,21 @@ def test_compose_magic_options(outbox_home):
         with pytest.raises(UsageError) as e:
             compose_magic(bad)
         assert "\n" not in str(e.value) and str(e.value).startswith("%chat_compose: ")
+
+
+def test_compose_magic_in_a_real_shell(space, capsys):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.register_magic_function(lambda line: compose_magic(line, ip), "line", "chat_compose")
+    try:
+        c = ip.run_line_magic("chat_compose", "--thread new")
+        assert isinstance(c, Composer) and c.thread.value == "new"
+        result = ip.run_cell("%chat_compose --to nowhere")
+        assert isinstance(result.error_in_exec, UsageError)
+        err = capsys.readouterr().err
+        assert "unknown space 'nowhere'" in err and "Traceback" not in err
+        assert_no_secret(err)
+    finally:
+        ip.magics_manager.magics["line"].pop("chat_compose", None)
