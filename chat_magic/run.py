@@ -1,0 +1,370 @@
+"""``chat-magic run``: run a command and post a notice when it ends.
+
+    chat-magic run [--to NAME] [--label L] [--notify-start] [--thread KEY]
+                   [--on always|error] [--mention all|ID] [--wait S] -- CMD ARGS...
+
+- The command's stdout and stderr pass through unchanged, byte for byte, as
+  they come (read from pipes by two threads, written to our own stdout and
+  stderr and flushed); the last 64 KiB are kept for the notice. Python
+  children get ``PYTHONUNBUFFERED=1`` (unless set) so their output streams.
+- The notice says the label (default: the command line, shortened), the exit
+  code or the signal ("killed by SIGTERM"), the duration, host and the last
+  lines of output.
+- ``chat-magic run`` exits with the command's exit code, or 128 + the signal
+  number when a signal killed it (as shells do); 127 when the command is not
+  found, 126 when it cannot be executed (a failure notice is still posted:
+  an unattended job with a typo should not go silent); 2 for a usage or
+  set-up mistake (checked before the command starts).
+- SIGTERM, SIGHUP and SIGINT sent to ``chat-magic run`` are forwarded to the
+  command, and it waits for the command to end. A Ctrl-C typed in a terminal
+  already reaches the command (same process group), so that one is not sent
+  twice; a second Ctrl-C is always forwarded.
+- Before exiting it waits (``--wait``, default 10 s) for the notice to be
+  delivered; if it was not, it says so in one line: the notice stays in the
+  outbox and the next chat_magic process (or ``chat-magic outbox flush``)
+  delivers it.
+- In a SLURM/MPI/torchrun job only rank 0 posts a success; a failure is
+  posted by whichever rank fails (``CHAT_MAGIC_RANKS=all``: every rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, BinaryIO, Sequence
+
+from . import ranks as _ranks
+from .errors import ChatMagicError, ConfigError
+
+TAIL_BYTES = 64 * 1024
+PROG = "chat-magic run"
+QUEUED = "notice queued; it will be delivered by the next chat_magic process or `chat-magic outbox flush`"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump, no SystemExit
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Run a command, pass its output through, and post a notice to Google Chat when it ends.",
+        epilog="Example: chat-magic run --label training -- python train.py --epochs 10",
+    )
+    p.add_argument("--to", metavar="NAME", help="space name from the config file (default: GOOGLE_CHAT_WEBHOOK_URL)")
+    p.add_argument("--label", metavar="L", help="what to call the job in the notice (default: the command line)")
+    p.add_argument("--notify-start", action="store_true", help="also post when the command starts")
+    p.add_argument("--thread", metavar="KEY", help="post into the thread with this key (default: a new thread per run)")
+    p.add_argument("--on", choices=("always", "error"), default="always", help="post on every ending (default) or only on failure")
+    p.add_argument("--mention", metavar="WHO", help="'all' or a user id to mention in the notice")
+    p.add_argument("--no-cards", dest="cards", action="store_false", help="post plain text instead of a card")
+    p.add_argument("--wait", metavar="S", type=float, default=10.0, help="seconds to wait for delivery before exiting (default 10)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
+    return p
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Tail:
+    """The last ``limit`` bytes written by both streams, in arrival order."""
+
+    def __init__(self, limit: int = TAIL_BYTES) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def add(self, chunk: bytes) -> None:
+        with self._lock:
+            self._buf += chunk
+            if len(self._buf) > 2 * self.limit:
+                del self._buf[: len(self._buf) - self.limit]
+
+    def text(self) -> str:
+        with self._lock:
+            data = bytes(self._buf[-self.limit:])
+        return data.decode("utf-8", errors="replace")
+
+
+def _binary(stream: Any) -> BinaryIO | None:
+    return getattr(stream, "buffer", None)
+
+
+def _pump(src: BinaryIO, dst_name: str, tail: Tail) -> None:
+    """Copy ``src`` to our stdout/stderr as it comes, keeping a tail. Goes on draining if the output breaks."""
+    fd = src.fileno()
+    broken = False
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        tail.add(chunk)
+        if broken:
+            continue
+        out = getattr(sys, dst_name)
+        try:
+            raw = _binary(out)
+            if raw is not None:
+                out.flush()  # text written earlier goes first
+                raw.write(chunk)
+                raw.flush()
+            else:
+                out.write(chunk.decode("utf-8", errors="replace"))
+                out.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            broken = True  # e.g. `chat-magic run -- cmd | head`: keep the child from blocking
+    try:
+        src.close()
+    except OSError:
+        pass
+
+
+def _say(message: str) -> None:
+    from .webhook import redact
+
+    try:
+        print(f"{PROG}: {redact(message)}", file=sys.stderr, flush=True)
+    except Exception:
+        pass
+
+
+class _Forwarder:
+    """Forward SIGTERM/SIGHUP/SIGINT to the child while it runs (main thread only)."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.received: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except (ValueError, OSError):
+                pass
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            try:
+                signal.signal(s, h)
+            except (ValueError, OSError):
+                pass
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if signum == signal.SIGINT and self.received.count(signum) == 1 and _terminal_foreground():
+            return  # the terminal sent this Ctrl-C to the child too
+        try:
+            os.kill(proc.pid, signum)
+        except OSError:
+            pass
+
+
+def _terminal_foreground() -> bool:
+    """Whether we (and so the child) are the terminal's foreground process group."""
+    for stream in (sys.stdin, sys.stderr, sys.stdout):
+        try:
+            fd = stream.fileno()
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except (AttributeError, OSError, ValueError):
+            continue
+    return False
+
+
+def _post(args: argparse.Namespace, sess: Any, webhook: Any, kind: str, report: Any, rank: Any) -> Any:
+    try:
+        if not _ranks.should_post(kind, None, rank):
+            return None
+        return sess.send(to=webhook, **report.payload_kwargs(cards=args.cards))
+    except ChatMagicError as e:
+        _say(f"notice not posted: {e}")
+    except Exception as e:
+        _say(f"notice not posted: {type(e).__name__}: {e}")
+    return None
+
+
+def _wait_delivery(timeout: float) -> None:
+    """Wait for what this process queued (the thread's header too); say in one line if it is not delivered."""
+    try:
+        from .delivery import dispatcher
+        from .outbox import FAILED
+
+        d = dispatcher()
+        ids = sorted(d.mine)
+        if not ids:
+            return
+        done = d.wait_for(ids, max(0.0, timeout))
+        failed = [r for r in d.outbox.resolve(ids) if r.state == FAILED]
+        if failed:
+            _say(f"notice not delivered: {failed[0].error or 'refused'} (see: chat-magic outbox list)")
+        elif not done:
+            _say(QUEUED)
+        d.reported.update(ids)  # told already: no second line at exit
+    except Exception as e:
+        _say(f"notice not delivered: {type(e).__name__}: {e}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``chat-magic run`` with ``argv`` (the arguments after ``run``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        _say(f"{e} (see {PROG} --help)")
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if isinstance(e.code, int) else 0
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        _say(f"no command given: {PROG} [options] -- CMD ARGS...")
+        return 2
+    if args.wait < 0:
+        _say("--wait takes a number of seconds >= 0")
+        return 2
+
+    # set-up problems now, before the command runs
+    from . import config
+    from .report import FAILED, INTERRUPTED, OK, STARTED, Report
+    from .session import Session
+
+    try:
+        webhook = config.resolve(args.to)
+        rank = _ranks.current()
+        _ranks.policy(None)
+        if args.mention is not None:
+            import re
+
+            if not re.fullmatch(r"(users/)?(all|\d+)", args.mention.strip()):
+                raise ConfigError(f"--mention {args.mention!r}: use 'all' or a numeric user id")
+        if args.thread is not None and not args.thread.strip():
+            raise ConfigError("--thread needs a non-empty key")
+        cmdline = shlex.join(command)
+        short = shlex.join([os.path.basename(command[0]) or command[0], *command[1:]])
+        label = args.label or shorten(short)
+        sess = Session(thread_key=args.thread)
+        sess.kind, sess.source = "command", shorten(short, 80)
+        if not args.thread and not os.environ.get("CHAT_MAGIC_THREAD_KEY"):
+            sess.new_thread()  # a key made from the command, not from "chat-magic"
+    except ChatMagicError as e:
+        _say(str(e))
+        return 2
+
+    title = f"{label} ({rank.describe()})" if rank.distributed else label
+    details = {"Command": shorten(cmdline, 500), "Host": sess.host}
+    if rank.distributed:
+        details["Rank"] = rank.describe()
+    receipts: list[Any] = []
+
+    if args.notify_start:
+        receipts.append(_post(args, sess, webhook, _ranks.START, Report(title, status=STARTED, details=dict(details)), rank))
+
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    tail = Tail()
+    fwd = _Forwarder()
+    fwd.install()
+    t0 = time.monotonic()
+    returncode: int
+    start_error = ""
+    try:
+        try:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        except FileNotFoundError:
+            start_error, returncode = f"command not found: {command[0]}", 127
+        except PermissionError:
+            start_error, returncode = f"permission denied: {command[0]}", 126
+        except OSError as e:
+            start_error, returncode = f"cannot run {command[0]}: {e.strerror or e}", 126
+        else:
+            fwd.proc = proc
+            pumps = [
+                threading.Thread(target=_pump, args=(proc.stdout, "stdout", tail), daemon=True, name="chat-magic-run-stdout"),
+                threading.Thread(target=_pump, args=(proc.stderr, "stderr", tail), daemon=True, name="chat-magic-run-stderr"),
+            ]
+            for t in pumps:
+                t.start()
+            while True:
+                try:
+                    returncode = proc.wait()
+                    break
+                except KeyboardInterrupt:  # only if a handler could not be installed
+                    continue
+            for t in pumps:  # a grandchild may hold the pipes open: do not wait for it forever
+                t.join(timeout=2.0)
+    finally:
+        fwd.restore()
+    duration = time.monotonic() - t0
+
+    if start_error:
+        _say(start_error)
+        details["Exit code"] = f"{returncode} ({start_error})"
+        status, kind, error = FAILED, _ranks.FAILURE, start_error
+        exit_code = returncode
+    elif returncode < 0:
+        signame = signal_name(-returncode)
+        details["Exit code"] = f"killed by {signame}"
+        error = f"killed by {signame}"
+        if fwd.received:
+            error += f" (forwarded by {PROG}, which received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.received))})"
+        exit_code = 128 - returncode
+        if -returncode == signal.SIGINT:
+            status, kind = INTERRUPTED, _ranks.INTERRUPT
+        else:
+            status, kind = FAILED, _ranks.FAILURE
+    else:
+        details["Exit code"] = str(returncode)
+        exit_code = returncode
+        if returncode == 0:
+            status, kind, error = OK, _ranks.SUCCESS, ""
+        else:
+            status, kind, error = FAILED, _ranks.FAILURE, f"exit code {returncode}"
+        if fwd.received:
+            details["Signal"] = f"received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.received))} (forwarded)"
+
+    if args.on == "always" or status == FAILED:
+        report = Report(title, status=status, duration=duration, output=tail.text(), error=error,
+                        details=details, mention=args.mention, max_lines=30)
+        receipts.append(_post(args, sess, webhook, kind, report, rank))
+    if any(r is not None for r in receipts):
+        _wait_delivery(args.wait)
+    return exit_code
+
+
+if __name__ == "__main__":  # python -m chat_magic.run -- CMD
+    sys.exit(main())
