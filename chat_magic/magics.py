@@ -475,13 +475,13 @@ class ChatMagics(Magics):
         """
         magic = "%%chat"
         args = self._parse(self.chat_cell, magic, line)
-        webhook = self._destination(magic, args.to)
         mention = self._mention(magic, args.mention)
         max_lines = self.max_lines if args.max_lines is None else args.max_lines
         if max_lines < 0:
             raise _usage(f"{magic}: --max-lines takes a number >= 0, not {max_lines}")
         if args.title is not None and not args.title.strip():
             raise _usage(f'{magic}: --title is empty: give a title such as --title "Train the model"')
+        webhook = self._destination(magic, args.to)  # before the cell runs: a mistake costs no run
         if args.new_thread:
             self._session().new_thread()
 
@@ -550,8 +550,8 @@ class ChatMagics(Magics):
         text = text.strip()
         if not text:
             raise _usage(f"{magic}: nothing to post: write %chat TEXT, e.g. %chat training done, loss $loss")
-        webhook = self._destination(magic, args.to)
         mention = self._mention(magic, args.mention)
+        webhook = self._destination(magic, args.to)
         if mention:
             text = f"<users/{mention}> {text}"
         try:
@@ -591,8 +591,8 @@ class ChatMagics(Magics):
             return
         if args.threshold is not None and not args.threshold >= 0:
             raise _usage(f"{magic}: --threshold takes seconds >= 0, not {args.threshold}")
-        webhook = self._destination(magic, args.to)
         mention = self._mention(magic, args.mention)
+        webhook = self._destination(magic, args.to)
         self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention}
         if not self._registered:
             for event, fn in self._callbacks.items():
