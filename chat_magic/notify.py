@@ -201,6 +201,7 @@ class notify_when_done:
         self.ranks = ranks
         self.webhook = config.resolve(to)  # ConfigError now, not after the job
         self.receipt = None  # the last completion notice's Receipt (None if none was posted)
+        self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
 
     @staticmethod
@@ -294,6 +295,8 @@ class notify_when_done:
             _warn(f"could not start watching: {exception_summary(e)}")
             run = None
         _STACK.set(_STACK.get() + ((self, run),))
+        if run is not None:
+            self._live.append(run)
         return run
 
     def _pop(self) -> _Run | None:
@@ -301,8 +304,15 @@ class notify_when_done:
         for i in range(len(stack) - 1, -1, -1):
             if stack[i][0] is self:
                 _STACK.set(stack[:i] + stack[i + 1:])
+                self._forget(stack[i][1])
                 return stack[i][1]
         return None
+
+    def _forget(self, run: _Run | None) -> None:
+        try:
+            self._live.remove(run)
+        except ValueError:
+            pass
 
     def __enter__(self) -> notify_when_done:
         self._push()
@@ -331,6 +341,8 @@ class notify_when_done:
             if owner is self:
                 run = r
                 break
+        if run is None and self._live:  # called from another thread (a callback, a data loader)
+            run = self._live[-1]
         if run is None:
             _warn("update() outside its `with notify_when_done(...)` block or decorated call: not posted")
             return None
@@ -349,6 +361,8 @@ class notify_when_done:
             except Exception as e:
                 _warn(f"could not start watching: {exception_summary(e)}")
                 run = None
+            if run is not None:
+                self._live.append(run)
             return run, _STACK.set(_STACK.get() + ((self, run),))
 
         def end(run, token, exc):
@@ -356,6 +370,7 @@ class notify_when_done:
                 _STACK.reset(token)
             except Exception:
                 pass
+            self._forget(run)
             if run is not None:
                 self._end(run, exc)
 

@@ -168,15 +168,20 @@ def test_decorator_keeps_return_value_identity_and_exceptions(space):
         """Docstring kept."""
         return sentinel if x == y else None
 
+    missing = KeyError("missing")
+
     @notify_when_done
     def broken():
-        raise KeyError("missing")
+        raise missing
 
     assert train.__name__ == "train" and train.__doc__ == "Docstring kept."
+    assert train.__wrapped__ is not None
     assert train(1, y=1) is sentinel
     with pytest.raises(KeyError) as info:
         broken()
-    assert info.traceback[-1].name == "broken"
+    assert info.value is missing
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert traceback.extract_tb(missing.__traceback__)[-1].name == "broken"
     msgs = settle(space, 2)
     one_thread(msgs)
     joined = "\n".join(m.get("text", "") for m in msgs)
@@ -189,17 +194,22 @@ def test_decorator_keeps_return_value_identity_and_exceptions(space):
 def test_async_decorator_and_async_with(space):
     result = {"big": list(range(5))}
 
+    boom = RuntimeError("async boom")
+
     @notify_when_done("async job")
     async def job(fail: bool):
         await asyncio.sleep(0.01)
         if fail:
-            raise RuntimeError("async boom")
+            raise boom
         return result
+
+    assert asyncio.iscoroutinefunction(job)
 
     async def main():
         got = await job(False)
-        with pytest.raises(RuntimeError, match="async boom"):
+        with pytest.raises(RuntimeError) as info:
             await job(True)
+        assert info.value is boom
         async with notify_when_done("async block") as n:
             n.update("inside async block")
         return got
@@ -227,6 +237,17 @@ def test_update_from_inside_a_decorated_function(space, capsys):
     assert err.count("\n") == 1 and err.startswith("chat_magic: update() outside")
     assert chat_magic.flush(10)
     assert not any("nobody listens" in m.get("text", "") for m in space.messages())
+
+
+def test_update_from_another_thread_reaches_the_block(space):
+    import threading
+
+    with notify_when_done("threaded updates") as n:
+        t = threading.Thread(target=n.update, args=("from a worker thread",))
+        t.start()
+        t.join()
+    msgs = settle(space, 2)
+    assert any("*threaded updates*: from a worker thread" in m.get("text", "") for m in msgs)
 
 
 # -- options ----------------------------------------------------------------------
