@@ -431,6 +431,19 @@ class ChatMagics(Magics):
             max_lines=max_lines,
         )
 
+    def _needs_running_loop(self, cell: str) -> bool:
+        """Whether ``cell`` has top-level ``await`` while an event loop already runs this thread (a kernel)."""
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False  # terminal IPython runs such cells on a loop of its own
+        try:
+            return bool(self.shell.should_run_async(cell, transformed_cell=self.shell.transform_cell(cell)))
+        except Exception:
+            return False
+
     def _result_text(self, value: Any) -> str:
         try:
             data, _ = self.shell.display_formatter.format(value)
@@ -481,6 +494,11 @@ class ChatMagics(Magics):
             raise _usage(f"{magic}: --max-lines takes a number >= 0, not {max_lines}")
         if args.title is not None and not args.title.strip():
             raise _usage(f'{magic}: --title is empty: give a title such as --title "Train the model"')
+        if self._needs_running_loop(cell):
+            raise _usage(
+                f"{magic}: a cell with top-level await cannot run inside a magic here (the kernel's event loop "
+                "is busy running this cell): put the awaits in a plain cell and post with %chat at its end"
+            )
         webhook = self._destination(magic, args.to)  # before the cell runs: a mistake costs no run
         if args.new_thread:
             self._session().new_thread()

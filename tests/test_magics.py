@@ -467,3 +467,39 @@ def test_terminal_ipython_posts_and_delivers_before_exit(space, tmp_path):
     assert titles(msgs)[0].startswith("✅ Terminal finished in")
     assert "from the terminal" in flat(msgs[1])
     assert len({m["thread"]["name"] for m in msgs}) == 1
+
+
+def test_top_level_await_under_a_running_loop_is_a_usage_error(ip, space):
+    import asyncio
+
+    async def in_a_kernel_like_loop():  # ipykernel runs cells while its event loop runs
+        with pytest.raises(UsageError) as e:
+            ip.run_cell_magic("chat", "", "import asyncio\nawait asyncio.sleep(0)\nran_it = True")
+        return str(e.value)
+
+    message = asyncio.run(in_a_kernel_like_loop())
+    assert "top-level await" in message and "\n" not in message
+    assert "ran_it" not in ip.user_ns
+    # without a running loop (terminal IPython) the same cell runs and posts
+    assert run(ip, "%%chat --title Awaited\nimport asyncio\nawait asyncio.sleep(0)\nran_it = True").success
+    assert ip.user_ns["ran_it"] is True
+    assert titles(delivered(space))[0].startswith("✅ Awaited finished")
+
+
+def test_posting_never_waits_for_the_network(ip, space, emulator):
+    import time
+
+    emulator.inject("stall", count=1, seconds=4)  # the next request hangs for 4 s
+    try:
+        start = time.monotonic()
+        r = run(ip, "%%chat --title Stalled\nprint('quick cell')")
+        run(ip, "%chat and a line")
+        elapsed = time.monotonic() - start
+        msgs = delivered(space)
+    finally:
+        emulator.clear_faults()
+    assert r.success
+    assert elapsed < 2.0  # generous: the stalled request alone takes 4 s
+    assert [rq["fault"] for rq in space.requests()].count("stall") == 1
+    text = json.dumps(msgs, ensure_ascii=False)
+    assert "Stalled finished" in text and "and a line" in text
