@@ -326,6 +326,13 @@ class ChatMagics(Magics):
             )
         return value
 
+    @validate("thread_key")
+    def _check_thread_key(self, proposal: Any) -> str:
+        value = proposal["value"].strip()
+        if len(value) > 4000:
+            raise TraitError("ChatMagics.thread_key is at most 4,000 characters (Google Chat's limit)")
+        return value
+
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._applied: tuple[Any, str] | None = None
