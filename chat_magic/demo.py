@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         except NoSuchKernel:
             print(f"chat-magic demo: no '{KERNEL}' Jupyter kernel: run  {Path(sys.executable).name} -m ipykernel install --user", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("chat-magic demo: interrupted", file=sys.stderr)
+            return 130
         except CellExecutionError as e:
             lines = [ln for ln in redact(e).splitlines() if ln.strip()]
             print(f"chat-magic demo: a cell failed: {lines[-1] if lines else 'error'}", file=sys.stderr)

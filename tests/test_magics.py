@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 from conftest import KEY, TOKEN, assert_no_secret, validate_message

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
 from nbclient import NotebookClient
 from traitlets.config import Config
