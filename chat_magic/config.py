@@ -119,6 +119,8 @@ def resolve(to: str | Webhook | None = None) -> Webhook:
         cfg = load_config()
         spaces = cfg.get("spaces", {})
         if to not in spaces:
+            if any(c in to for c in "/?="):  # a webhook URL without its scheme, or a piece of one: never echo it
+                return parse_webhook_url(to)  # raises a one-line, redacted WebhookURLError
             known = ", ".join(sorted(spaces)) or "none"
             raise NoDestinationError(f"unknown space {to!r} (known: {known}): add [spaces.{to}] with webhook_url to {config_path()}")
         return _from_table(to, spaces[to])

@@ -212,6 +212,7 @@ class Dispatcher:
             return settings.idle_poll
         if ready > 0:
             return min(ready, settings.idle_poll)
+        self._http()  # import requests now, not between taking the pacing slot and sending
         job = self.outbox.claim(now, interval=settings.interval, lease=settings.lease)
         if job is None:
             return 0.05

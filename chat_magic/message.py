@@ -108,33 +108,49 @@ def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
     if len(text) <= limit:
         return [text]
     parts: list[str] = []
-    rest = text
+    pos, end = 0, len(text)  # an index, not a shrinking copy: linear in len(text)
     reopen = False
-    while rest:
+    while pos < end:
         prefix = FENCE + "\n" if reopen else ""
         room = limit - len(prefix)
-        if len(rest) <= room:
-            parts.append(prefix + rest)
+        if end - pos <= room:
+            parts.append(prefix + text[pos:])
             break
         # leave room to close a block we might end inside
-        window = rest[: room - len(FENCE) - 1]
+        window = text[pos: pos + room - len(FENCE) - 1]
         cut = window.rfind("\n") + 1
         if cut < len(window) // 2:
             sp = window.rfind(" ") + 1
             cut = sp if sp > len(window) // 2 else len(window)
         # never cut inside a fence marker
-        while 0 < cut < len(rest) and rest[cut - 1] == "`" and rest[cut] == "`":
+        while 0 < cut < end - pos and text[pos + cut - 1] == "`" and text[pos + cut] == "`":
             cut -= 1
         if cut == 0:
             cut = len(window)
-        chunk = prefix + rest[:cut]
-        rest = rest[cut:]
+        chunk = prefix + text[pos: pos + cut]
+        pos += cut
         inside = _open_fence(chunk)
         if inside:
             chunk = chunk.rstrip("\n") + "\n" + FENCE
         parts.append(chunk)
         reopen = inside
     return parts
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD.
+
+    Output decoded with ``errors="surrogateescape"`` (file names, some
+    terminals) keeps undecodable bytes as lone surrogates, which UTF-8, JSON
+    on the wire and the outbox cannot carry. They show as ``\ufffd``, as
+    ``errors="replace"`` would have shown them.
+    """
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def payload_size(payload: dict[str, Any]) -> int:
@@ -153,7 +169,15 @@ def build_payloads(
 
     Raises :class:`MessageError` for an empty message or cards over the size limit.
     """
-    text = "" if text is None else str(text)
+    text = "" if text is None else valid_unicode(str(text))
+    if isinstance(thread_key, str):
+        thread_key = valid_unicode(thread_key)
+    if fallback_text:
+        fallback_text = valid_unicode(str(fallback_text))
+    if cards:
+        raw = json.dumps(cards, ensure_ascii=False)
+        if valid_unicode(raw) is not raw:
+            cards = json.loads(valid_unicode(raw))
     if not text.strip() and not cards:
         raise MessageError("the message is empty: give some text or a card")
     if thread_key is not None and len(thread_key) > 4000:

@@ -227,6 +227,7 @@ class Outbox:
         never send to one space within ``interval`` seconds.
         """
         with self._write() as db:
+            now = max(now, time.time())  # waiting for the lock took time: pace from when the slot is taken
             heads = db.execute(
                 "SELECT m.*, p.next_slot FROM message m LEFT JOIN pacing p ON p.space_key = m.space_key"
                 " WHERE m.id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"

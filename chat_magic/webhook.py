@@ -89,6 +89,8 @@ def parse_webhook_url(url: str) -> Webhook:
     url = url.strip()
     if not url:
         raise WebhookURLError("the webhook URL is empty: copy it from the space's Apps & integrations > Webhooks")
+    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in url):  # not shown: redaction stops at a space
+        raise WebhookURLError("the webhook URL has a space or a line break inside: paste exactly one URL, in one piece")
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
