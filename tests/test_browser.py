@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -256,14 +257,27 @@ def test_composer_in_jupyterlab_sends_to_the_emulator(space, jupyter_lab, page):
     page.set_default_timeout(60_000)
     page.goto(f"{jupyter_lab['base']}/lab/tree/compose.ipynb?token={jupyter_lab['token']}")
     cell = page.locator(".jp-Notebook .jp-Cell").first
-    cell.locator(".cm-content").click()
-    sync_api.expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus").first).to_be_attached()
-    # wait for the kernel before running, so Shift+Enter is not lost while it starts
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.jp-Toolbar-kernelName, .jp-KernelName')]"
-        ".some(e => /Python/.test(e.textContent))", timeout=60_000)
-    cell.locator(".cm-content").click()
-    page.keyboard.press("Shift+Enter")
+    prompt = cell.locator(".jp-InputPrompt")
+    # wait until the frontend is connected to an idle kernel (the status bar says
+    # "Python 3 (ipykernel) | Idle"): a Shift+Enter before that runs nothing
+    try:
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#jp-main-statusbar .jp-StatusBar-TextItem')]"
+            ".some(e => /\\|\\s*Idle\\s*$/.test(e.textContent))",
+            timeout=90_000)
+    except sync_api.TimeoutError:
+        shot(page, "jupyterlab_kernel_not_idle.png")
+        raise AssertionError(f"the kernel did not become idle; server log:\n{jupyter_lab['log'].read_text()[-3000:]}")
+    for attempt in range(3):
+        cell.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+        try:  # "[*]:" while it runs, "[1]:" once done
+            sync_api.expect(prompt).to_contain_text(re.compile(r"\[(\*|\d+)\]"), timeout=20_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                shot(page, "jupyterlab_not_run.png")
+                raise
 
     composer = page.locator(".chat-magic-composer")
     try:
