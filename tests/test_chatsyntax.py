@@ -285,3 +285,72 @@ def test_report_card_text_renders():
     assert shown(error) == "ValueError: <b>bad</b>"
     out = card_html(widgets[-1]["textParagraph"]["text"])
     assert tags(out) == ["pre"] and shown(out) == "<img src=x onerror=alert(1)>"
+
+
+# --------------------------------------------------------------------------- the emulator's web view (HTML only; the browser test runs it)
+
+
+def _msg(text=None, *, space="AAAA", thread="T1", key=None, request_id="r1", cards=None, t="2026-01-02T03:04:05.000000Z", n=1):
+    m = {"name": f"spaces/{space}/messages/M{n}.{thread}", "createTime": t,
+         "thread": {"name": f"spaces/{space}/threads/{thread}", **({"threadKey": key} if key else {})},
+         "space": {"name": f"spaces/{space}"}, "_emu": {"space": space, "requestId": request_id}}
+    if text is not None:
+        m["text"] = text
+    if cards is not None:
+        m["cardsV2"] = cards
+    return m
+
+
+def test_web_view_groups_threads_newest_last_and_shows_meta():
+    from chat_magic.emulator.webview import render_page
+
+    msgs = [_msg("first", thread="A", key="k-a", request_id="cm-1", n=1),
+            _msg("other thread", thread="B", request_id="cm-2", n=2),
+            _msg("reply to A", thread="A", key="k-a", request_id="cm-3", n=3)]
+    page = render_page({"messages": msgs, "stats": {"messages": 3, "requests": 4, "rejected": 1}})
+    # thread A had the last message: it comes last, its reply inside it
+    assert page.index("other thread") < page.index("first") < page.index("reply to A")
+    assert page.count('class="thread"') == 2 and "1 reply" in page
+    assert "requestId <span class=\"mono\">cm-3</span>" in page and "key <span class=\"mono\">k-a</span>" in page
+    assert "3 messages · 4 requests · 1 rejected" in page
+
+
+def test_web_view_escapes_everything_from_a_request():
+    from chat_magic.emulator.webview import render_page
+
+    evil = "<img src=x onerror=alert(1)>"
+    card = {"cardId": "c", "card": {
+        "header": {"title": f"<script>alert(1)</script>{evil}", "subtitle": evil},
+        "sections": [{"header": evil, "widgets": [
+            {"textParagraph": {"text": f"<b>ok</b>{evil}<script>alert(2)</script>"}},
+            {"decoratedText": {"topLabel": evil, "text": f'<font color="red">{evil}</font>'}},
+            {"buttonList": {"buttons": [{"text": evil, "onClick": {"openLink": {"url": "javascript:alert(3)"}}},
+                                        {"text": "docs", "onClick": {"openLink": {"url": 'https://ok.com/"><script>'}}}]}},
+            {"image": {"imageUrl": "https://example.com/x.png", "altText": evil}},
+        ]}]}}
+    msgs = [_msg(f"<script>alert(4)</script>{evil}", key=f'"><script>alert(5)</script>', request_id=evil, cards=[card])]
+    msgs[0]["name"] = f"spaces/AAAA/messages/{evil}"
+    msgs[0]["fallbackText"] = evil
+    page = render_page({"messages": msgs, "stats": {"requests": evil}, "base_url": evil}, space="<script>x</script>")
+    page_all = render_page({"messages": msgs, "stats": {}, "base_url": ""})
+    for html_ in (page, page_all):
+        scan = _Scan(html_)
+        assert [t for t, _ in scan.tags if t in ("img", "iframe")] == []
+        assert sum(1 for t, _ in scan.tags if t == "script") == 1  # the page's own
+        for tag, attrs in scan.tags:
+            assert not any(a.startswith("on") for a in attrs), (tag, attrs)
+            assert "javascript:" not in (attrs.get("href") or "").lower()
+    assert "<b>ok</b>" in page_all and "<font color=\"red\">" in page_all
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page_all
+    assert "No messages in spaces/&lt;script&gt;x&lt;/script&gt;" in page
+
+
+def test_web_view_one_space_and_empty_state():
+    from chat_magic.emulator.webview import render_page
+
+    msgs = [_msg("in A", space="AAAA"), _msg("in B", space="BBBB", n=2)]
+    only_b = render_page({"messages": msgs}, space="spaces/BBBB")
+    assert "in B" in only_b and "in A" not in only_b.split("<main")[1]
+    assert 'href="/?space=AAAA"' in only_b  # the sidebar still lists every space
+    assert "No messages yet" in render_page({"messages": []})
+    assert "&lt;b&gt;" in render_page({"messages": [{"text": "<b>", "thread": {"name": "t"}}]})
