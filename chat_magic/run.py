@@ -160,6 +160,7 @@ class _Forwarder:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.received: list[int] = []
+        self.forwarded: list[int] = []
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -181,15 +182,27 @@ class _Forwarder:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received.append(signum)
+        self.forward(signum)
+
+    def forward(self, signum: int, pending: bool = False) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        if signum == signal.SIGINT and self.received.count(signum) == 1 and _terminal_foreground():
+        if not pending and signum == signal.SIGINT and self.received.count(signum) == 1 and _terminal_foreground():
             return  # the terminal sent this Ctrl-C to the child too
         try:
             os.kill(proc.pid, signum)
+            self.forwarded.append(signum)
         except OSError:
             pass
+
+
+def _signals_received(fwd: _Forwarder) -> str:
+    parts = []
+    for s in dict.fromkeys(fwd.received):
+        how = "forwarded" if s in fwd.forwarded else "from the terminal, not forwarded"
+        parts.append(f"{signal_name(s)} ({how})")
+    return "received " + ", ".join(parts)
 
 
 def _terminal_foreground() -> bool:
@@ -313,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_error, returncode = f"cannot run {command[0]}: {e.strerror or e}", 126
         else:
             fwd.proc = proc
+            for s in dict.fromkeys(fwd.received):  # a signal that came while the command was starting
+                fwd.forward(s, pending=True)
             pumps = [
                 threading.Thread(target=_pump, args=(proc.stdout, "stdout", tail), daemon=True, name="chat-magic-run-stdout"),
                 threading.Thread(target=_pump, args=(proc.stderr, "stderr", tail), daemon=True, name="chat-magic-run-stderr"),
@@ -340,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signame = signal_name(-returncode)
         details["Exit code"] = f"killed by {signame}"
         error = f"killed by {signame}"
-        if fwd.received:
-            error += f" (forwarded by {PROG}, which received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.received))})"
+        if fwd.forwarded:
+            error += f" (forwarded by {PROG}, which received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.forwarded))})"
         exit_code = 128 - returncode
         if -returncode == signal.SIGINT:
             status, kind = INTERRUPTED, _ranks.INTERRUPT
@@ -355,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             status, kind, error = FAILED, _ranks.FAILURE, f"exit code {returncode}"
         if fwd.received:
-            details["Signal"] = f"received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.received))} (forwarded)"
+            details["Signal"] = _signals_received(fwd)
 
     if args.on == "always" or status == FAILED:
         report = Report(title, status=status, duration=duration, output=tail.text(), error=error,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -290,3 +291,82 @@ def test_refused_notice_is_one_line_and_the_exit_code_is_the_commands(space, emu
     assert err.startswith("chat-magic run: notice not delivered: permission denied")
     assert "wrong-token" not in err
     assert space.messages() == []
+
+
+def in_pty(argv: list[str], *, ctrl_c_after: bytes | None = None) -> tuple[bytes, int]:
+    """Run ``argv`` as the foreground job of a fresh terminal (a pty); type Ctrl-C once ``ctrl_c_after`` shows."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    buf, sent = b"", False
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ctrl_c_after is not None and ctrl_c_after in buf and not sent:
+                os.write(fd, b"\x03")  # Ctrl-C typed at the terminal
+                sent = True
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+    finally:
+        status = None
+        for _ in range(50):
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                break
+            time.sleep(0.1)
+        if status is None:  # hung: do not hang the test run too
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return buf, os.waitstatus_to_exitcode(status)
+
+
+def test_terminal_foreground_is_detected_only_in_a_terminal():
+    code = "from chat_magic.run import _terminal_foreground as f; print('foreground', f())"
+    out, rc = in_pty([PY, "-c", code])
+    assert rc == 0 and b"foreground True" in out
+    p = subprocess.run([PY, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert p.stdout == b"foreground False\n"
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_command_once(space):
+    """In a real terminal, Ctrl-C goes to the whole foreground group: the command gets it from
+    the terminal, chat-magic run does not send it a second one, and still posts the notice."""
+    child = textwrap.dedent("""
+        import os, signal, time
+        # count deliveries at the C level: Python-level handlers can merge two close signals
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        print("ready", flush=True)
+        first = os.read(r, 100)
+        time.sleep(0.5)  # a forwarded duplicate would arrive within this
+        os.set_blocking(r, False)
+        try:
+            more = os.read(r, 100)
+        except BlockingIOError:
+            more = b""
+        print("sigints", len(first + more), flush=True)
+    """)
+    out, rc = in_pty(RUN + ["--label", "tty", "--", PY, "-c", child], ctrl_c_after=b"ready")
+    assert b"sigints 1" in out, out
+    assert rc == 0
+    (card,) = cards(space)
+    assert card["header"]["title"].startswith("✅ tty finished")
+    assert rows(card)["Signal"] == "received SIGINT (from the terminal, not forwarded)"
