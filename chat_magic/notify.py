@@ -353,6 +353,9 @@ class notify_when_done:
     def __call__(self, func: F) -> F:
         if not callable(func):
             raise TypeError(f"notify_when_done(...) decorates a function, not {type(func).__name__}")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError("notify_when_done cannot watch a generator function (it returns at once): "
+                            "decorate the function that consumes it, or use `with notify_when_done(...)`")
         label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
 
         def begin():

@@ -191,6 +191,16 @@ def test_decorator_keeps_return_value_identity_and_exceptions(space):
     assert "KeyError: &#x27;missing&#x27;" in card_text(card)
 
 
+def test_decorating_a_generator_function_is_refused_at_once(space):
+    def gen():
+        yield 1
+
+    with pytest.raises(TypeError, match="generator function"):
+        notify_when_done("gen")(gen)
+    with pytest.raises(TypeError, match="decorates a function"):
+        notify_when_done("not callable")(42)
+
+
 def test_async_decorator_and_async_with(space):
     result = {"big": list(range(5))}
 
