@@ -91,6 +91,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)
+    if delivery.dispatcher().outbox.problem:  # queued in a temporary outbox: say so
+        _err(delivery.dispatcher().outbox.problem)
     try:
         result = receipt.wait(args.timeout)
     except DeliveryError as e:

@@ -76,7 +76,7 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
         hit = _cache.get(str(path))
         if hit and hit[0] == sig:
             return hit[1]
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and str(path) not in _warned_modes:
+    if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and str(path) not in _warned_modes:
         _warned_modes.add(str(path))
         import warnings
 

@@ -154,7 +154,8 @@ def valid_unicode(text: str) -> str:
 
 
 def payload_size(payload: dict[str, Any]) -> int:
-    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    # surrogatepass: a lone surrogate counts as the 3 bytes of the U+FFFD it will be sent as
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
 
 
 def build_payloads(
