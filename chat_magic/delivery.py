@@ -391,9 +391,13 @@ class Receipt:
         rows = self._d.outbox.resolve(self.ids)
         for r in rows:
             if r.state == FAILED:
-                self._d.reported.update(self.ids)
+                self.mark_reported()
                 raise DeliveryFailed(r.error or "delivery failed", code=r.error_code or 0, status=r.error_status or "")
         return Delivered(rows[0].name, rows[0].thread_name)
+
+    def mark_reported(self) -> None:
+        """The caller has told the user about this message's failure: the exit summary skips it."""
+        self._d.reported.update(self.ids)
 
     def add_done_callback(self, fn: Callable[[Receipt], None]) -> None:
         """Call ``fn(receipt)`` from the delivery thread once this is sent or failed."""

@@ -58,6 +58,21 @@ def _warn(text: str) -> None:
         pass
 
 
+def _tell_if_refused(receipt: Any) -> None:
+    """Once the space has answered, one warning line if it refused the message.
+
+    Called from the delivery thread; in a kernel the line shows under the
+    cell that ran last. The exit summary does not repeat it.
+    """
+
+    def done(r: Any) -> None:
+        if r.status == "failed":
+            _warn(f"message not delivered: {r.error}")
+            r.mark_reported()
+
+    receipt.add_done_callback(done)
+
+
 def _usage(text: object) -> UsageError:
     return UsageError(" ".join(redact(text).split()))
 
@@ -388,7 +403,7 @@ class ChatMagics(Magics):
     def _post(self, report: Report, webhook: Webhook) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            self._session().send(to=webhook, **report.payload_kwargs(cards=self.cards))
+            _tell_if_refused(self._session().send(to=webhook, **report.payload_kwargs(cards=self.cards)))
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -580,7 +595,7 @@ class ChatMagics(Magics):
         if mention:
             text = f"<users/{mention}> {text}"
         try:
-            self._session().send(text, to=webhook)
+            _tell_if_refused(self._session().send(text, to=webhook))
         except (ConfigError, MessageError) as e:
             raise _usage(f"{magic}: {e}") from None
         except (ChatMagicError, OSError) as e:
@@ -694,6 +709,19 @@ class ChatMagics(Magics):
             max_lines=self.max_lines,
         )
         self._post(report, auto["webhook"])
+
+    # -- %chat_compose ----------------------------------------------------------------
+
+    @line_magic("chat_compose")
+    def chat_compose(self, line: str):
+        """Open a message composer: %chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]
+
+        Write a message, see it as Chat will show it, and send it; the status
+        line follows its delivery.
+        """
+        from .composer import compose_magic
+
+        return compose_magic(line, self.shell)
 
     # -- %chat_thread --------------------------------------------------------------
 

@@ -309,6 +309,34 @@ def test_a_delivery_problem_is_one_warning_line_and_the_cell_is_untouched(ip, sp
     assert_no_secret(out.out, out.err)
 
 
+def test_a_refused_message_is_told_in_one_line_once_delivery_ends(ip, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", emulator.webhook_url(space="MAGREFUSED", key=KEY, token="rotated-token-0"))
+    capsys.readouterr()
+    r = run(ip, "%%chat --title Refused\n6 * 7")
+    assert r.success and ip.user_ns["Out"][r.execution_count] == 42
+    assert chat_magic.flush(15) is False  # the space said no, for good
+    import time
+
+    deadline = time.monotonic() + 5
+    err = ""
+    while time.monotonic() < deadline and "not delivered" not in err:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["chat_magic: message not delivered: permission denied: the webhook's token is wrong, "
+                     "or the webhook or space was deleted"], err
+    assert "rotated-token-0" not in err and KEY not in err
+
+
+def test_chat_compose_opens_a_composer(ip, space):
+    c = ip.run_line_magic("chat_compose", "")
+    from chat_magic import Composer
+
+    assert isinstance(c, Composer)
+    with pytest.raises(UsageError):
+        ip.run_line_magic("chat_compose", "--thread nowhere")
+
+
 # -- load, unload, configuration -------------------------------------------------------------
 
 
