@@ -47,6 +47,10 @@ class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`."""
 
     interval: float = 1.1  # seconds between two requests to one space (quota: 1/s)
+    # and at least this long after the last answer: the server counts a request when it
+    # arrives, somewhere between our send and its answer, so pacing from the answer is safe
+    # whatever the latency or the scheduling of several processes
+    gap_after_answer: float = 1.02
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     backoff_base: float = 1.0
@@ -253,7 +257,8 @@ class Dispatcher:
                 body = resp.json()
             except ValueError:
                 body = {}
-            self.outbox.ack(job, body.get("name"), (body.get("thread") or {}).get("name"))
+            self.outbox.ack(job, body.get("name"), (body.get("thread") or {}).get("name"),
+                            space_free_at=time.time() + settings.gap_after_answer)
             log.debug("chat_magic: message %s delivered as %s", job.id, body.get("name"))
             return
         status, message = _parse_error(resp)
@@ -261,20 +266,20 @@ class Dispatcher:
             self._transient(job, code, status, f"{code} {status}: {redact(message)}".strip(), _retry_after(resp))
             return
         reason = explain(code, status, message)
-        self.outbox.fail(job, code=code, status=status, error=reason)
+        self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=time.time() + settings.gap_after_answer)
         log.warning("chat_magic: message not delivered: %s", reason)
 
     def _transient(self, job: Job, code: int, status: str, error: str, retry_after: float | None = None) -> None:
         created = self.outbox.rows([job.id])[0].created_at
         if time.time() - created > settings.give_up_after:
             reason = f"gave up after {job.attempts} attempts: {error}"
-            self.outbox.fail(job, code=code, status=status, error=reason)
+            self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=time.time() + settings.gap_after_answer)
             log.warning("chat_magic: message not delivered: %s", reason)
             return
         delay = backoff(job.attempts, retry_after)
         log.info("chat_magic: %s; retrying in %.1f s", error, delay)
-        self.outbox.retry_later(job, delay, code=code, status=status, error=error,
-                                space_delay=delay if code == 429 else 0.0)
+        hold = max(settings.gap_after_answer, delay if code == 429 else 0.0)
+        self.outbox.retry_later(job, delay, code=code, status=status, error=error, space_free_at=time.time() + hold)
 
     def _finished(self) -> None:
         with self._changed:
@@ -451,7 +456,33 @@ def send(
 ) -> Receipt:
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text)
     webhook = config.resolve(to)
-    return dispatcher().submit(webhook, payloads)
+    return dispatcher().submit(webhook, _without_secrets(payloads, webhook))
+
+
+def _without_secrets(payloads: list[dict[str, Any]], webhook: Webhook) -> list[dict[str, Any]]:
+    """The payloads with the webhook's own key and token replaced by ``…``.
+
+    A job's output or exception may carry the URL it was given (``env``, a
+    failed request's message): posting it would hand the webhook to everyone
+    in the space. Values shorter than 8 characters are not real secrets and
+    are left alone, so a test key such as ``k`` does not mangle the text.
+    """
+    from urllib.parse import quote
+
+    from .webhook import REDACTED
+
+    secrets = sorted({v for s in (webhook.key, webhook.token) for v in (s, quote(s, safe="")) if len(v) >= 8}, key=len, reverse=True)
+    if not secrets:
+        return payloads
+    out = []
+    for p in payloads:
+        raw = json.dumps(p, ensure_ascii=False)
+        if any(v in raw for v in secrets):
+            for v in secrets:
+                raw = raw.replace(v, REDACTED)
+            p = json.loads(raw)
+        out.append(p)
+    return out
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -288,7 +288,7 @@ class Outbox:
             thread_key=head["thread_key"], payload=payload, attempts=head["attempts"] + 1, merged=len(merged_ids),
         )
 
-    def ack(self, job: Job, name: str | None, thread_name: str | None) -> None:
+    def ack(self, job: Job, name: str | None, thread_name: str | None, *, space_free_at: float = 0.0) -> None:
         now = time.time()
         with self._write() as db:
             db.execute(
@@ -296,27 +296,25 @@ class Outbox:
                 " error_code=NULL, error_status=NULL, error=NULL, updated_at=? WHERE id=?",
                 (SENT, name, thread_name, now, job.id),
             )
+            _hold_space(db, job.space_key, space_free_at)
 
-    def retry_later(self, job: Job, delay: float, *, code: int, status: str, error: str, space_delay: float = 0.0) -> None:
+    def retry_later(self, job: Job, delay: float, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
         now = time.time()
         with self._write() as db:
             db.execute(
                 "UPDATE message SET state=?, next_at=?, owner=NULL, lease_until=NULL, error_code=?, error_status=?, error=?, updated_at=? WHERE id=?",
                 (PENDING, now + delay, code, status, error, now, job.id),
             )
-            if space_delay:
-                db.execute(
-                    "UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?",
-                    (now + space_delay, job.space_key),
-                )
+            _hold_space(db, job.space_key, space_free_at)
 
-    def fail(self, job: Job, *, code: int, status: str, error: str) -> None:
+    def fail(self, job: Job, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
         now = time.time()
         with self._write() as db:
             db.execute(
                 "UPDATE message SET state=?, owner=NULL, lease_until=NULL, error_code=?, error_status=?, error=?, updated_at=? WHERE id=?",
                 (FAILED, code, status, error, now, job.id),
             )
+            _hold_space(db, job.space_key, space_free_at)
 
     # -- inspection and maintenance -------------------------------------------
 
@@ -414,6 +412,12 @@ class _Tx:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+def _hold_space(db: sqlite3.Connection, space_key: str, until: float) -> None:
+    """Keep the space's pacing slot closed until ``until`` (never opens it earlier)."""
+    if until:
+        db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
 
 
 def _request_id() -> str:
