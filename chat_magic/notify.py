@@ -25,9 +25,11 @@ Guarantees:
   ``chat_magic: ...`` line on stderr, and the message itself is queued in the
   durable outbox (delivered in the background, retried, never blocking);
 - a set-up mistake (no webhook configured, unknown ``to=``, bad ``on=``) raises
-  a one-line :class:`~chat_magic.ConfigError` when ``notify_when_done(...)`` is
-  called, before any of the user's work starts: better at once than after an
-  eight-hour run whose notice could not be sent.
+  a one-line :class:`~chat_magic.ConfigError` before any of the user's work
+  starts: better at once than after an eight-hour run whose notice could not be
+  sent. Arguments are checked when ``notify_when_done(...)`` is called; a missing
+  default webhook when the block is entered or the decorated function is
+  called, so that decorating a function at import time never fails.
 
 In distributed jobs only rank 0 posts success, start and progress; a failure
 is posted by whichever rank fails (see :mod:`chat_magic.ranks`).
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import ranks as _ranks
-from .errors import ConfigError
+from .errors import ConfigError, NoDestinationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -199,7 +201,14 @@ class notify_when_done:
         self.on = on
         self.cards = bool(cards)
         self.ranks = ranks
-        self.webhook = config.resolve(to)  # ConfigError now, not after the job
+        try:
+            self.webhook = config.resolve(to)  # ConfigError now, not after the job
+        except NoDestinationError:
+            if to is not None:
+                raise
+            # No default webhook yet: a decorator may be applied at import time, in an
+            # environment that never runs the job; the work itself checks at its start.
+            self.webhook = None
         self.receipt = None  # the last completion notice's Receipt (None if none was posted)
         self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
@@ -221,9 +230,16 @@ class notify_when_done:
             return ""
 
     def __repr__(self) -> str:
-        return f"<notify_when_done {self.label!r} to {self.webhook}>"
+        return f"<notify_when_done {self.label!r} to {self.webhook or 'the default webhook (not configured yet)'}>"
 
     # -- the run --------------------------------------------------------
+
+    def _ready(self) -> None:
+        """Resolve the default webhook if construction could not: raises a one-line ConfigError."""
+        if self.webhook is None:
+            from . import config
+
+            self.webhook = config.resolve(None)
 
     def _begin(self, label: str) -> _Run:
         run = _Run(self, label)
@@ -315,6 +331,7 @@ class notify_when_done:
             pass
 
     def __enter__(self) -> notify_when_done:
+        self._ready()
         self._push()
         return self
 
@@ -359,6 +376,7 @@ class notify_when_done:
         label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
 
         def begin():
+            self._ready()  # no webhook configured: a one-line ConfigError before the work runs
             try:
                 run = self._begin(label)
             except Exception as e:

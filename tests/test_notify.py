@@ -310,6 +310,15 @@ def test_setup_mistakes_raise_one_line_config_errors_before_the_work(space, monk
     assert "GOOGLE_CHAT_WEBHOOK_URL" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError):
         notify_when_done(to="no-such-space")
+
+    @notify_when_done("decorated at import time")  # no webhook yet: decorating is fine
+    def job():
+        ran.append("job")
+        return 1
+
+    with pytest.raises(ConfigError, match="GOOGLE_CHAT_WEBHOOK_URL"):
+        job()  # ... but calling it says so before the work runs
+    assert ran == []
     monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", space.url)
     for bad in ({"on": "sometimes"}, {"ranks": "some"}, {"mention": "everyone"}, {"thread_key": ""}):
         with pytest.raises(ConfigError) as info:
@@ -320,6 +329,7 @@ def test_setup_mistakes_raise_one_line_config_errors_before_the_work(space, monk
     with pytest.raises(ConfigError, match="CHAT_MAGIC_RANKS"):
         notify_when_done("x")
     monkeypatch.delenv("CHAT_MAGIC_RANKS")
+    assert job() == 1 and ran == ["job"]  # the webhook is set now: the same function runs and posts
     n = notify_when_done("shown")
     assert_no_secret(repr(n))
     assert "…" in repr(n)
