@@ -1,0 +1,386 @@
+"""Secrets scan: the webhook's key and token leave no trace anywhere.
+
+Scenarios run against the emulator (good deliveries, every fault, refusals,
+unreachable servers, redirects, bad URLs, broken config, notices, the CLI, a
+notebook in a real kernel), and everything they leave behind is scanned for
+the key and the token:
+
+- stdout and stderr (file-descriptor level, worker threads included) and the
+  output of every CLI subprocess;
+- every log record at DEBUG (root logger, ``chat_magic``, ``urllib3``) and
+  every warning;
+- exception texts and whole tracebacks (chained exceptions included);
+- reprs and strings of ``Receipt``, ``Webhook``, ``Delivered``, the emulator,
+  its request records and web page;
+- what reached the space (a webhook URL posted into its own space is a leak);
+- every column but ``url`` of every outbox file this test session made (``url``
+  stores the webhook by design, in a 0600 file);
+- saved notebooks.
+
+Also: outbox files are 0600, and a config file others can read draws a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import chat_magic
+from chat_magic import delivery
+from chat_magic.emulator import render_page
+from chat_magic.webhook import parse_webhook_url
+from conftest import KEY, TOKEN
+
+pytestmark = pytest.mark.timeout(180)
+
+NEEDLES = (KEY, TOKEN, KEY[-12:], TOKEN[-12:])  # the tails catch a half-redacted value
+
+
+class Evidence:
+    """Everything a scenario left behind, by where it came from; :meth:`finish` scans it."""
+
+    def __init__(self, caplog, capfd, caught: list) -> None:
+        self.items: list[tuple[str, str]] = []
+        self._caplog, self._capfd, self._caught = caplog, capfd, caught
+
+    def add(self, where: str, value: object) -> None:
+        self.items.append((where, value if isinstance(value, str) else repr(value)))
+
+    def exception(self, where: str, e: BaseException) -> None:
+        self.add(f"{where}: str", str(e))
+        self.add(f"{where}: repr", repr(e))
+        self.add(f"{where}: traceback", "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+
+    def finish(self, *, logs_expected: bool = True) -> None:
+        """Collect output, logs and warnings, then assert that no secret is anywhere."""
+        out, err = self._capfd.readouterr()
+        self.add("stdout", out)
+        self.add("stderr", err)
+        records = self._caplog.records
+        assert records or not logs_expected, "DEBUG logging captured nothing: the scan would prove nothing"
+        self.add("log records", "\n".join(f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}" for r in records))
+        self.add("log text", self._caplog.text)
+        for w in self._caught:
+            self.add(f"warning {w.category.__name__}", str(w.message))
+        leaks = [(where, text[max(0, text.find(n) - 80): text.find(n) + 40])
+                 for where, text in self.items for n in NEEDLES if n in text]
+        assert not leaks, "secret found in:\n" + "\n".join(f"  {w}: …{t}…" for w, t in leaks[:10])
+        assert len(self.items) >= 5, "the scan saw (almost) nothing"
+
+
+@pytest.fixture
+def evidence(caplog, capfd):
+    caplog.set_level(logging.DEBUG)  # the root logger
+    for name in ("chat_magic", "urllib3", "requests"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield Evidence(caplog, capfd, caught)
+
+
+def _outbox_rows(path: Path) -> list[dict]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM message")] + [dict(r) for r in db.execute("SELECT * FROM pacing")]
+    finally:
+        db.close()
+
+
+def _scan_outbox(ev: Evidence, path: Path) -> int:
+    rows = _outbox_rows(path)
+    for row in rows:
+        row.pop("url", None)  # the webhook itself, by design (0600 file)
+        ev.add(f"outbox {path}", json.dumps(row, ensure_ascii=False, default=str))
+    return len(rows)
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """Answers every POST with a redirect to a URL that carries the key and token."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(307)
+        self.send_header("Location", f"http://127.0.0.1:1/elsewhere?key={KEY}&token={TOKEN}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def test_in_process_scenarios_leave_no_secret(space, emulator, evidence, monkeypatch):
+    ev = evidence
+    saved = (delivery.settings.backoff_base, delivery.settings.backoff_cap, delivery.settings.read_timeout)
+    delivery.settings.backoff_base, delivery.settings.backoff_cap, delivery.settings.read_timeout = 0.2, 0.5, 0.5
+    try:
+        webhook = parse_webhook_url(space.url)
+        ev.add("Webhook repr", repr(webhook))
+        ev.add("Webhook str", str(webhook))
+        ev.add("Webhook space_key", webhook.space_key)
+
+        # every transient fault, then delivery
+        for fault in ("503", "reset", "lost_reply"):
+            emulator.inject(fault, count=1)
+        r = chat_magic.send("through every fault", thread_key="scan")
+        got = r.wait(30)
+        ev.add("Receipt repr", repr(r))
+        ev.add("Receipt destination", r.destination)
+        ev.add("Receipt error", str(r.error))
+        ev.add("Delivered", repr(got))
+        ev.add("results", repr(r.results()))
+
+        # refusals: wrong token, wrong key
+        for url in (emulator.webhook_url(space=space.name + "T", key=KEY, token=TOKEN + "x"),
+                    emulator.webhook_url(space=space.name + "K", key=KEY + "x", token=TOKEN)):
+            bad = chat_magic.send("refused", to=url)
+            try:
+                bad.wait(10)
+            except chat_magic.DeliveryError as e:
+                ev.exception("refusal", e)
+            else:
+                pytest.fail("a wrong key or token was accepted")
+            ev.add("refused receipt", repr(bad))
+            ev.add("refused receipt error", str(bad.error))
+
+        # nobody listening; a redirect that carries the secret
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            for url in (f"http://127.0.0.1:1/v1/spaces/S/messages?key={KEY}&token={TOKEN}",
+                        f"http://127.0.0.1:{server.server_address[1]}/v1/spaces/S/messages?key={KEY}&token={TOKEN}"):
+                lost = chat_magic.send("nowhere", to=url)
+                try:
+                    lost.wait(1)
+                except chat_magic.DeliveryError as e:
+                    ev.exception("unreachable or redirected", e)
+                ev.add("unreachable receipt", repr(lost))
+                ev.add("unreachable receipt error", str(lost.error))
+        finally:
+            server.shutdown()
+            server.server_close()
+
+        # a stall past the read timeout
+        emulator.inject("stall", count=1, seconds=1.0)
+        chat_magic.send("after a stall", thread_key="scan").wait(20)
+
+        # the webhook's own URL in a message (a job printing its environment): posted without key and token
+        from urllib.parse import quote
+
+        plain = chat_magic.send(f"GOOGLE_CHAT_WEBHOOK_URL={space.url}", thread_key="scan")
+        encoded = chat_magic.send(f"token%3D{quote(TOKEN, safe='')} key={quote(KEY, safe='')}", thread_key="scan")
+        for rcpt in (plain, encoded):
+            rcpt.wait(20)
+        posted = json.dumps(space.messages(), ensure_ascii=False)
+        assert f"/spaces/{space.name}/messages?key=…&token=…" in posted
+
+        # user mistakes
+        for url in (f"chat.googleapis.com/v1/spaces/A/messages?key={KEY}&token={TOKEN}",
+                    f"https://example.com/v1/spaces/A/messages?key={KEY}&token={TOKEN}",
+                    f"https://chat.googleapis.com/v1/spaces/A?key={KEY}&token={TOKEN}",
+                    f"https://chat.googleapis.com/v1/spaces/A/messages?key={KEY} {TOKEN}",
+                    f"key={KEY}&token={TOKEN}"):
+            try:
+                chat_magic.send("x", to=url)
+            except chat_magic.ChatMagicError as e:
+                ev.exception("bad URL", e)
+            else:
+                pytest.fail(f"accepted {url!r}")
+        with monkeypatch.context() as m:
+            m.setenv("GOOGLE_CHAT_WEBHOOK_URL", f"ftp://chat.googleapis.com/v1/spaces/A/messages?key={KEY}&token={TOKEN}")
+            try:
+                chat_magic.send("x")
+            except chat_magic.ChatMagicError as e:
+                ev.exception("bad env URL", e)
+
+        # notices: a job whose exception carries the webhook URL (e.g. a failed request's message)
+        with pytest.raises(RuntimeError):
+            with chat_magic.notify_when_done("leaky job") as n:
+                n.update("step 1")
+                raise RuntimeError(f"could not reach {os.environ['GOOGLE_CHAT_WEBHOOK_URL']}")
+        ev.add("notify repr", repr(n))
+        assert n.receipt is not None
+        n.receipt.wait(30)
+
+        # what reached the space, and what the emulator recorded and shows
+        msgs = space.messages()
+        assert any("leaky job" in json.dumps(m, ensure_ascii=False) for m in msgs)
+        ev.add("space messages", json.dumps(msgs, ensure_ascii=False))
+        ev.add("emulator repr", repr(emulator))
+        ev.add("emulator requests (whole session)", json.dumps(emulator.requests, ensure_ascii=False))
+        ev.add("emulator stats", json.dumps(emulator.stats()))
+        ev.add("emulator page", render_page(emulator._page_state()))
+
+        # the outbox: every column but url
+        assert _scan_outbox(ev, delivery.dispatcher().outbox.path) >= 5
+        ev.finish()
+    finally:
+        delivery.settings.backoff_base, delivery.settings.backoff_cap, delivery.settings.read_timeout = saved
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, env: dict, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chat_magic.cli", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=90)
+
+
+def test_cli_scenarios_leave_no_secret(space, emulator, evidence, outbox_home, tmp_path):
+    ev = evidence
+    env = dict(os.environ)
+    wrong = dict(env, GOOGLE_CHAT_WEBHOOK_URL=emulator.webhook_url(space=space.name, key=KEY, token=TOKEN + "x"))
+    nowhere = dict(env, GOOGLE_CHAT_WEBHOOK_URL=f"http://127.0.0.1:1/v1/spaces/S/messages?key={KEY}&token={TOKEN}",
+                   CHAT_MAGIC_EXIT_TIMEOUT="0")
+    broken = dict(env, GOOGLE_CHAT_WEBHOOK_URL=f"https://chat.googleapis.com/v1/spaces/S?key={KEY}&token={TOKEN}")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[spaces.team]\nwebhook_url = "https://chat.googleapis.com/v1/spaces/S/messages?key={KEY}&token={TOKEN}\n')
+    cfg.chmod(0o600)
+    bad_config = dict(env, CHAT_MAGIC_CONFIG=str(cfg))
+    emulator.inject("503", count=1)
+    emulator.inject("lost_reply", count=1)
+    runs = [
+        ("send ok", ["send", "from the CLI", "--thread", "cli"], env, None, 0),
+        ("send stdin", ["send", "-"], env, "line 1\nline 2\n", 0),
+        ("send refused", ["send", "refused"], wrong, None, 1),
+        ("send unreachable", ["send", "unreachable", "--timeout", "1"], nowhere, None, 1),
+        ("send bad URL", ["send", "x"], broken, None, 2),
+        ("send --to URL without scheme", ["send", "x", "--to", f"chat.googleapis.com/v1/spaces/S/messages?key={KEY}&token={TOKEN}"], env, None, 2),
+        ("send bad config", ["send", "x", "--to", "team"], bad_config, None, 2),
+        ("outbox list", ["outbox", "list", "--all"], env, None, 0),
+        ("outbox retry", ["outbox", "retry", "--all", "--timeout", "1"], env, None, None),
+        ("outbox list again", ["outbox", "list", "--all"], env, None, 0),
+        ("outbox flush", ["outbox", "flush", "--timeout", "1"], env, None, None),
+        ("run", ["run", "--", sys.executable, "-c", "import os, sys; print(os.environ['GOOGLE_CHAT_WEBHOOK_URL']); sys.exit(3)"], env, None, 3),
+    ]
+    first, rest = runs[:7], runs[7:]  # the sends are independent; the outbox commands come after them, in order
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = list(pool.map(lambda r: _cli(*r[1], env=r[2], stdin=r[3]), first))
+    done += [_cli(*r[1], env=r[2], stdin=r[3]) for r in rest]
+    for (name, args, e, stdin, code), out in zip(runs, done):
+        if code is not None:
+            assert out.returncode == code, (name, out.returncode, out.stderr[-500:])
+        if name == "run":
+            # the command itself printed the URL: that output is the user's own, passed through;
+            # only what chat_magic says on stderr is scanned here (what it posted is scanned below)
+            ev.add(f"cli {name} stderr", out.stderr)
+        else:
+            ev.add(f"cli {name} stdout", out.stdout)
+            ev.add(f"cli {name} stderr", out.stderr)
+    ev.add("space messages", json.dumps(space.messages(), ensure_ascii=False))
+    assert any("from the CLI" in json.dumps(m) for m in space.messages())
+    assert _scan_outbox(ev, outbox_home / "outbox.sqlite3") >= 3
+    ev.finish(logs_expected=False)  # the logging happened in the subprocesses; their output is scanned
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+NOTEBOOK_CELLS = [
+    "%load_ext chat_magic",
+    "%%chat --title Train\nprint('epoch 1: loss 0.5')\n42",
+    "%%chat --title Broken\nimport os\nraise ValueError('bad value')",
+    "%chat hello from the notebook",
+    "%chat --to nowhere x",
+    "import os, chat_magic\nwrong = os.environ['GOOGLE_CHAT_WEBHOOK_URL'].replace('token=', 'token=x')\nr = chat_magic.send('refused', to=wrong)\nr",
+    "r.wait(10)",
+    "chat_magic.send('x', to=wrong.replace('/messages', ''))",
+    "import logging; logging.basicConfig(level=logging.DEBUG, force=True)\nchat_magic.send('logged at debug').wait(10)",
+    "chat_magic.flush(20)",
+]
+
+
+def test_saved_notebook_carries_no_secret(space, evidence, tmp_path, tmp_path_factory, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    ev = evidence
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
+    monkeypatch.setenv("CHAT_MAGIC_EXIT_TIMEOUT", "10")
+    NotebookClient(nb, kernel_name="python3", timeout=60, allow_errors=True).execute()
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nb, path)
+    outputs = [o for c in nb.cells for o in c.outputs]
+    kinds = {o.output_type for o in outputs}
+    assert "error" in kinds and ("stream" in kinds or "execute_result" in kinds), kinds
+    text = path.read_text(encoding="utf-8")
+    assert "DeliveryFailed" in text and "permission denied" in text, "the scenario failed as intended"
+    ev.add(f"notebook {path}", text)
+    # and any notebook another test of this session saved
+    for other in tmp_path_factory.getbasetemp().rglob("*.ipynb"):
+        if other != path:
+            nbo = nbformat.read(other, as_version=4)
+            ev.add(f"notebook {other}", json.dumps([c.get("outputs", []) for c in nbo.cells]) + json.dumps(nbo.metadata))
+    ev.add("space messages", json.dumps(space.messages(), ensure_ascii=False))
+    assert any("Train" in json.dumps(m, ensure_ascii=False) for m in space.messages())
+    ev.finish(logs_expected=False)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_every_outbox_of_the_session_is_private_and_secret_free(space, evidence, tmp_path_factory):
+    ev = evidence
+    chat_magic.send("make sure there is one", thread_key="files").wait(10)
+    root = tmp_path_factory.getbasetemp()  # this session's: every test's outbox so far
+    boxes = sorted(p for p in root.rglob("outbox.sqlite3") if p.is_file())
+    assert boxes
+    scanned = 0
+    for box in boxes:
+        for f in [box] + [box.with_name(box.name + s) for s in ("-wal", "-shm")]:
+            if f.exists():
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{f} is {oct(stat.S_IMODE(f.stat().st_mode))}"
+        try:
+            scanned += _scan_outbox(ev, box)
+        except sqlite3.DatabaseError:
+            pass  # a test's deliberately corrupted outbox
+    assert scanned
+    ev.finish()
+
+
+@pytest.mark.parametrize("mode, warns", [(0o600, False), (0o400, False), (0o640, True), (0o604, True), (0o644, True), (0o660, True)])
+def test_config_readable_by_others_warns(space, tmp_path, monkeypatch, mode, warns):
+    cfg = tmp_path / f"config-{mode:o}.toml"
+    cfg.write_text(f'[spaces.team]\nwebhook_url = "{space.url}"\n')
+    cfg.chmod(mode)
+    monkeypatch.setenv("CHAT_MAGIC_CONFIG", str(cfg))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat_magic.send("x", to="team").wait(10)
+    ours = [w for w in caught if "chat_magic" in str(w.message)]
+    if warns:
+        assert len(ours) == 1 and "chmod 600" in str(ours[0].message) and str(cfg) in str(ours[0].message)
+        for n in NEEDLES:
+            assert n not in str(ours[0].message)
+    else:
+        assert not ours, [str(w.message) for w in ours]
+
+
+def test_config_readable_by_others_warns_in_the_cli(space, tmp_path):
+    cfg = tmp_path / "open.toml"
+    cfg.write_text(f'[spaces.team]\nwebhook_url = "{space.url}"\n')
+    cfg.chmod(0o644)
+    out = _cli("send", "from an open config", "--to", "team", env=dict(os.environ, CHAT_MAGIC_CONFIG=str(cfg)))
+    assert out.returncode == 0, out.stderr
+    assert "chmod 600" in out.stderr and str(cfg) in out.stderr
+    for n in NEEDLES:
+        assert n not in out.stdout + out.stderr
+    assert space.texts() == ["from an open config"]
