@@ -196,7 +196,7 @@ def test_429_storm_is_paced_and_delivered_once(space):
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
 def test_retry_after_is_honoured_over_real_http(outbox_home, scripted, form):
     """The emulator sends no Retry-After (neither does Google, as far as reported); a scripted server does."""
-    value = "2" if form == "seconds" else formatdate(time.time() + 3, usegmt=True)
+    value = "2" if form == "seconds" else formatdate(time.time() + 3.5, usegmt=True)  # whole seconds: 2.5-3.5 s ahead
     stub = scripted([(429, {"Retry-After": value, "Content-Type": "application/json"}, _json(429, "RESOURCE_EXHAUSTED", "quota"))])
     r = chat_magic.send("after retry-after", to=stub.url())
     r.wait(20)
