@@ -52,8 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"chat-magic: warning: {redact(message)}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # a command-line user gets one line, not Python's two
     # subcommands with their own parsers get the rest of the line untouched
     if argv and argv[0] in ("run", "emulator", "demo"):
         return _delegate(argv[0], argv[1:])

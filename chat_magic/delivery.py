@@ -520,7 +520,11 @@ def _at_exit() -> None:
             waiting = [r for r in rows if r.state not in (SENT, FAILED)]
             if failed:
                 print(f"chat_magic: {len(failed)} message(s) not delivered: {failed[0].error} (see: chat-magic outbox list)", file=sys.stderr)
-            if waiting:
+            if waiting and d.outbox.problem:  # a temporary outbox: say where it is
+                home = d.outbox.path.parent
+                print(f"chat_magic: {len(waiting)} message(s) still queued in the temporary outbox {d.outbox.path}; "
+                      f"deliver them with: CHAT_MAGIC_HOME={home} chat-magic outbox flush", file=sys.stderr)
+            elif waiting:
                 print(f"chat_magic: {len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them", file=sys.stderr)
         except Exception:
             pass

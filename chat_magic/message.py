@@ -23,6 +23,7 @@ MAX_BYTES = 32_000
 ZWSP = "\u200b"  # zero-width space: breaks a token without changing what a reader sees
 FENCE = "```"
 SEPARATOR = "\n\n"
+MAX_PARTS = 25  # a longer text would hold the space's thread for minutes at 1 message/s
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -170,7 +171,10 @@ def build_payloads(
 
     Raises :class:`MessageError` for an empty message or cards over the size limit.
     """
-    text = "" if text is None else valid_unicode(str(text))
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    # terminal colour codes and control characters mean nothing in Chat
+    text = "" if text is None else strip_ansi(valid_unicode(str(text)))
     if isinstance(thread_key, str):
         thread_key = valid_unicode(thread_key)
     if fallback_text:
@@ -197,7 +201,13 @@ def build_payloads(
             raise MessageError(f"the cards are {payload_size(payload):,} bytes; a Chat message is at most {MAX_BYTES:,}: shorten the card text")
         return [payload]
 
-    texts = [truncate_text(text)] if truncate else split_text(text)
+    # (the length check first spares splitting a text that cannot fit anyway)
+    texts = [truncate_text(text)] if truncate else [] if len(text) > MAX_PARTS * MAX_TEXT else split_text(text)
+    if not texts or len(texts) > MAX_PARTS:
+        raise MessageError(
+            f"the text is {len(text):,} characters, more than {MAX_PARTS} messages of up to {MAX_TEXT:,}: "
+            "pass truncate=True (--truncate) to send the start with a note, or send less"
+        )
     out = []
     for t in texts:
         p: dict[str, Any] = {"text": t}

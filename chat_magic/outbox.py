@@ -123,8 +123,9 @@ def _owner_alive(owner: str | None) -> bool:
 class Outbox:
     """The outbox file. Each thread gets its own SQLite connection."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0) -> None:
         self.busy_timeout = busy_timeout
+        self.caller_timeout = caller_timeout
         self._local = threading.local()
         self.owner = f"{HOST}:{os.getpid()}"
         self.problem: str | None = None  # why the configured file could not be used
@@ -182,6 +183,11 @@ class Outbox:
             mergeable = 1 if set(p) <= {"text", "thread"} else 0
             rows.append((_request_id(), url, space_key, thread_key, json.dumps(p, ensure_ascii=False, separators=(",", ":")), mergeable, PENDING, now, now, now))
         try:
+            db = self._db()
+            if not getattr(self._local, "caller", False):
+                # a caller never waits long for another process's lock: it gets a clear error instead
+                db.execute(f"PRAGMA busy_timeout={int(self.caller_timeout * 1000)}")
+                self._local.caller = True
             with self._write() as db:
                 ids = []
                 for r in rows:

@@ -40,7 +40,7 @@ import chat_magic
 from chat_magic import delivery
 from chat_magic.emulator import Emulator
 from chat_magic.errors import ConfigError, DeliveryFailed, MessageError, OutboxError
-from chat_magic.message import FENCE, MAX_TEXT, ZWSP, code_block
+from chat_magic.message import FENCE, MAX_PARTS, MAX_TEXT, ZWSP, code_block, split_text
 from chat_magic.outbox import Outbox
 from chat_magic.report import Report
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
@@ -476,19 +476,27 @@ def test_50_mb_output_truncated_in_bounded_memory(space):
     assert m["text"].rstrip().endswith("characters cut]")
 
 
-def test_50_mb_output_split_in_bounded_memory_and_time(space):
+def test_50_mb_output_is_refused_clearly_and_splitting_stays_linear(space):
     big = _big()
     tracemalloc.start()
     try:
-        t0 = time.monotonic()
-        r = chat_magic.send(big, thread_key="huge")
-        elapsed = time.monotonic() - t0
+        with pytest.raises(MessageError) as e:
+            chat_magic.send(big, thread_key="huge")  # 12,000 messages would hold the thread for hours
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 3 * len(big), f"send of {len(big):,} characters peaked at {peak:,} bytes"
-    assert elapsed < 60, f"splitting took {elapsed:.0f} s in the caller"  # generous: it was quadratic (minutes)
-    assert len(r.ids) >= len(big) // MAX_TEXT
+    one_line(str(e.value))
+    assert "truncate=True" in str(e.value) and f"{len(big):,}" in str(e.value)
+    assert peak < 3 * len(big), f"refusing {len(big):,} characters peaked at {peak:,} bytes"
+    assert delivery.dispatcher().outbox.counts() == {}, "nothing half-queued"
+    t0 = time.monotonic()
+    parts = split_text(big)
+    assert time.monotonic() - t0 < 60, "splitting is linear (it was quadratic: minutes)"
+    assert len(parts) >= len(big) // MAX_TEXT and "".join(parts) == big
+    # the largest text send() accepts is split and delivered in order
+    most = big[: MAX_PARTS * (MAX_TEXT - 200)]  # parts end at line ends: not all 4,096 full
+    r = chat_magic.send(most, thread_key="huge")
+    assert len(r.ids) <= MAX_PARTS
     first = space.wait_for(1)[0]
     assert len(first["text"]) <= MAX_TEXT and first["text"].startswith(BIG_LINE)
 
@@ -644,14 +652,14 @@ def _lock(path: Path, seconds: float) -> subprocess.Popen:
 def test_outbox_locked_for_a_moment_send_waits_then_succeeds(space, outbox_home):
     chat_magic.send("before the lock", thread_key="lock").wait(10)
     worker = delivery.dispatcher()._thread
-    locker = _lock(delivery.dispatcher().outbox.path, 2.0)
+    locker = _lock(delivery.dispatcher().outbox.path, 1.0)
     try:
         t0 = time.monotonic()
         r = chat_magic.send("during the lock", thread_key="lock")
         waited = time.monotonic() - t0
     finally:
         assert locker.wait(30) == 0
-    assert waited < delivery.dispatcher().outbox.busy_timeout, "never longer than the busy timeout"
+    assert waited < delivery.dispatcher().outbox.caller_timeout + 0.5, "a caller never waits past its short busy timeout"
     r.wait(15)
     assert items(space.messages()) == ["before the lock", "during the lock"]
     assert delivery.dispatcher()._thread is worker and worker.is_alive()
@@ -661,7 +669,7 @@ def test_outbox_locked_past_the_busy_timeout_is_one_clear_error(space, outbox_ho
     from chat_magic import config
 
     path = config.home() / "outbox.sqlite3"
-    d = delivery.Dispatcher(Outbox(path, busy_timeout=0.5))  # the default (10 s) would make this test slow
+    d = delivery.Dispatcher(Outbox(path, busy_timeout=0.5, caller_timeout=0.5))  # the defaults would make this test slow
     delivery._dispatchers[str(path)] = d
     assert delivery.dispatcher() is d
     chat_magic.send("queued before", thread_key="lock").wait(10)

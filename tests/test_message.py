@@ -106,3 +106,18 @@ def test_oversized_cards_are_refused_before_queueing():
     card = {"cardId": "c", "card": {"sections": [{"widgets": [{"textParagraph": {"text": "x" * 40_000}}]}]}}
     with pytest.raises(MessageError, match="32,000"):
         build_payloads(None, cards=[card])
+
+
+def test_bytes_are_decoded_and_terminal_codes_dropped():
+    (p,) = build_payloads(b"caf\xc3\xa9 \xff ok")
+    assert p["text"] == "café \ufffd ok"
+    (p,) = build_payloads("\x1b[1;32mgreen\x1b[0m\r\nnext\x07")
+    assert p["text"] == "green\nnext"
+
+
+def test_a_text_too_long_to_split_sensibly_is_refused_with_the_fix():
+    from chat_magic.message import MAX_PARTS
+
+    with pytest.raises(MessageError, match="truncate=True"):
+        build_payloads("x" * (MAX_PARTS * MAX_TEXT + 1))
+    assert len(build_payloads("x" * (MAX_PARTS * MAX_TEXT + 1), truncate=True)) == 1

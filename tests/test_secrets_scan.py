@@ -381,6 +381,9 @@ def test_config_readable_by_others_warns_in_the_cli(space, tmp_path):
     out = _cli("send", "from an open config", "--to", "team", env=dict(os.environ, CHAT_MAGIC_CONFIG=str(cfg)))
     assert out.returncode == 0, out.stderr
     assert "chmod 600" in out.stderr and str(cfg) in out.stderr
+    warning = [ln for ln in out.stderr.splitlines() if "chmod 600" in ln]
+    assert len(warning) == 1 and warning[0].startswith("chat-magic: warning: "), out.stderr  # one line, no source echo
+    assert "warnings.warn" not in out.stderr
     for n in NEEDLES:
         assert n not in out.stdout + out.stderr
     assert space.texts() == ["from an open config"]
