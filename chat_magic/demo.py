@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         from nbclient.exceptions import CellExecutionError
         from traitlets.config import Config
     except ImportError as e:
-        print(f"chat-magic demo: {e.name} is missing: pip install nbclient ipykernel", file=sys.stderr)
+        print(f"chat-magic demo: {e.name} is missing: pip install 'chat-magic[demo]' (nbclient and ipykernel)", file=sys.stderr)
         return 2
 
     from .emulator import Emulator
