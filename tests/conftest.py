@@ -89,6 +89,17 @@ def space(emulator, outbox_home, monkeypatch):
 
 
 @pytest.fixture
+def fast_backoff():
+    """Retries after 0.1-0.8 s instead of 0.5-15 s: the same behaviour, quicker fault tests."""
+    from chat_magic import delivery
+
+    saved = (delivery.settings.backoff_base, delivery.settings.backoff_cap)
+    delivery.settings.backoff_base, delivery.settings.backoff_cap = 0.2, 0.8
+    yield
+    delivery.settings.backoff_base, delivery.settings.backoff_cap = saved
+
+
+@pytest.fixture
 def debug_logs(caplog):
     """Capture chat_magic's log at DEBUG (for secret scans)."""
     caplog.set_level(logging.DEBUG, logger="chat_magic")

@@ -22,13 +22,7 @@ from chat_magic.message import MAX_TEXT
 from conftest import KEY, TOKEN, assert_no_secret
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff():
-    """Retries after 0.2-0.4 s instead of 1-15 s, so fault tests stay quick (behaviour is the same)."""
-    saved = (delivery.settings.backoff_base, delivery.settings.backoff_cap)
-    delivery.settings.backoff_base, delivery.settings.backoff_cap = 0.2, 0.8
-    yield
-    delivery.settings.backoff_base, delivery.settings.backoff_cap = saved
+pytestmark = pytest.mark.usefixtures("fast_backoff")  # retries within a second: same behaviour, quicker
 
 
 def test_send_returns_at_once_and_wait_gives_names(space):

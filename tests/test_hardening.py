@@ -45,16 +45,7 @@ from chat_magic.outbox import Outbox
 from chat_magic.report import Report
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff():
-    """Retries after 0.1-0.8 s instead of 0.5-15 s (same behaviour, quicker tests)."""
-    saved = (delivery.settings.backoff_base, delivery.settings.backoff_cap)
-    delivery.settings.backoff_base, delivery.settings.backoff_cap = 0.2, 0.8
-    yield
-    delivery.settings.backoff_base, delivery.settings.backoff_cap = saved
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fast_backoff")]
 
 
 def items(messages: list[dict]) -> list[str]:
