@@ -26,12 +26,11 @@ import os
 import random
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import config
-from .errors import DeliveryError, DeliveryFailed, DeliveryTimeout, OutboxError
+from .errors import DeliveryFailed, DeliveryTimeout
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact
@@ -145,7 +144,9 @@ class Dispatcher:
 
     def submit(self, webhook: Webhook, payloads: list[dict[str, Any]]) -> Receipt:
         thread_key = (payloads[0].get("thread") or {}).get("threadKey")
-        ids = self.outbox.enqueue(webhook.url, webhook.space_key, thread_key, payloads)
+        bodies = [(_without_secrets(json.dumps(p, ensure_ascii=False, separators=(",", ":")), webhook), set(p) <= {"text", "thread"})
+                  for p in payloads]
+        ids = self.outbox.enqueue(webhook.url, webhook.space_key, thread_key, bodies)
         self.mine.update(ids)
         self.ensure_running()
         self._wake.set()
@@ -456,33 +457,27 @@ def send(
 ) -> Receipt:
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text)
     webhook = config.resolve(to)
-    return dispatcher().submit(webhook, _without_secrets(payloads, webhook))
+    return dispatcher().submit(webhook, payloads)
 
 
-def _without_secrets(payloads: list[dict[str, Any]], webhook: Webhook) -> list[dict[str, Any]]:
-    """The payloads with the webhook's own key and token replaced by ``…``.
+def _without_secrets(body: str, webhook: Webhook) -> str:
+    """A serialized payload with the webhook's own key and token replaced by ``…``.
 
     A job's output or exception may carry the URL it was given (``env``, a
     failed request's message): posting it would hand the webhook to everyone
     in the space. Values shorter than 8 characters are not real secrets and
     are left alone, so a test key such as ``k`` does not mangle the text.
+    Key and token are URL-safe, so JSON never escapes them: replacing them in
+    the serialized body is exact.
     """
     from urllib.parse import quote
 
     from .webhook import REDACTED
 
-    secrets = sorted({v for s in (webhook.key, webhook.token) for v in (s, quote(s, safe="")) if len(v) >= 8}, key=len, reverse=True)
-    if not secrets:
-        return payloads
-    out = []
-    for p in payloads:
-        raw = json.dumps(p, ensure_ascii=False)
-        if any(v in raw for v in secrets):
-            for v in secrets:
-                raw = raw.replace(v, REDACTED)
-            p = json.loads(raw)
-        out.append(p)
-    return out
+    for s in sorted({v for s in (webhook.key, webhook.token) for v in (s, quote(s, safe="")) if len(v) >= 8}, key=len, reverse=True):
+        if s in body:
+            body = body.replace(s, REDACTED)
+    return body
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from .errors import OutboxError
 from .message import MAX_TEXT, SEPARATOR, merge_texts
@@ -175,13 +175,14 @@ class Outbox:
 
     # -- caller side -----------------------------------------------------
 
-    def enqueue(self, url: str, space_key: str, thread_key: str | None, payloads: Iterable[dict[str, Any]]) -> list[int]:
-        """Store messages (in order) and return their ids. Each gets a fresh requestId."""
+    def enqueue(self, url: str, space_key: str, thread_key: str | None, bodies: Iterable[tuple[str, bool]]) -> list[int]:
+        """Store messages (in order) and return their ids. Each gets a fresh requestId.
+
+        ``bodies`` are ``(JSON Message, mergeable)`` pairs: plain-text messages
+        may be merged with others waiting for the same thread.
+        """
         now = time.time()
-        rows = []
-        for p in payloads:
-            mergeable = 1 if set(p) <= {"text", "thread"} else 0
-            rows.append((_request_id(), url, space_key, thread_key, json.dumps(p, ensure_ascii=False, separators=(",", ":")), mergeable, PENDING, now, now, now))
+        rows = [(_request_id(), url, space_key, thread_key, body, int(mergeable), PENDING, now, now, now) for body, mergeable in bodies]
         try:
             db = self._db()
             if not getattr(self._local, "caller", False):

@@ -328,7 +328,7 @@ def test_web_view_escapes_everything_from_a_request():
                                         {"text": "docs", "onClick": {"openLink": {"url": 'https://ok.com/"><script>'}}}]}},
             {"image": {"imageUrl": "https://example.com/x.png", "altText": evil}},
         ]}]}}
-    msgs = [_msg(f"<script>alert(4)</script>{evil}", key=f'"><script>alert(5)</script>', request_id=evil, cards=[card])]
+    msgs = [_msg(f"<script>alert(4)</script>{evil}", key='"><script>alert(5)</script>', request_id=evil, cards=[card])]
     msgs[0]["name"] = f"spaces/AAAA/messages/{evil}"
     msgs[0]["fallbackText"] = evil
     page = render_page({"messages": msgs, "stats": {"requests": evil}, "base_url": evil}, space="<script>x</script>")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import textwrap
 
-import pytest
 from conftest import assert_no_secret
 
 import chat_magic

@@ -29,7 +29,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import textwrap
 import threading
 import traceback
 import warnings
