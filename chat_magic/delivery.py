@@ -446,6 +446,24 @@ def dispatcher() -> Dispatcher:
     return d
 
 
+_inherited: list[Dispatcher] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a data-loader worker, multiprocessing) starts afresh on first use.
+
+    SQLite connections and the worker thread do not survive a fork; the
+    parent's objects are kept (not closed) so nothing touches the parent's
+    database handles from the child.
+    """
+    _inherited.extend(_dispatchers.values())
+    _dispatchers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def send(
     text: str | None = None,
     *,

@@ -320,3 +320,21 @@ def test_outbox_rows_keep_the_reason_redacted(space, outbox_home):
     assert errors
     assert_no_secret(*errors)
     assert_no_secret(json.dumps([list(r) for r in db.execute("SELECT state, error, payload FROM message")]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_sends_through_its_own_worker(space):
+    chat_magic.send("from the parent", thread_key="fork").wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: what a multiprocessing worker (fork start method) does
+        code = 1
+        try:
+            chat_magic.send("from the child", thread_key="fork").wait(15)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    chat_magic.send("parent again", thread_key="fork").wait(15)
+    items = [line for t in space.texts() for line in t.split("\n\n")]
+    assert items == ["from the parent", "from the child", "parent again"]
