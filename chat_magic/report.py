@@ -109,11 +109,13 @@ class Report:
                     body += "\n" + cb
         return body[:limit]
 
-    def card(self, card_id: str = "report", *, max_details: int = MAX_DETAILS, detail_chars: int = 1000) -> dict[str, Any]:
+    def card(self, card_id: str = "report", *, max_details: int = MAX_DETAILS, detail_chars: int = 1000,
+             output_chars: int = 6000) -> dict[str, Any]:
         """The report as one ``cardsV2`` entry, within Chat's card limits.
 
         At most ``max_details`` detail rows (the rest are counted in one line,
-        so a card never exceeds 100 widgets), each value cut at ``detail_chars``.
+        so a card never exceeds 100 widgets), each value cut at ``detail_chars``;
+        the output and traceback tails at ``output_chars`` each, with a cut note.
         """
         max_details = max(0, min(max_details, MAX_DETAILS))
         color = COLORS.get(self.status, "#5f6368")
@@ -130,7 +132,7 @@ class Report:
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
         for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
-                kept = self._tail(t, 6000, already)
+                kept = self._tail(t, output_chars, already)
                 sections.append({
                     "header": label,
                     "collapsible": True,
@@ -157,18 +159,19 @@ class Report:
         kwargs: dict[str, Any] = {"fallback_text": fallback}
         if self.mention:
             kwargs["text"] = f"{self._mention_tag()}{neutralize(_clip(self.headline, 300))}"
+        def fits(card: dict[str, Any]) -> bool:
+            body = {"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}
+            return payload_size(body) <= MAX_BYTES - 500
+
         # keep within Chat's 32,000 bytes: shorten the output sections until it fits,
         # then (huge or countless details) the detail rows
         for max_details, detail_chars in ((MAX_DETAILS, 1000), (MAX_DETAILS, 200), (40, 80), (10, 40)):
-            card = self.card(max_details=max_details, detail_chars=detail_chars)
             budget = 6000
-            while payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) > MAX_BYTES - 500 and budget > 200:
+            card = self.card(max_details=max_details, detail_chars=detail_chars, output_chars=budget)
+            while not fits(card) and budget > 200:
                 budget //= 2
-                for sec in card["card"]["sections"][1:]:
-                    w = sec["widgets"][0]["textParagraph"]
-                    raw = html.unescape(w["text"][5:-6])
-                    w["text"] = f"<pre>{html.escape(tail(raw, budget)[0])}</pre>"
-            if payload_size({"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}) <= MAX_BYTES - 500:
+                card = self.card(max_details=max_details, detail_chars=detail_chars, output_chars=budget)
+            if fits(card):
                 break
         kwargs["cards"] = [card]
         return kwargs
