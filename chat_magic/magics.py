@@ -25,7 +25,6 @@ import shlex
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from typing import Any, Callable
 
@@ -34,28 +33,18 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
-from . import config
+from . import config, rules
+from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import FAILED, INTERRUPTED, OK, Report
+from .report import Report
 from .session import current_session
-from .webhook import REDACTED, Webhook, redact
+from .webhook import Webhook, redact, scrubber
 
-__all__ = ["ChatMagics", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["ChatMagics", "NestedRun", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
 
-_MENTION = re.compile(r"^(?:users/)?(all|[A-Za-z0-9_-]{1,128})$")
 _DEFAULT_REPR = re.compile(r"^<.*(?: object(?: at 0x[0-9a-fA-F]+)?| at 0x[0-9a-fA-F]+)>$", re.S)
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-TRACEBACK_LINES = 15
-
-
-def _warn(text: str) -> None:
-    """One ``chat_magic: ...`` line on stderr, redacted; never raises."""
-    try:
-        line = " ".join(redact(text).split())
-        print(f"chat_magic: {line}", file=sys.stderr)
-    except Exception:
-        pass
 
 
 def _tell_if_refused(receipt: Any) -> None:
@@ -245,26 +234,6 @@ def cell_title(source: str) -> str:
     return ""
 
 
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
-        return "KeyboardInterrupt"
-    msg = str(err).strip()
-    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
-
-
-def _traceback_text(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
-        return ""
-    tb = err.__traceback__
-    while tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("IPython."):
-        tb = tb.tb_next  # IPython's own frames (run_code's exec) say nothing about the cell
-    try:
-        lines = "".join(traceback.format_exception(type(err), err, tb)).splitlines()
-    except Exception:
-        return ""
-    return "\n".join(lines[-TRACEBACK_LINES:])
-
-
 def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
     """Leading ``--options`` of ``line`` and the rest, kept exactly as typed."""
     rest = line.lstrip()
@@ -284,12 +253,77 @@ def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
     return opts, rest
 
 
-def _hide(text: str, *secrets: str) -> str:
-    """``text`` with these exact secrets (a webhook's key and token) replaced."""
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, REDACTED)
-    return text
+class _CellNumber:
+    """While installed, IPython compiles cells under ``number`` (what their tracebacks call ``Cell In[number]``).
+
+    IPython 8+ counts the next cell from the moment one starts, so a cell run
+    inside a cell would be named after a prompt that does not exist yet.
+    """
+
+    def __init__(self, compiler: Any, number: int | None) -> None:
+        self._compiler = None
+        if compiler is None or not isinstance(number, int) or "cache" in vars(compiler):
+            return
+        original = compiler.cache
+
+        def cache(code: str, _number: int = 0, *args: Any, **kwargs: Any) -> Any:
+            return original(code, number, *args, **kwargs)
+
+        compiler.cache = cache
+        self._compiler = compiler
+
+    def remove(self) -> None:
+        if self._compiler is not None:
+            vars(self._compiler).pop("cache", None)
+            self._compiler = None
+
+
+class NestedRun:
+    """Runs a ``%%chat`` cell's body as IPython runs any cell, and records how it went.
+
+    - What the body prints is copied into a bounded :class:`Capture` while it runs.
+    - The body is compiled under the number of the cell that holds it, so its
+      traceback says ``Cell In[4]`` under prompt ``[4]`` (IPython 8+ has moved
+      on to the next number by then), and its ``Out[4]`` too.
+    - IPython's record of the outer cell's result (the nested run resets it)
+      is put back after.
+    - A failure of the body fails the outer cell too, with no second
+      traceback: Run All stops there and the kernel reports an error.
+    """
+
+    def __init__(self, shell: Any, capture_limit: int) -> None:
+        self.shell = shell
+        self.capture_limit = capture_limit
+        hook = getattr(shell, "displayhook", None)
+        self._hook = hook
+        self._outer = getattr(hook, "exec_result", None)
+        number = getattr(self._outer, "execution_count", None)
+        self.number: int | None = number if number is not None else getattr(shell, "execution_count", None)
+        self.capture: Capture | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.duration = 0.0
+
+    def run(self, cell: str) -> NestedRun:
+        shell = self.shell
+        self.capture = Capture(shell, self.capture_limit).install()
+        numbering = _CellNumber(getattr(shell, "compile", None), self.number)
+        start = time.perf_counter()
+        try:
+            self.result = shell.run_cell(cell, store_history=False)
+        finally:
+            self.duration = time.perf_counter() - start
+            numbering.remove()
+            self.capture.remove()
+            if self._hook is not None and self._outer is not None:
+                self._hook.exec_result = self._outer
+        result = self.result
+        if result is not None:
+            self.error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+        outer = self._outer
+        if self.error is not None and outer is not None and outer.error_in_exec is None and outer.error_before_exec is None:
+            outer.error_in_exec = self.error
+        return self
 
 
 # -- the magics ----------------------------------------------------------------
@@ -343,10 +377,12 @@ class ChatMagics(Magics):
 
     @validate("thread_key")
     def _check_thread_key(self, proposal: Any) -> str:
-        value = proposal["value"].strip()
-        if len(value) > 4000:
-            raise TraitError("ChatMagics.thread_key is at most 4,000 characters (Google Chat's limit)")
-        return value
+        if not proposal["value"].strip():
+            return ""  # '' = a new thread per kernel session
+        try:
+            return rules.validate_thread_key(proposal["value"], option="ChatMagics.thread_key") or ""
+        except ConfigError as e:
+            raise TraitError(str(e)) from None
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -393,12 +429,10 @@ class ChatMagics(Magics):
 
     @staticmethod
     def _mention(magic: str, who: str | None) -> str | None:
-        if who is None:
-            return None
-        m = _MENTION.match(who.strip())
-        if not m:
-            raise _usage(f"{magic}: --mention takes 'all' or a user id such as 123456789012345678901, not {who!r}")
-        return m.group(1)
+        try:
+            return rules.validate_mention(who, option="--mention")
+        except ConfigError as e:
+            raise _usage(f"{magic}: {e}") from None
 
     def _post(self, report: Report, webhook: Webhook) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
@@ -423,12 +457,7 @@ class ChatMagics(Magics):
         max_lines: int,
         with_output: bool = True,
     ) -> Report:
-        if error is None:
-            status = OK
-        elif isinstance(error, KeyboardInterrupt):
-            status = INTERRUPTED
-        else:
-            status = FAILED
+        scrub = scrubber(webhook)
         output, cut = "", 0
         if with_output and capture is not None:
             output, cut = capture.tail.text(), capture.tail.dropped
@@ -437,18 +466,18 @@ class ChatMagics(Magics):
                 if shown:
                     label = f"Out[{number}]: " if number is not None else "Out: "
                     output += ("" if not output or output.endswith("\n") else "\n") + label + shown
-            output = strip_ansi(output)
+            output = strip_ansi(scrub(output))  # scrubbed whole, before the tail is cut
             output, more = tail(output, self.max_chars, None)
             cut += more
-        secrets = (webhook.key, webhook.token)
-        return Report(
-            title=title or (f"Cell [{number}]" if number is not None else "Cell"),
-            status=status,
+        return Report.from_outcome(
+            title or (f"Cell [{number}]" if number is not None else "Cell"),
+            error,
+            scrub=scrub,
+            shell=self.shell,
+            with_traceback=with_output,
             duration=duration,
-            output=_hide(output, *secrets),
+            output=output,
             output_cut=cut,
-            error=_hide(_error_text(error), *secrets) if error is not None else "",
-            traceback=_hide(_traceback_text(error), *secrets) if (error is not None and with_output) else "",
             mention=mention,
             max_lines=max_lines,
         )
@@ -527,38 +556,16 @@ class ChatMagics(Magics):
 
         for frame in self._cells:  # auto-notify leaves this cell to us
             frame.handled = True
-        hook = getattr(self.shell, "displayhook", None)
-        outer = getattr(hook, "exec_result", None)
-        number = getattr(outer, "execution_count", None)
-        if number is None:
-            number = getattr(self.shell, "execution_count", None)
-
-        capture = Capture(self.shell, max(4 * self.max_chars, 8192)).install()
-        start = time.perf_counter()
-        result = None
-        try:
-            result = self.shell.run_cell(cell, store_history=False)
-        finally:
-            duration = time.perf_counter() - start
-            capture.remove()
-            if hook is not None and outer is not None:
-                hook.exec_result = outer  # the nested run reset it
-
-        error = None
-        if result is not None:
-            error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
-        if error is not None and outer is not None and outer.error_in_exec is None and outer.error_before_exec is None:
-            # the cell failed: so does the %%chat cell (Run All stops, the kernel reports an error), with no second traceback
-            outer.error_in_exec = error
-        if args.on_error and error is None:
+        ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
+        if args.on_error and ran.error is None:
             return None
         report = self._report(
             title=args.title.strip() if args.title else cell_title(cell),
-            error=error,
-            duration=duration,
-            capture=capture,
-            result=getattr(result, "result", None),
-            number=number,
+            error=ran.error,
+            duration=ran.duration,
+            capture=ran.capture,
+            result=getattr(ran.result, "result", None),
+            number=ran.number,
             webhook=webhook,
             mention=mention,
             max_lines=max_lines,
@@ -577,8 +584,10 @@ class ChatMagics(Magics):
         """Post a line of text to this session's Google Chat thread.
 
         ``$name`` and ``{expression}`` are replaced by their values, as in any
-        line magic. The text is yours: Chat syntax such as ``*bold*`` works.
-        Options come first; use ``--`` before text that starts with ``-``.
+        line magic; write ``$$`` for a literal ``$`` and ``{{`` ``}}`` for
+        literal braces (``%chat costs $$5`` posts "costs $5"). The text is
+        yours: Chat syntax such as ``*bold*`` works. Options come first; use
+        ``--`` before text that starts with ``-``.
 
         Example::
 
@@ -593,7 +602,7 @@ class ChatMagics(Magics):
         mention = self._mention(magic, args.mention)
         webhook = self._destination(magic, args.to)
         if mention:
-            text = f"<users/{mention}> {text}"
+            text = f"{rules.mention_tag(mention)} {text}"
         try:
             _tell_if_refused(self._session().send(text, to=webhook))
         except (ConfigError, MessageError) as e:
@@ -738,11 +747,13 @@ class ChatMagics(Magics):
         """
         magic = "%chat_thread"
         args = self._parse(self.chat_thread, magic, line)
-        if args.key is not None and (not args.key.strip() or len(args.key) > 4000):
-            raise _usage(f"{magic}: a thread key is 1 to 4,000 characters")
+        try:
+            wanted = rules.validate_thread_key(args.key)
+        except ConfigError as e:
+            raise _usage(f"{magic}: {e}") from None
         session = self._session()
-        if args.key:
-            key = session.new_thread(args.key.strip())
+        if wanted:
+            key = session.new_thread(wanted)
             print(f"chat_magic: this session now posts into thread {key}")
         elif args.new:
             key = session.new_thread()

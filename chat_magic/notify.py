@@ -42,13 +42,16 @@ import inspect
 import re
 import sys
 import time
-import traceback
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import ranks as _ranks
+from . import rules
+from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
+from .report import exception_summary
+from .webhook import scrubber
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,33 +61,29 @@ ON = ("always", "error")
 _STACK: ContextVar[tuple] = ContextVar("chat_magic_notify_stack", default=())
 
 
-def _warn(message: str) -> None:
-    """One line on stderr. Never raises (it runs inside ``__exit__``)."""
-    try:
-        from .webhook import redact
-
-        print(f"chat_magic: {redact(message)}", file=sys.stderr, flush=True)
-    except Exception:
-        pass
-
-
-def user_namespace() -> dict | None:
-    """The IPython user namespace when running in IPython (without importing IPython)."""
+def _shell() -> Any:
+    """IPython's shell when running in one (names cells in tracebacks), without importing IPython."""
     if "IPython" not in sys.modules:
         return None
     try:
         from IPython import get_ipython
 
-        ip = get_ipython()
-        return ip.user_ns if ip is not None else None
+        return get_ipython()
     except Exception:
         return None
+
+
+def user_namespace() -> dict | None:
+    """The IPython user namespace when running in IPython (without importing IPython)."""
+    return getattr(_shell(), "user_ns", None)
 
 
 def session():
     from .session import current_session
 
     return current_session(user_namespace())
+
+
 
 
 def origin_details(sess: Any, rank: _ranks.RankInfo | None = None) -> dict[str, str]:
@@ -94,16 +93,6 @@ def origin_details(sess: Any, rank: _ranks.RankInfo | None = None) -> dict[str, 
     if rank is not None and rank.distributed:
         details["Rank"] = rank.describe()
     return details
-
-
-def exception_summary(exc: BaseException) -> str:
-    """``"ValueError: bad value"`` (never raises, even for a broken ``__str__``)."""
-    name = type(exc).__qualname__
-    try:
-        msg = str(exc)
-    except Exception:
-        msg = "<unprintable>"
-    return f"{name}: {msg}" if msg else name
 
 
 def _is_cell_file(filename: str) -> bool:
@@ -186,18 +175,13 @@ class notify_when_done:
 
         if label is not None and not isinstance(label, str):
             raise ConfigError(f"label must be a string, not {type(label).__name__}")
-        if on not in ON:
-            raise ConfigError(f"on={on!r}: use 'always' (every ending) or 'error' (failures only)")
-        if thread_key is not None and (not isinstance(thread_key, str) or not thread_key.strip() or len(thread_key) > 4000):
-            raise ConfigError("thread_key must be a non-empty string of at most 4,000 characters")
-        if mention is not None and not re.fullmatch(r"(users/)?(all|\d+)", str(mention).strip()):
-            raise ConfigError(f"mention={mention!r}: use 'all' or a numeric user id such as '123456789'")
+        rules.validate_on(on, ON)
         _ranks.policy(ranks)  # a bad value (argument or CHAT_MAGIC_RANKS) fails now
         self.label = label
         self.to = to
-        self.thread_key = thread_key
+        self.thread_key = rules.validate_thread_key(thread_key, option="thread_key")
         self.notify_start = bool(notify_start)
-        self.mention = str(mention).strip() if mention is not None else None
+        self.mention = rules.validate_mention(mention, option="mention=")
         self.on = on
         self.cards = bool(cards)
         self.ranks = ranks
@@ -258,37 +242,21 @@ class notify_when_done:
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from . import report as R
+        from .report import FAILED, Report
 
-        duration = time.monotonic() - run.t0
-        status, kind, error, tb = R.OK, _ranks.SUCCESS, "", ""
-        if exc is None:
-            pass
-        elif isinstance(exc, SystemExit) and exc.code in (None, 0):
-            pass
-        elif isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "CancelledError":
-            status, kind = R.INTERRUPTED, _ranks.INTERRUPT
-            error = "cancelled" if type(exc).__name__ == "CancelledError" else exception_summary(exc)
-        else:
-            status, kind = R.FAILED, _ranks.FAILURE
-            error = exception_summary(exc)
-            try:
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            except Exception:
-                tb = ""
-        if self.on == "error" and status != R.FAILED:
-            return
-        report = R.Report(
+        report = Report.from_outcome(
             run.title,
-            status=status,
-            duration=duration,
-            error=error,
-            traceback=tb,
+            exc,
+            scrub=scrubber(self.webhook),
+            shell=_shell(),
+            duration=time.monotonic() - run.t0,
             details=run.details(),
             mention=self.mention,
             max_lines=30,
         )
-        receipt = run.post(kind, "notice", **report.payload_kwargs(cards=self.cards))
+        if self.on == "error" and report.status != FAILED:
+            return
+        receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
 

@@ -11,20 +11,132 @@ they are HTML-escaped.
 from __future__ import annotations
 
 import html
+import linecache
+import re
+import signal as _signal
+import traceback as _traceback
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
+from . import ranks as _ranks
 from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
+from .rules import mention_tag
 
 OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
 ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
 WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}
 COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8"}
 MAX_DETAILS = 95  # detail rows in a card: with error, duration, "more", output and traceback, at most 100 widgets
+# which rank posts a notice of each status (see chat_magic.ranks)
+KINDS = {OK: _ranks.SUCCESS, FAILED: _ranks.FAILURE, INTERRUPTED: _ranks.INTERRUPT, STARTED: _ranks.START, PROGRESS: _ranks.PROGRESS}
+TRACEBACK_LINES = 15
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def outcome(error: BaseException | None = None, *, exit_code: int | None = None, shell: Any = None) -> tuple[str, str, str]:
+    """``(status, error line, traceback)`` for an exception, or for a process's exit status.
+
+    - no exception, ``SystemExit(0)``, exit status 0: finished;
+    - ``KeyboardInterrupt``, a cancelled task, ``GeneratorExit``, or a child
+      killed by SIGINT: interrupted (no traceback: the user pressed Ctrl-C);
+    - anything else: failed, with the exception's one-line summary and the
+      last lines of its traceback.
+    """
+    if exit_code is not None:
+        if exit_code == 0:
+            return OK, "", ""
+        if exit_code > 0:
+            return FAILED, f"exit code {exit_code}", ""
+        name = signal_name(-exit_code)
+        return (INTERRUPTED if -exit_code == _signal.SIGINT else FAILED), f"killed by {name}", ""
+    if error is None or (isinstance(error, SystemExit) and error.code in (None, 0)):
+        return OK, "", ""
+    if isinstance(error, (KeyboardInterrupt, GeneratorExit)) or type(error).__name__ == "CancelledError":
+        return INTERRUPTED, "cancelled" if type(error).__name__ == "CancelledError" else exception_summary(error), ""
+    return FAILED, exception_summary(error), format_traceback(error, shell=shell)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15 (``signal 99`` for a number with no name)."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``"ValueError: bad value"`` (never raises, even for a broken ``__str__``)."""
+    name = type(exc).__qualname__
+    try:
+        msg = str(exc).strip()
+    except Exception:
+        msg = "<unprintable>"
+    return f"{name}: {msg}" if msg else name
+
+
+_CELL_FILE = re.compile(r"<ipython-input-(\d+)-[0-9a-f]+>|[/\\]ipykernel_\d+[/\\]\d+\.py$")
+
+
+def _is_ipython_frame(frame: Any) -> bool:
+    """IPython's own frames (``run_code``'s exec, the ``open`` wrapper) say nothing about the user's code."""
+    return str(frame.f_globals.get("__name__", "")).startswith("IPython.")
+
+
+def cell_name(filename: str, shell: Any = None) -> str | None:
+    """``Cell In[4]`` for the file IPython compiled cell 4 into, else None (a real file)."""
+    number = None
+    mapping = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    if isinstance(mapping, dict):
+        number = mapping.get(filename)
+    m = _CELL_FILE.search(filename)
+    if number is None and m is not None and m.group(1):
+        number = m.group(1)
+    if number is not None:
+        return f"Cell In[{number}]"
+    return "Cell" if m is not None else None
+
+
+def format_traceback(exc: BaseException, *, shell: Any = None, lines: int = TRACEBACK_LINES) -> str:
+    """The last ``lines`` lines of ``exc``'s traceback, as a reader of the notice wants it.
+
+    IPython's own frames are left out, and a cell's code shows as
+    ``Cell In[4]`` rather than the temporary file IPython compiled it into.
+    Chained exceptions (``raise ... from``) are kept. Never raises.
+    """
+    try:
+        te = _traceback.TracebackException(type(exc), exc, exc.__traceback__)
+        seen: set[int] = set()
+        pending = [(te, exc)]
+        while pending:
+            node, err = pending.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            node.stack = _user_frames(err.__traceback__ if err is not None else None, shell)
+            for nxt, cause in ((node.__cause__, err.__cause__ if err is not None else None),
+                               (node.__context__, err.__context__ if err is not None else None)):
+                if nxt is not None:
+                    pending.append((nxt, cause))
+        text = "".join(te.format())
+    except Exception:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) if lines else text
+
+
+def _user_frames(tb: TracebackType | None, shell: Any) -> _traceback.StackSummary:
+    frames = []
+    for frame, lineno in _traceback.walk_tb(tb):
+        if _is_ipython_frame(frame):
+            continue
+        filename = frame.f_code.co_filename
+        line = linecache.getline(filename, lineno).strip()
+        shown = cell_name(filename, shell) or filename
+        frames.append(_traceback.FrameSummary(shown, lineno, frame.f_code.co_name, line=line, lookup_line=False))
+    return _traceback.StackSummary.from_list(frames)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -65,13 +177,51 @@ class Report:
         word = WORDS.get(self.status, self.status)
         return f"{self.title} {word}" + (f" in {dur}" if dur and self.status != STARTED else "")
 
+    @property
+    def kind(self) -> str:
+        """The kind of notice for the rank policy: failures post from any rank, the rest from rank 0."""
+        return KINDS.get(self.status, _ranks.SUCCESS)
+
     def _mention_tag(self) -> str:
         if not self.mention:
             return ""
         m = str(self.mention).strip()
         if m.startswith("users/"):
             m = m[len("users/"):]
-        return f"<users/{m}> "
+        return mention_tag(m) + " "
+
+    @classmethod
+    def from_outcome(
+        cls,
+        title: str,
+        error: BaseException | None = None,
+        *,
+        exit_code: int | None = None,
+        reason: str = "",
+        scrub: Any = None,
+        shell: Any = None,
+        with_traceback: bool = True,
+        **fields: Any,
+    ) -> Report:
+        """The notice for a piece of work that ended: the one place an outcome becomes a status.
+
+        ``error`` is the exception the work raised (None: it returned), or
+        ``exit_code`` a process's exit status (negative: killed by that
+        signal, as :mod:`subprocess` reports it). ``reason`` replaces the
+        error line (e.g. "command not found: x"). ``scrub`` is a function
+        applied to every untrusted text (output, error, traceback) before
+        anything is cut from it, so no cut can leave a fragment of a secret.
+        ``shell`` (IPython's) names cells as ``Cell In[n]`` in the traceback.
+        The rest (``duration``, ``output``, ``details``, ``mention``, ...) are
+        :class:`Report` fields.
+        """
+        status, error_line, tb = outcome(error, exit_code=exit_code, shell=shell if with_traceback else None)
+        if not with_traceback:
+            tb = ""
+        clean = scrub or (lambda text: text)
+        if "output" in fields:
+            fields["output"] = clean(fields["output"] or "")
+        return cls(title, status=status, error=clean(reason or error_line), traceback=clean(tb), **fields)
 
     def _tail(self, text: str, budget: int, already: int = 0) -> str:
         text = strip_ansi(text)

@@ -40,7 +40,9 @@ import time
 from typing import Any, BinaryIO, Sequence
 
 from . import ranks as _ranks
-from .errors import ChatMagicError, ConfigError
+from .console import say
+from .errors import ChatMagicError
+from .report import signal_name
 
 TAIL_BYTES = 64 * 1024
 PROG = "chat-magic run"
@@ -76,13 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 class Tail:
@@ -144,12 +139,7 @@ def _pump(src: BinaryIO, dst_name: str, tail: Tail) -> None:
 
 
 def _say(message: str) -> None:
-    from .webhook import redact
-
-    try:
-        print(f"{PROG}: {redact(message)}", file=sys.stderr, flush=True)
-    except Exception:
-        pass
+    say(message, prefix=PROG)
 
 
 class _Forwarder:
@@ -217,20 +207,129 @@ def _terminal_foreground() -> bool:
     return False
 
 
-def _post(args: argparse.Namespace, sess: Any, webhook: Any, kind: str, report: Any, rank: Any) -> Any:
+class _Ended:
+    """How the command ended: its exit status, the tail of its output, the signals that came."""
+
+    def __init__(self, returncode: int, duration: float, tail: Tail, fwd: _Forwarder, start_error: str = "") -> None:
+        self.returncode = returncode  # negative: killed by that signal
+        self.duration = duration
+        self.tail = tail
+        self.fwd = fwd
+        self.start_error = start_error
+
+    @property
+    def exit_code(self) -> int:
+        """Ours: the command's, or 128 + the signal number as shells report it."""
+        return 128 - self.returncode if self.returncode < 0 else self.returncode
+
+    def reason(self) -> str:
+        """The error line when the plain exit status is not the whole story."""
+        if self.start_error:
+            return f"{self.start_error} (exit code {self.returncode})"
+        if self.returncode < 0 and self.fwd.forwarded:
+            signals = ", ".join(signal_name(s) for s in dict.fromkeys(self.fwd.forwarded))
+            return f"killed by {signal_name(-self.returncode)} (forwarded by {PROG}, which received {signals})"
+        return ""
+
+
+class _Job:
+    """The checked request: where to post, under what name, from which rank. Built before the command runs."""
+
+    def __init__(self, args: argparse.Namespace, command: list[str]) -> None:
+        from . import config, rules
+        from .session import Session
+
+        self.args = args
+        self.command = command
+        self.webhook = config.resolve(args.to)
+        self.rank = _ranks.current()
+        _ranks.policy(None)
+        self.mention = rules.validate_mention(args.mention, option="--mention")
+        thread = rules.validate_thread_key(args.thread, option="--thread")
+        short = shlex.join([os.path.basename(command[0]) or command[0], *command[1:]])
+        label = args.label or shorten(short)
+        self.title = f"{label} ({self.rank.describe()})" if self.rank.distributed else label
+        self.session = Session(thread_key=thread)
+        self.session.kind, self.session.source = "command", shorten(short, 80)
+        self.session.announce = False  # each notice says which command and host: no header message before it
+        if not thread and not os.environ.get("CHAT_MAGIC_THREAD_KEY"):
+            self.session.new_thread()  # a key made from the command, not from "chat-magic"
+        self.details = {"Command": shorten(shlex.join(command), 500), "Host": self.session.host}
+        if self.rank.distributed:
+            self.details["Rank"] = self.rank.describe()
+        self.receipts: list[Any] = []
+
+    def post(self, report: Any) -> None:
+        """Queue ``report`` if this rank posts its kind; a problem is one line, never an exception."""
+        try:
+            if _ranks.should_post(report.kind, None, self.rank):
+                self.receipts.append(self.session.send(to=self.webhook, **report.payload_kwargs(cards=self.args.cards)))
+        except Exception as e:
+            _say(f"notice not posted: {e if isinstance(e, ChatMagicError) else f'{type(e).__name__}: {e}'}")
+
+    def post_start(self) -> None:
+        from .report import STARTED, Report
+
+        self.post(Report(self.title, status=STARTED, details=dict(self.details)))
+
+    def post_end(self, ended: _Ended) -> None:
+        from .report import FAILED, OK, Report
+        from .webhook import scrubber
+
+        details = dict(self.details)
+        if ended.fwd.received and ended.returncode >= 0:
+            details["Signal"] = _signals_received(ended.fwd)
+        report = Report.from_outcome(
+            self.title, exit_code=ended.returncode, reason=ended.reason(), scrub=scrubber(self.webhook),
+            duration=ended.duration, output=ended.tail.text(), details=details, mention=self.mention, max_lines=30,
+        )
+        if report.status == OK:
+            report.details["Exit code"] = "0"
+        if self.args.on == "always" or report.status == FAILED:
+            self.post(report)
+
+
+def _execute(command: list[str]) -> _Ended:
+    """Run ``command``, passing its output through and forwarding signals; return how it ended."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    tail = Tail()
+    fwd = _Forwarder()
+    fwd.install()
+    t0 = time.monotonic()
     try:
-        if not _ranks.should_post(kind, None, rank):
-            return None
-        return sess.send(to=webhook, **report.payload_kwargs(cards=args.cards))
-    except ChatMagicError as e:
-        _say(f"notice not posted: {e}")
-    except Exception as e:
-        _say(f"notice not posted: {type(e).__name__}: {e}")
-    return None
+        try:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        except FileNotFoundError:
+            return _Ended(127, time.monotonic() - t0, tail, fwd, f"command not found: {command[0]}")
+        except PermissionError:
+            return _Ended(126, time.monotonic() - t0, tail, fwd, f"permission denied: {command[0]}")
+        except OSError as e:
+            return _Ended(126, time.monotonic() - t0, tail, fwd, f"cannot run {command[0]}: {e.strerror or e}")
+        fwd.proc = proc
+        for s in dict.fromkeys(fwd.received):  # a signal that came while the command was starting
+            fwd.forward(s, pending=True)
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, "stdout", tail), daemon=True, name="chat-magic-run-stdout"),
+            threading.Thread(target=_pump, args=(proc.stderr, "stderr", tail), daemon=True, name="chat-magic-run-stderr"),
+        ]
+        for t in pumps:
+            t.start()
+        while True:
+            try:
+                returncode = proc.wait()
+                break
+            except KeyboardInterrupt:  # only if a handler could not be installed
+                continue
+        for t in pumps:  # a grandchild may hold the pipes open: do not wait for it forever
+            t.join(timeout=2.0)
+        return _Ended(returncode, time.monotonic() - t0, tail, fwd)
+    finally:
+        fwd.restore()
 
 
 def _wait_delivery(timeout: float) -> None:
-    """Wait for what this process queued (the thread's header too); say in one line if it is not delivered."""
+    """Wait for what this process queued; say in one line if it is not delivered."""
     try:
         from .delivery import dispatcher
         from .outbox import FAILED
@@ -250,12 +349,10 @@ def _wait_delivery(timeout: float) -> None:
         _say(f"notice not delivered: {type(e).__name__}: {e}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``chat-magic run`` with ``argv`` (the arguments after ``run``); return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]] | int:
+    """The options and the command, or an exit status (0 after --help, 2 for a mistake, said in one line)."""
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except _UsageError as e:
         _say(f"{e} (see {PROG} --help)")
         return 2
@@ -270,115 +367,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wait < 0:
         _say("--wait takes a number of seconds >= 0")
         return 2
+    return args, command
 
-    # set-up problems now, before the command runs
-    from . import config
-    from .report import FAILED, INTERRUPTED, OK, STARTED, Report
-    from .session import Session
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``chat-magic run`` with ``argv`` (the arguments after ``run``); return the exit code."""
+    parsed = _parse(list(sys.argv[1:] if argv is None else argv))
+    if isinstance(parsed, int):
+        return parsed
+    args, command = parsed
     try:
-        webhook = config.resolve(args.to)
-        rank = _ranks.current()
-        _ranks.policy(None)
-        if args.mention is not None:
-            import re
-
-            if not re.fullmatch(r"(users/)?(all|\d+)", args.mention.strip()):
-                raise ConfigError(f"--mention {args.mention!r}: use 'all' or a numeric user id")
-        if args.thread is not None and not args.thread.strip():
-            raise ConfigError("--thread needs a non-empty key")
-        cmdline = shlex.join(command)
-        short = shlex.join([os.path.basename(command[0]) or command[0], *command[1:]])
-        label = args.label or shorten(short)
-        sess = Session(thread_key=args.thread)
-        sess.kind, sess.source = "command", shorten(short, 80)
-        if not args.thread and not os.environ.get("CHAT_MAGIC_THREAD_KEY"):
-            sess.new_thread()  # a key made from the command, not from "chat-magic"
+        job = _Job(args, command)  # set-up problems now, before the command runs
     except ChatMagicError as e:
         _say(str(e))
         return 2
-
-    title = f"{label} ({rank.describe()})" if rank.distributed else label
-    details = {"Command": shorten(cmdline, 500), "Host": sess.host}
-    if rank.distributed:
-        details["Rank"] = rank.describe()
-    receipts: list[Any] = []
-
     if args.notify_start:
-        receipts.append(_post(args, sess, webhook, _ranks.START, Report(title, status=STARTED, details=dict(details)), rank))
-
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    tail = Tail()
-    fwd = _Forwarder()
-    fwd.install()
-    t0 = time.monotonic()
-    returncode: int
-    start_error = ""
-    try:
-        try:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        except FileNotFoundError:
-            start_error, returncode = f"command not found: {command[0]}", 127
-        except PermissionError:
-            start_error, returncode = f"permission denied: {command[0]}", 126
-        except OSError as e:
-            start_error, returncode = f"cannot run {command[0]}: {e.strerror or e}", 126
-        else:
-            fwd.proc = proc
-            for s in dict.fromkeys(fwd.received):  # a signal that came while the command was starting
-                fwd.forward(s, pending=True)
-            pumps = [
-                threading.Thread(target=_pump, args=(proc.stdout, "stdout", tail), daemon=True, name="chat-magic-run-stdout"),
-                threading.Thread(target=_pump, args=(proc.stderr, "stderr", tail), daemon=True, name="chat-magic-run-stderr"),
-            ]
-            for t in pumps:
-                t.start()
-            while True:
-                try:
-                    returncode = proc.wait()
-                    break
-                except KeyboardInterrupt:  # only if a handler could not be installed
-                    continue
-            for t in pumps:  # a grandchild may hold the pipes open: do not wait for it forever
-                t.join(timeout=2.0)
-    finally:
-        fwd.restore()
-    duration = time.monotonic() - t0
-
-    if start_error:
-        _say(start_error)
-        details["Exit code"] = f"{returncode} ({start_error})"
-        status, kind, error = FAILED, _ranks.FAILURE, start_error
-        exit_code = returncode
-    elif returncode < 0:
-        signame = signal_name(-returncode)
-        details["Exit code"] = f"killed by {signame}"
-        error = f"killed by {signame}"
-        if fwd.forwarded:
-            error += f" (forwarded by {PROG}, which received {', '.join(signal_name(s) for s in dict.fromkeys(fwd.forwarded))})"
-        exit_code = 128 - returncode
-        if -returncode == signal.SIGINT:
-            status, kind = INTERRUPTED, _ranks.INTERRUPT
-        else:
-            status, kind = FAILED, _ranks.FAILURE
-    else:
-        details["Exit code"] = str(returncode)
-        exit_code = returncode
-        if returncode == 0:
-            status, kind, error = OK, _ranks.SUCCESS, ""
-        else:
-            status, kind, error = FAILED, _ranks.FAILURE, f"exit code {returncode}"
-        if fwd.received:
-            details["Signal"] = _signals_received(fwd)
-
-    if args.on == "always" or status == FAILED:
-        report = Report(title, status=status, duration=duration, output=tail.text(), error=error,
-                        details=details, mention=args.mention, max_lines=30)
-        receipts.append(_post(args, sess, webhook, kind, report, rank))
-    if any(r is not None for r in receipts):
+        job.post_start()
+    ended = _execute(command)
+    if ended.start_error:
+        _say(ended.start_error)
+    job.post_end(ended)
+    if job.receipts:
         _wait_delivery(args.wait)
-    return exit_code
+    return ended.exit_code
 
 
 if __name__ == "__main__":  # python -m chat_magic.run -- CMD

@@ -70,6 +70,7 @@ class Session:
         self.thread_key = self._fixed_key or self._make_key()
         self._announced: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self.announce = True  # False: notices that say where they come from themselves need no header
 
     def _make_key(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.started))
@@ -110,7 +111,7 @@ class Session:
         with self._lock:
             first = (webhook.space_key, key) not in self._announced
             self._announced.add((webhook.space_key, key))
-        if first and thread_key is None:
+        if first and thread_key is None and self.announce:
             try:
                 send(self.header(), to=webhook, thread_key=key)
             except Exception:

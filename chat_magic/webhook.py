@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from .errors import WebhookURLError
@@ -123,3 +124,21 @@ def parse_webhook_url(url: str) -> Webhook:
         netloc = f"{netloc}:{port}"
     base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
     return Webhook(url=url, space=m.group("space"), base=base, key=query["key"][0], token=query["token"][0])
+
+
+def scrubber(webhook: Webhook | None) -> Callable[[str], str]:
+    """A function that replaces this webhook's own key and token in a text.
+
+    Front ends apply it to a whole output or traceback *before* cutting a
+    tail or a part from it, so no cut can leave a fragment of a secret.
+    Values shorter than 4 characters are not real secrets and are left alone.
+    """
+    secrets = sorted((s for s in (getattr(webhook, "key", ""), getattr(webhook, "token", "")) if s and len(s) >= 4),
+                     key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for s in secrets:
+            text = text.replace(s, REDACTED)
+        return text
+
+    return scrub
