@@ -18,34 +18,55 @@ import sys
 import time
 from typing import Sequence
 
-from .errors import ChatMagicError, ConfigError, DeliveryError, MessageError
+from .console import say
+from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
 from .webhook import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+OUTBOX_ACTIONS = {
+    "list": "show waiting and failed messages with their reasons (--all: delivered ones too)",
+    "flush": "deliver everything waiting now, and wait for it (--timeout)",
+    "retry": "queue failed messages again (ID ..., or --all) and deliver them",
+    "drop": "delete messages that wait or failed (ID ...): they will never be sent",
+    "prune": "forget delivered messages older than 7 days",
+}
+
 
 def _err(msg: str) -> None:
-    print(f"chat-magic: {redact(msg)}", file=sys.stderr)
+    say(msg, prefix="chat-magic")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chat-magic", description="Post to a Google Chat space through its webhook.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("send", help="send a message and wait until it is delivered")
-    s.add_argument("text", help="the message (Chat syntax), or - to read it from stdin")
+    s = sub.add_parser(
+        "send", help="send a message and wait until it is delivered",
+        description="Send a message to a Google Chat space and wait until the space has it. Exit status: 0 "
+                    "delivered; 1 refused or not delivered within --timeout (it stays queued); 2 a mistake in the call.",
+        epilog="Examples: chat-magic send 'deploy *done*' --to ml-team;  make 2>&1 | tail -20 | chat-magic send -",
+    )
+    s.add_argument("text", help="the message (Chat syntax: *bold*, _italic_, `code`), or - to read it from stdin")
     s.add_argument("--to", metavar="NAME", help="a space named in the config file (default: GOOGLE_CHAT_WEBHOOK_URL)")
     s.add_argument("--thread", metavar="KEY", help="thread key to post into (default: a new thread)")
     s.add_argument("--truncate", action="store_true", help="cut a long message with a note instead of splitting it")
-    s.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long to wait for delivery (default 30)")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="the longest this command waits, in all, for delivery (default 30)")
 
     sub.add_parser("run", help="run a command and post a notice when it ends", add_help=False)
 
-    o = sub.add_parser("outbox", help="inspect and manage messages waiting in the outbox")
-    o.add_argument("action", nargs="?", default="list", choices=["list", "flush", "retry", "drop", "prune"])
-    o.add_argument("ids", nargs="*", type=int, metavar="ID")
+    actions = "\n".join(f"  {name:<7} {what}" for name, what in OUTBOX_ACTIONS.items())
+    o = sub.add_parser(
+        "outbox", help="inspect and manage messages waiting in the outbox",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Every message is written to a local outbox before it is sent, and stays there until the "
+                    "space has it.\n\nactions:\n" + actions,
+    )
+    o.add_argument("action", nargs="?", default="list", choices=list(OUTBOX_ACTIONS), help="what to do (default: list)")
+    o.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids, as `list` shows them (retry, drop)")
     o.add_argument("--all", action="store_true", help="list: show delivered messages too; retry: every failed one")
-    o.add_argument("--timeout", type=float, default=60.0, metavar="S", help="flush: how long to wait (default 60)")
+    o.add_argument("--timeout", type=float, default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
 
     sub.add_parser("emulator", help="serve a local Google Chat webhook emulator", add_help=False)
     sub.add_parser("demo", help="run the quickstart notebook against the emulator and show the thread", add_help=False)
@@ -86,22 +107,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _delegate(command: str, rest: list[str]) -> int:
     if command == "run":
         from .run import main as run_main
-    elif command == "emulator":
-        from .emulator.__main__ import main as run_main  # type: ignore[no-redef]
-    else:
-        from .demo import main as run_main  # type: ignore[no-redef]
-    return int(run_main(rest) or 0)
+
+        return int(run_main(rest) or 0)
+    if command == "emulator":
+        from .emulator.server import main as emulator_main
+
+        return int(emulator_main(rest, prog="chat-magic emulator") or 0)
+    from .demo import main as demo_main
+
+    return int(demo_main(rest) or 0)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     from . import delivery
 
+    deadline = time.monotonic() + max(0.0, args.timeout)  # --timeout is the whole wait, reading stdin aside
     text = sys.stdin.read() if args.text == "-" else args.text
     receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)
     if delivery.dispatcher().outbox.problem:  # queued in a temporary outbox: say so
         _err(delivery.dispatcher().outbox.problem)
     try:
-        result = receipt.wait(args.timeout)
+        result = receipt.wait(max(0.0, deadline - time.monotonic()))
+    except DeliveryTimeout:
+        receipt.mark_reported()  # said here: no second line, and no second wait, at exit
+        delivery.settings.exit_timeout = 0.0
+        last = f"; last error: {receipt.error}" if receipt.error else ""
+        _err(f"not delivered within {args.timeout:g} s (still queued, will retry){last}")
+        return EXIT_FAILED
     except DeliveryError as e:
         _err(f"not delivered: {e}")
         return EXIT_FAILED
@@ -141,11 +173,17 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return EXIT_OK if ok and not left else EXIT_FAILED
     if args.action == "retry":
         ids = args.ids or ([r.id for r in box.rows(states=[FAILED])] if args.all else [])
-        if not ids:
+        if not ids and not args.all:
             _err("name the messages to retry (chat-magic outbox retry ID ...) or use --all")
             return EXIT_USAGE
+        unknown = _unknown_ids(box, ids)
         n = box.requeue(ids)
         print(f"{n} message(s) queued again")
+        if unknown:
+            _err(unknown)
+            return EXIT_USAGE
+        if not n:
+            return EXIT_OK
         d.ensure_running()
         ok = d.flush(args.timeout)
         return EXIT_OK if ok else EXIT_FAILED
@@ -153,12 +191,25 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if not args.ids:
             _err("name the messages to drop: chat-magic outbox drop ID ...")
             return EXIT_USAGE
+        unknown = _unknown_ids(box, args.ids)
         print(f"{box.drop(args.ids)} message(s) dropped")
+        if unknown:
+            _err(unknown)
+            return EXIT_USAGE
         return EXIT_OK
     if args.action == "prune":
         print(f"{box.prune(7 * 86400)} delivered message(s) older than 7 days forgotten")
         return EXIT_OK
     return EXIT_USAGE
+
+
+def _unknown_ids(box, ids: list[int]) -> str:
+    """One line naming the ids the outbox does not hold, or ``""``."""
+    known = {r.id for r in box.rows(ids)}
+    missing = [str(i) for i in dict.fromkeys(ids) if i not in known]
+    if not missing:
+        return ""
+    return f"no message {', '.join(missing)} in the outbox {box.path} (see: chat-magic outbox list --all)"
 
 
 if __name__ == "__main__":  # pragma: no cover

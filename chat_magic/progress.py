@@ -45,6 +45,7 @@ import time
 from typing import Any, Iterable
 
 from . import ranks as _ranks
+from .console import say
 
 DEFAULT_MILESTONES = (25, 50, 75, 100)
 DEFAULT_INTERVAL = 300.0  # seconds: at most one line per label and thread per 5 minutes
@@ -160,7 +161,7 @@ class ChatProgress:
         try:
             webhook = config.resolve(self.to)
         except Exception as e:
-            notify._warn(f"progress lines not posted: {e}")
+            say(f"progress lines not posted: {e}")
             self._disabled = True
             return None
         sess = notify.session()
@@ -169,7 +170,7 @@ class ChatProgress:
             try:
                 return sess.send(text, to=webhook, thread_key=self.thread_key, truncate=True)
             except Exception as e:
-                notify._warn(f"could not post a progress line: {e}")
+                say(f"could not post a progress line: {e}")
                 return None
 
         self._target = (send, self.thread_key or sess.thread_key)
@@ -275,9 +276,7 @@ class ChatProgress:
                     return None
                 return self._post(self.line(d), every=max(self.interval, UNKNOWN_MIN_INTERVAL))
         except Exception as e:  # never break the user's loop
-            from .notify import _warn
-
-            _warn(f"progress line not posted: {type(e).__name__}: {e}")
+            say(f"progress line not posted: {type(e).__name__}: {e}")
             return None
 
     def close(self, n: float | None = None) -> Any:
@@ -300,9 +299,7 @@ class ChatProgress:
                 self._closed = True
                 return receipt
         except Exception as e:
-            from .notify import _warn
-
-            _warn(f"progress line not posted: {type(e).__name__}: {e}")
+            say(f"progress line not posted: {type(e).__name__}: {e}")
             return None
 
     def reset(self, total: float | None = None) -> None:

@@ -489,7 +489,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         query = parse_qs(parts.query, keep_blank_values=True)
-        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz") or path.startswith("/api/"))
+        # the emulator's own pages (and the favicon a browser asks for) are not webhook requests: never counted
+        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz", "/favicon.ico") or path.startswith("/api/"))
         rec = {
             "time": wall,
             "method": self.command,
@@ -542,6 +543,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/":
             space = (query.get("space") or [None])[0]
             self._send(200, render_page(emu._page_state(), space=space), "text/html; charset=utf-8")
+        elif path == "/favicon.ico":
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         else:
             self._send_json(404, _NOT_FOUND)
 
@@ -668,7 +673,9 @@ class Emulator:
         self._faults: list[list] = []  # [name, remaining, seconds]
         self._random_faults: list[tuple[str, float, float]] = []
         self._fault_rng = random.Random(self.seed)
-        self._id_rng = random.Random(f"ids-{self.seed}")
+        # ids are unique across emulator runs (a thread name from yesterday's run is not today's);
+        # only the faults follow the seed
+        self._id_rng = random.SystemRandom()
         self._counts: dict[str, Any] = {
             "requests": 0,
             "created": 0,
@@ -1041,10 +1048,10 @@ def _summary(m: dict) -> str:
     return text[:80] + ("…" if len(text) > 80 else "")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m chat_magic.emulator``: run the emulator in the foreground until Ctrl-C or SIGTERM."""
+def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emulator") -> int:
+    """``chat-magic emulator``: run the emulator in the foreground until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m chat_magic.emulator",
+        prog=prog,
         description="A local Google Chat incoming-webhook emulator, for tests and demos.",
     )
     parser.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help=f"port (default {DEFAULT_CLI_PORT}; 0: a free port)")

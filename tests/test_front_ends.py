@@ -1,0 +1,233 @@
+"""One rule in every front end, and the rough edges a new user met (issue 13).
+
+Everything runs for real: the magics in a real IPython shell and a real
+kernel (nbclient + ipykernel), ``notify_when_done`` in this process, the
+``chat-magic`` command as a subprocess, all posting to the emulator over HTTP.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import subprocess
+import sys
+import time
+
+import nbformat
+import pytest
+import requests
+from conftest import assert_no_secret
+
+import chat_magic
+from chat_magic.emulator import Emulator
+from chat_magic.errors import ConfigError
+from chat_magic.rules import validate_mention
+
+CLI = [sys.executable, "-m", "chat_magic.cli"]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    p = subprocess.run([*CLI, *args], env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
+    assert_no_secret(p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        return InteractiveShell.instance()
+    cfg = Config()
+    cfg.HistoryManager.hist_file = ":memory:"
+    return InteractiveShell.instance(config=cfg)
+
+
+@pytest.fixture
+def ip(shell, outbox_home):
+    shell.run_cell("%load_ext chat_magic")
+    yield shell
+    shell.run_cell("%unload_ext chat_magic")
+
+
+def card_text(m: dict) -> str:
+    parts = [m.get("text", "")]
+    for entry in m.get("cardsV2", []):
+        for sec in entry["card"]["sections"]:
+            for w in sec["widgets"]:
+                for kind in ("decoratedText", "textParagraph"):
+                    if kind in w:
+                        parts.append(html.unescape(re.sub(r"<[^>]+>", "", w[kind]["text"])))
+    return "\n".join(parts)
+
+
+# -- the mention rule, the same everywhere ----------------------------------------------
+
+
+@pytest.mark.parametrize("who, ok", [
+    ("all", True), ("users/all", True), ("123456789012345678901", True), ("alice@example.com", True),
+    ("users/alice@example.com", True), ("alice-bot", False), ("every one", False), ("", False), ("<users/all>", False),
+])
+def test_the_mention_rule_is_one_rule_in_all_three_front_ends(ip, space, capsys, who, ok):
+    # the rule itself
+    if ok:
+        assert validate_mention(who) == who.removeprefix("users/")
+    else:
+        with pytest.raises(ConfigError, match="is not someone Google Chat can mention"):
+            validate_mention(who)
+    # %%chat: a UsageError line, or the cell runs
+    capsys.readouterr()
+    r = ip.run_cell(f"%%chat --mention '{who}' --on-error\n1", store_history=True)
+    shown = capsys.readouterr()
+    assert ("UsageError" in shown.out + shown.err) is (not ok), shown
+    assert r.success is ok or r.error_before_exec is None
+    # notify_when_done: a ConfigError at once, or accepted
+    if ok:
+        assert chat_magic.notify_when_done("x", mention=who).mention == who.removeprefix("users/")
+    else:
+        with pytest.raises(ConfigError):
+            chat_magic.notify_when_done("x", mention=who)
+    # chat-magic run: exit 2 before the command runs, or the command's own status
+    p = subprocess.run([*CLI, "run", "--on", "error", "--mention", who, "--", sys.executable, "-c", "pass"],
+                       env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert p.returncode == (0 if ok else 2), p.stderr
+    if not ok:
+        assert p.stderr.count("\n") == 1 and "is not someone Google Chat can mention" in p.stderr
+
+
+def test_an_email_mention_reaches_the_text(ip, space):
+    ip.run_cell("%chat --mention alice@example.com -- deploy done", store_history=True)
+    assert chat_magic.flush(30)
+    assert "\n<users/alice@example.com> deploy done" in "\n".join(space.texts())
+
+
+# -- %chat and a literal dollar ---------------------------------------------------------------
+
+
+def test_a_literal_dollar_is_written_twice(ip, space):
+    ip.user_ns["price"] = 5
+    ip.run_cell("%chat costs $$5, or $price, and {{braces}}", store_history=True)
+    assert chat_magic.flush(30)
+    assert "\ncosts $5, or 5, and {braces}" in "\n".join(space.texts())
+
+
+# -- tracebacks name the cell that ran ---------------------------------------------------------
+
+
+def test_a_failing_chat_cell_is_named_by_its_own_prompt(ip, space, capsys):
+    ip.run_cell("x = 1", store_history=True)
+    capsys.readouterr()
+    r = ip.run_cell("%%chat --title Load\nopen('/nonexistent/chat-magic-data.csv')", store_history=True)
+    shown = capsys.readouterr()
+    n = r.execution_count
+    assert isinstance(n, int) and not r.success
+    from chat_magic.message import strip_ansi
+
+    assert f"Cell In[{n}]" in strip_ansi(shown.out + shown.err)  # what the user sees, under prompt [n]
+    assert chat_magic.flush(30)
+    (notice,) = [m for m in space.messages() if "cardsV2" in m]
+    text = card_text(notice)
+    assert f"Cell In[{n}], line 1" in text or f'"Cell In[{n}]", line 1' in text, text
+    assert "_modified_open" not in text and "IPython" not in text and "ipython-input" not in text
+    assert "FileNotFoundError" in text
+
+
+NOTEBOOK_CELLS = [
+    "%load_ext chat_magic",
+    "x = 41",
+    "%%chat --title Load\nopen('/nonexistent/chat-magic-data.csv')",
+]
+
+
+def test_in_a_real_kernel_the_card_shows_the_cell_not_a_temporary_file(space, tmp_path):
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
+    nb.cells[-1].metadata["tags"] = ["raises-exception"]
+    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    failing = nb.cells[-1]
+    (error,) = [o for o in failing.outputs if o.output_type == "error"]
+    prompt = failing.execution_count
+    from chat_magic.message import strip_ansi
+
+    shown = strip_ansi("\n".join(error.traceback))
+    assert f"Cell In[{prompt}]" in shown, shown  # the traceback under prompt [n] names [n]
+    deadline = time.monotonic() + 30
+    while not [m for m in space.messages() if "cardsV2" in m]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    text = card_text([m for m in space.messages() if "cardsV2" in m][0])
+    assert f"Cell In[{prompt}]" in text, text
+    assert "ipykernel_" not in text and "_modified_open" not in text and "/tmp/" not in text
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_send_timeout_is_the_whole_wait(space, emulator):
+    emulator.set_down(True)
+    try:
+        t0 = time.monotonic()
+        p = cli("send", "never arrives", "--timeout", "2")
+        took = time.monotonic() - t0
+    finally:
+        emulator.set_down(False)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("chat-magic: not delivered within 2 s (still queued, will retry)")
+    assert "not delivered: not delivered" not in p.stderr
+    # before: --timeout, then the exit hook's own 3 s wait (5 s in all for --timeout 2)
+    assert took < 4.5, took
+    assert chat_magic.flush(30)  # it stayed queued: delivered now
+    assert space.texts() == ["never arrives"]
+
+
+def test_unknown_outbox_ids_are_named(outbox_home):
+    for action in ("retry", "drop"):
+        p = cli("outbox", action, "999")
+        assert p.returncode == 2, (action, p.stdout, p.stderr)
+        assert "no message 999 in the outbox" in p.stderr
+
+
+@pytest.mark.parametrize("command", ["send", "run", "outbox", "emulator", "demo"])
+def test_every_subcommand_has_help(command):
+    p = cli(command, "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"usage: chat-magic {command}")
+    description = p.stdout.split("\n\n")[1]
+    assert len(description.split()) >= 5, "a sentence that says what it does"
+
+
+def test_outbox_help_explains_each_action():
+    out = cli("outbox", "--help").stdout
+    for action in ("list", "flush", "retry", "drop", "prune"):
+        assert re.search(rf"^\s+{action}\s+\w+", out, re.M), action
+
+
+# -- the emulator ------------------------------------------------------------------------------
+
+
+def test_the_web_views_favicon_is_not_a_webhook_request():
+    with Emulator(qps=None) as emu:
+        page = requests.get(emu.base_url + "/", timeout=5)
+        icon = requests.get(emu.base_url + "/favicon.ico", timeout=5)
+        assert page.status_code == 200 and icon.status_code == 204
+        stats = emu.stats()
+        assert stats["requests"] == 0 and stats["rejected"] == 0
+        again = requests.get(emu.base_url + "/", timeout=5).text
+        assert "0 requests" in again and "rejected" not in again.split("0 requests", 1)[1][:40]
+
+
+def test_message_and_thread_ids_differ_between_emulator_runs():
+    names = []
+    for _ in range(2):
+        with Emulator(qps=None) as emu:
+            url = emu.webhook_url(space="SAME")
+            r = requests.post(url, params={"messageReplyOption": "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"},
+                              json={"text": "hi", "thread": {"threadKey": "k"}}, timeout=5)
+            assert r.status_code == 200, r.text
+            names.append((r.json()["name"], r.json()["thread"]["name"]))
+    assert names[0][0] != names[1][0] and names[0][1] != names[1][1]
