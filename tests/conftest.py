@@ -5,14 +5,19 @@
 - ``space``: a fresh space on that emulator for one test, with the
   environment pointing ``GOOGLE_CHAT_WEBHOOK_URL`` at it and ``CHAT_MAGIC_HOME``
   at a private folder; ``space.messages()`` is what the space received.
+- ``fast_space``: the same on a second emulator with no quota, and this
+  process's pacing off: for tests that are not about pacing (they run faster).
 - ``validate_message(payload)``: checks a payload with the official proto.
+- ``wait_until(predicate)``: poll until true, or fail saying what was awaited.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
+from typing import Any, Callable
 
 import pytest
 
@@ -34,6 +39,21 @@ def assert_no_secret(*texts: object) -> None:
     for t in texts:
         s = str(t)
         assert KEY not in s and TOKEN not in s, f"secret leaked in: {s[:300]}"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, *, what: str = "the condition", interval: float = 0.05) -> Any:
+    """Call ``predicate`` until it returns something true, and return that; fail after ``timeout`` seconds.
+
+    Waits on an event; never use a fixed sleep as proof that something did not happen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 class Space:
@@ -77,15 +97,42 @@ def outbox_home(tmp_path, monkeypatch):
     session.set_session(None)
 
 
-@pytest.fixture
-def space(emulator, outbox_home, monkeypatch):
-    sp = Space(emulator, "S" + uuid.uuid4().hex[:12].upper())
+@pytest.fixture(scope="session")
+def fast_emulator():
+    """An emulator with no quota: for tests that are not about pacing."""
+    emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True)
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+def _space(emu: Emulator, monkeypatch):
+    sp = Space(emu, "S" + uuid.uuid4().hex[:12].upper())
     monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", sp.url)
     yield sp
     # every payload a test made the space accept is a valid Message
     for r in sp.requests():
         if r.get("status") == 200 and r.get("body"):
             validate_message(r["body"])
+
+
+@pytest.fixture
+def space(emulator, outbox_home, monkeypatch):
+    """A fresh space under the real quota (1 request/s), with this process pacing as it does for users."""
+    yield from _space(emulator, monkeypatch)
+
+
+@pytest.fixture
+def fast_space(fast_emulator, outbox_home, monkeypatch):
+    """A fresh space with no quota, and no pacing in this process: what is tested is not the timing."""
+    from chat_magic import delivery
+
+    saved = (delivery.settings.interval, delivery.settings.gap_after_answer)
+    delivery.settings.interval, delivery.settings.gap_after_answer = 0.0, 0.0
+    try:
+        yield from _space(fast_emulator, monkeypatch)
+    finally:
+        delivery.settings.interval, delivery.settings.gap_after_answer = saved
 
 
 @pytest.fixture

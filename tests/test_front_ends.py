@@ -70,7 +70,7 @@ def card_text(m: dict) -> str:
     ("all", True), ("users/all", True), ("123456789012345678901", True), ("alice@example.com", True),
     ("users/alice@example.com", True), ("alice-bot", False), ("every one", False), ("", False), ("<users/all>", False),
 ])
-def test_the_mention_rule_is_one_rule_in_all_three_front_ends(ip, space, capsys, who, ok):
+def test_the_mention_rule_is_one_rule_in_all_three_front_ends(ip, fast_space, capsys, who, ok):
     # the rule itself
     if ok:
         assert validate_mention(who) == who.removeprefix("users/")
@@ -97,26 +97,26 @@ def test_the_mention_rule_is_one_rule_in_all_three_front_ends(ip, space, capsys,
         assert p.stderr.count("\n") == 1 and "is not someone Google Chat can mention" in p.stderr
 
 
-def test_an_email_mention_reaches_the_text(ip, space):
+def test_an_email_mention_reaches_the_text(ip, fast_space):
     ip.run_cell("%chat --mention alice@example.com -- deploy done", store_history=True)
     assert chat_magic.flush(30)
-    assert "\n<users/alice@example.com> deploy done" in "\n".join(space.texts())
+    assert "\n<users/alice@example.com> deploy done" in "\n".join(fast_space.texts())
 
 
 # -- %chat and a literal dollar ---------------------------------------------------------------
 
 
-def test_a_literal_dollar_is_written_twice(ip, space):
+def test_a_literal_dollar_is_written_twice(ip, fast_space):
     ip.user_ns["price"] = 5
     ip.run_cell("%chat costs $$5, or $price, and {{braces}}", store_history=True)
     assert chat_magic.flush(30)
-    assert "\ncosts $5, or 5, and {braces}" in "\n".join(space.texts())
+    assert "\ncosts $5, or 5, and {braces}" in "\n".join(fast_space.texts())
 
 
 # -- tracebacks name the cell that ran ---------------------------------------------------------
 
 
-def test_a_failing_chat_cell_is_named_by_its_own_prompt(ip, space, capsys):
+def test_a_failing_chat_cell_is_named_by_its_own_prompt(ip, fast_space, capsys):
     ip.run_cell("x = 1", store_history=True)
     capsys.readouterr()
     r = ip.run_cell("%%chat --title Load\nopen('/nonexistent/chat-magic-data.csv')", store_history=True)
@@ -127,7 +127,7 @@ def test_a_failing_chat_cell_is_named_by_its_own_prompt(ip, space, capsys):
 
     assert f"Cell In[{n}]" in strip_ansi(shown.out + shown.err)  # what the user sees, under prompt [n]
     assert chat_magic.flush(30)
-    (notice,) = [m for m in space.messages() if "cardsV2" in m]
+    (notice,) = [m for m in fast_space.messages() if "cardsV2" in m]
     text = card_text(notice)
     assert f"Cell In[{n}], line 1" in text or f'"Cell In[{n}]", line 1' in text, text
     assert "_modified_open" not in text and "IPython" not in text and "ipython-input" not in text
@@ -141,7 +141,7 @@ NOTEBOOK_CELLS = [
 ]
 
 
-def test_in_a_real_kernel_the_card_shows_the_cell_not_a_temporary_file(space, tmp_path):
+def test_in_a_real_kernel_the_card_shows_the_cell_not_a_temporary_file(fast_space, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.v4.new_notebook()
@@ -156,10 +156,10 @@ def test_in_a_real_kernel_the_card_shows_the_cell_not_a_temporary_file(space, tm
     shown = strip_ansi("\n".join(error.traceback))
     assert f"Cell In[{prompt}]" in shown, shown  # the traceback under prompt [n] names [n]
     deadline = time.monotonic() + 30
-    while not [m for m in space.messages() if "cardsV2" in m]:
+    while not [m for m in fast_space.messages() if "cardsV2" in m]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    text = card_text([m for m in space.messages() if "cardsV2" in m][0])
+    text = card_text([m for m in fast_space.messages() if "cardsV2" in m][0])
     assert f"Cell In[{prompt}]" in text, text
     assert "ipykernel_" not in text and "_modified_open" not in text and "/tmp/" not in text
 

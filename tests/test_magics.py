@@ -99,7 +99,7 @@ def usage_lines(text: str) -> list[str]:
 # -- %%chat ------------------------------------------------------------------------
 
 
-def test_chat_cell_runs_as_usual_and_posts_one_notice(ip, space, capsys):
+def test_chat_cell_runs_as_usual_and_posts_one_notice(ip, fast_space, capsys):
     capsys.readouterr()
     r = run(ip, "%%chat\n# Train the model\nimport sys\nprint('epoch 1 done')\nprint('careful', file=sys.stderr)\n6 * 7")
     out = capsys.readouterr()
@@ -108,7 +108,7 @@ def test_chat_cell_runs_as_usual_and_posts_one_notice(ip, space, capsys):
     assert out.out.count("Out[") == 1 and "42" in out.out  # and the result, once
     assert ip.user_ns["Out"][r.execution_count] == 42 and ip.user_ns["_"] == 42
 
-    msgs = delivered(space)
+    msgs = delivered(fast_space)
     assert len(msgs) == 2  # the session header, then one notice
     assert len({m["thread"]["name"] for m in msgs}) == 1
     assert "IPython" in msgs[0]["text"] and current_session().host in msgs[0]["text"]
@@ -121,7 +121,7 @@ def test_chat_cell_runs_as_usual_and_posts_one_notice(ip, space, capsys):
     assert msgs[1]["fallbackText"].startswith("✅ Train the model finished")
 
 
-def test_failing_cell_shows_its_traceback_once_and_posts_the_error(ip, space, capsys):
+def test_failing_cell_shows_its_traceback_once_and_posts_the_error(ip, fast_space, capsys):
     capsys.readouterr()
     r = run(ip, "%%chat --title 'Load the data'\nprint('loading')\nraise ValueError('bad value')")
     out = capsys.readouterr()
@@ -131,7 +131,7 @@ def test_failing_cell_shows_its_traceback_once_and_posts_the_error(ip, space, ca
     assert "UsageError" not in shown and "chat_magic" not in shown
     assert "loading" in out.out
 
-    msgs = delivered(space)
+    msgs = delivered(fast_space)
     (title,) = titles(msgs)
     assert title.startswith("❌ Load the data failed in")
     body = flat(msgs[-1])
@@ -140,12 +140,12 @@ def test_failing_cell_shows_its_traceback_once_and_posts_the_error(ip, space, ca
     assert "interactiveshell.py" not in body  # IPython's own frames are left out
 
 
-def test_on_error_posts_only_failures_and_interrupts(ip, space, capsys):
+def test_on_error_posts_only_failures_and_interrupts(ip, fast_space, capsys):
     assert run(ip, "%%chat --on-error --title Quiet\nprint('fine')").success
     r = run(ip, "%%chat --on-error --title Stopped\nraise KeyboardInterrupt")
     assert isinstance(r.error_in_exec, KeyboardInterrupt)
     run(ip, "%%chat --on-error --title Broken\n1 / 0")
-    msgs = delivered(space)
+    msgs = delivered(fast_space)
     t = titles(msgs)
     assert len(t) == 2
     assert t[0].startswith("⏹️ Stopped interrupted") and t[1].startswith("❌ Broken failed")
@@ -153,7 +153,7 @@ def test_on_error_posts_only_failures_and_interrupts(ip, space, capsys):
     assert "Quiet" not in json.dumps(msgs, ensure_ascii=False)
 
 
-def test_untrusted_output_cannot_mention_nor_break_its_block(ip, space, capsys):
+def test_untrusted_output_cannot_mention_nor_break_its_block(ip, fast_space, capsys):
     run(ip, "%config ChatMagics.cards = False")
     cell = (
         "%%chat --title Untrusted\n"
@@ -164,7 +164,7 @@ def test_untrusted_output_cannot_mention_nor_break_its_block(ip, space, capsys):
     )
     run(ip, cell)
     run(ip, "%%chat --mention all --title Wanted\nprint('done')")
-    text = "\n\n".join(m.get("text", "") for m in delivered(space))
+    text = "\n\n".join(m.get("text", "") for m in delivered(fast_space))
     assert text.count("<users/all>") == 1  # only --mention mentions
     assert "<users/all> " in text.split("Wanted")[0][-40:]
     assert "<https://evil.example|" not in text and "evil.example" in text
@@ -183,14 +183,14 @@ def test_untrusted_output_cannot_mention_nor_break_its_block(ip, space, capsys):
     assert "RuntimeError: oops" in text
 
 
-def test_max_lines_no_output_and_a_huge_output(ip, space, capsys):
+def test_max_lines_no_output_and_a_huge_output(ip, fast_space, capsys):
     run(ip, "%config ChatMagics.cards = False")
     run(ip, "%%chat --max-lines 3 --title Lines\nfor i in range(100):\n    print(f'line {i}')")
     run(ip, "%%chat --no-output --title Private\nprint('private-data-123')")
     big = "%%chat --title Big\nchunk = 'x' * 9999 + '\\n'\nfor _ in range(500):\n    print(chunk, end='')\nprint('the end')"
     run(ip, big)
     capsys.readouterr()
-    text = "\n\n".join(m.get("text", "") for m in delivered(space))
+    text = "\n\n".join(m.get("text", "") for m in delivered(fast_space))
     lines_part = text.split("Lines finished")[1].split("Private")[0]
     assert "line 99" in lines_part and "line 97" in lines_part and "line 96" not in lines_part
     assert "cut]" in lines_part
@@ -211,7 +211,7 @@ def test_output_tail_memory_is_bounded():
     assert t.dropped == 50_000_005 - 1000
 
 
-def test_rich_output_is_summarised(ip, space, capsys):
+def test_rich_output_is_summarised(ip, fast_space, capsys):
     cell = (
         "%%chat --title Rich\n"
         "import base64\n"
@@ -223,7 +223,7 @@ def test_rich_output_is_summarised(ip, space, capsys):
     )
     r = run(ip, cell)
     assert r.success
-    body = flat(delivered(space)[-1])
+    body = flat(delivered(fast_space)[-1])
     assert body.count("[text/html]") == 2  # the display and the result
     assert "[image/png]" in body and "plain text too" in body
     assert "bold words" not in body and "IPython.core.display" not in body
@@ -274,19 +274,19 @@ def test_user_mistakes_are_one_line_usage_errors(ip, capsys):
     assert "\n" not in str(e.value) and "GOOGLE_CHAT_WEBHOOK_URL" in str(e.value)
 
 
-def test_inline_url_warns_once_redacted_and_still_sends(ip, space, capsys, debug_logs, monkeypatch):
+def test_inline_url_warns_once_redacted_and_still_sends(ip, fast_space, capsys, debug_logs, monkeypatch):
     monkeypatch.delenv("GOOGLE_CHAT_WEBHOOK_URL")
     capsys.readouterr()
-    r = run(ip, f"%%chat --to {space.url} --title Inline\nprint('inline works')")
+    r = run(ip, f"%%chat --to {fast_space.url} --title Inline\nprint('inline works')")
     out = capsys.readouterr()
     assert r.success
     warnings = [ln for ln in out.err.splitlines() if ln.startswith("chat_magic:")]
     assert len(warnings) == 1 and "saved with the notebook" in warnings[0] and "key=…" in warnings[0]
-    assert "inline works" in flat(delivered(space)[-1])
+    assert "inline works" in flat(delivered(fast_space)[-1])
     assert_no_secret(out.out, out.err, debug_logs.text)
 
 
-def test_a_delivery_problem_is_one_warning_line_and_the_cell_is_untouched(ip, space, capsys, tmp_path, monkeypatch):
+def test_a_delivery_problem_is_one_warning_line_and_the_cell_is_untouched(ip, fast_space, capsys, tmp_path, monkeypatch):
     # The outbox cannot be created at send time: CHAT_MAGIC_HOME under a plain
     # file, and no temporary folder to fall back to.
     blocker = tmp_path / "a-file"
@@ -329,7 +329,7 @@ def test_a_refused_message_is_told_in_one_line_once_delivery_ends(ip, emulator, 
     assert "rotated-token-0" not in err and KEY not in err
 
 
-def test_chat_compose_opens_a_composer(ip, space):
+def test_chat_compose_opens_a_composer(ip, fast_space):
     c = ip.run_line_magic("chat_compose", "")
     from chat_magic import Composer
 
@@ -341,7 +341,7 @@ def test_chat_compose_opens_a_composer(ip, space):
 # -- load, unload, configuration -------------------------------------------------------------
 
 
-def test_unload_and_reload_leave_nothing_behind(shell, space, capsys):
+def test_unload_and_reload_leave_nothing_behind(shell, fast_space, capsys):
     shell.config.pop("ChatMagics", None)
     if "chat_magic" in shell.extension_manager.loaded:  # left loaded by someone else
         run(shell, "%unload_ext chat_magic")
@@ -362,7 +362,7 @@ def test_unload_and_reload_leave_nothing_behind(shell, space, capsys):
     assert magics_of(shell) is None
     capsys.readouterr()
     assert not run(shell, "%chat gone").success
-    assert "still working after two reloads" in "\n".join(m.get("text", "") for m in delivered(space))
+    assert "still working after two reloads" in "\n".join(m.get("text", "") for m in delivered(fast_space))
 
 
 def test_config_traits(ip, shell, capsys):
@@ -397,7 +397,7 @@ def test_config_traits(ip, shell, capsys):
 # -- %chat_autonotify ----------------------------------------------------------------
 
 
-def test_autonotify_announces_slow_and_failing_cells_once(ip, space, capsys):
+def test_autonotify_announces_slow_and_failing_cells_once(ip, fast_space, capsys):
     before = counts(ip)
     run(ip, "%chat_autonotify --threshold 0.2")
     assert counts(ip) == (before[0] + 1, before[1] + 1)
@@ -415,7 +415,7 @@ def test_autonotify_announces_slow_and_failing_cells_once(ip, space, capsys):
     out = capsys.readouterr()
     assert "auto-notify is on" in out.out and "auto-notify is off" in out.out
 
-    msgs = delivered(space)
+    msgs = delivered(fast_space)
     t = titles(msgs)
     assert len(t) == 4, t
     assert t[0].startswith("✅ Slow step finished in")
@@ -429,7 +429,7 @@ def test_autonotify_announces_slow_and_failing_cells_once(ip, space, capsys):
 # -- %chat, threads ----------------------------------------------------------------
 
 
-def test_chat_line_expands_variables_and_keeps_one_thread(ip, space, capsys):
+def test_chat_line_expands_variables_and_keeps_one_thread(ip, fast_space, capsys):
     run(ip, "loss = 0.25\nepochs = 3")
     run(ip, "%chat loss is *$loss* after {epochs} epochs")
     run(ip, "%chat --mention 123456789 -- -- look at this")
@@ -438,7 +438,7 @@ def test_chat_line_expands_variables_and_keeps_one_thread(ip, space, capsys):
     key = current_session().thread_key
     assert key in capsys.readouterr().out
     run(ip, "%%chat --title First\nprint(1)")
-    first = delivered(space)
+    first = delivered(fast_space)
     assert len({m["thread"]["name"] for m in first}) == 1
     assert all(m["thread"]["threadKey"] == key for m in first)
     text = "\n".join(m.get("text", "") for m in first)
@@ -446,17 +446,17 @@ def test_chat_line_expands_variables_and_keeps_one_thread(ip, space, capsys):
     assert "<users/123456789> -- look at this" in text
 
     run(ip, "%%chat --new-thread --title Second\nprint(2)")
-    msgs = delivered(space)[len(first):]
+    msgs = delivered(fast_space)[len(first):]
     assert len(msgs) == 2 and msgs[0]["text"].startswith("🐍")  # announced again in the new thread
     assert msgs[0]["thread"]["name"] == msgs[1]["thread"]["name"] != first[0]["thread"]["name"]
 
     run(ip, "%config ChatMagics.thread_key = 'team-run-7'")
     run(ip, "%chat into a chosen thread")
-    last = delivered(space)[-1]
+    last = delivered(fast_space)[-1]
     assert last["thread"]["threadKey"] == "team-run-7"
 
 
-def test_secrets_never_reach_output_logs_or_the_space(ip, space, capsys, debug_logs):
+def test_secrets_never_reach_output_logs_or_the_space(ip, fast_space, capsys, debug_logs):
     cell = (
         "%%chat --title Leaky\n"
         "import os\n"
@@ -472,10 +472,10 @@ def test_secrets_never_reach_output_logs_or_the_space(ip, space, capsys, debug_l
     run(ip, "%chat --to nope x")
     run(ip, "%chat_thread")
     out = capsys.readouterr()
-    msgs = delivered(space)
+    msgs = delivered(fast_space)
     assert "Leaky failed" in json.dumps(msgs, ensure_ascii=False)
-    assert_no_secret(out.out, out.err, debug_logs.text, json.dumps(msgs), json.dumps(space.requests()))
-    for m in space.requests():
+    assert_no_secret(out.out, out.err, debug_logs.text, json.dumps(msgs), json.dumps(fast_space.requests()))
+    for m in fast_space.requests():
         if m.get("status") == 200:
             validate_message(m["body"])
 
@@ -483,7 +483,7 @@ def test_secrets_never_reach_output_logs_or_the_space(ip, space, capsys, debug_l
 # -- terminal IPython --------------------------------------------------------------
 
 
-def test_terminal_ipython_posts_and_delivers_before_exit(space, tmp_path):
+def test_terminal_ipython_posts_and_delivers_before_exit(fast_space, tmp_path):
     env = dict(os.environ, CHAT_MAGIC_EXIT_TIMEOUT="20", IPYTHONDIR=str(tmp_path / "ipython"))
     code = "%%chat --title Terminal\nprint('from the terminal')\n6 * 7"
     p = subprocess.run(
@@ -493,13 +493,13 @@ def test_terminal_ipython_posts_and_delivers_before_exit(space, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "from the terminal" in p.stdout and "42" in p.stdout
     assert_no_secret(p.stdout, p.stderr)
-    msgs = space.wait_for(2, timeout=10)  # delivered before the process exited
+    msgs = fast_space.wait_for(2, timeout=10)  # delivered before the process exited
     assert titles(msgs)[0].startswith("✅ Terminal finished in")
     assert "from the terminal" in flat(msgs[1])
     assert len({m["thread"]["name"] for m in msgs}) == 1
 
 
-def test_top_level_await_under_a_running_loop_is_a_usage_error(ip, space):
+def test_top_level_await_under_a_running_loop_is_a_usage_error(ip, fast_space):
     import asyncio
 
     async def in_a_kernel_like_loop():  # ipykernel runs cells while its event loop runs
@@ -513,7 +513,7 @@ def test_top_level_await_under_a_running_loop_is_a_usage_error(ip, space):
     # without a running loop (terminal IPython) the same cell runs and posts
     assert run(ip, "%%chat --title Awaited\nimport asyncio\nawait asyncio.sleep(0)\nran_it = True").success
     assert ip.user_ns["ran_it"] is True
-    assert titles(delivered(space))[0].startswith("✅ Awaited finished")
+    assert titles(delivered(fast_space))[0].startswith("✅ Awaited finished")
 
 
 def test_posting_never_waits_for_the_network(ip, space, emulator):

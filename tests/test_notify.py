@@ -63,13 +63,13 @@ def one_thread(messages: list[dict]) -> str:
 # -- success, failure, interrupt --------------------------------------------------
 
 
-def test_success_posts_a_card_with_duration_and_origin_in_the_session_thread(space, capsys):
+def test_success_posts_a_card_with_duration_and_origin_in_the_session_thread(fast_space, capsys):
     with notify_when_done("training run") as n:
         n.update("epoch 1: loss 0.50")
         n.update("epoch 2: loss 0.25")
         value = 42
     assert value == 42
-    msgs = settle(space, 2)
+    msgs = settle(fast_space, 2)
     one_thread(msgs)
     assert all(m["thread"].get("threadKey") == chat_magic.session.current_session().thread_key for m in msgs)
     joined = "\n".join(m.get("text", "") for m in msgs)
@@ -89,7 +89,7 @@ def test_success_posts_a_card_with_duration_and_origin_in_the_session_thread(spa
     assert capsys.readouterr().err == ""
 
 
-def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceback(space):
+def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceback(fast_space):
     err = ValueError("bad learning rate <users/all>")
 
     def deepest_frame_of_user_code():
@@ -103,7 +103,7 @@ def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceb
     assert frames[-1].name == "deepest_frame_of_user_code"
     assert not any(f.filename.endswith(os.path.join("chat_magic", "notify.py")) for f in frames), "no frame of ours in the user's traceback"
     assert err.__context__ is None and err.__cause__ is None
-    msgs = settle(space, 2)
+    msgs = settle(fast_space, 2)
     (card,) = cards(msgs)
     assert card["header"]["title"].startswith("❌ fit failed")
     text = card_text(card)
@@ -115,15 +115,15 @@ def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceb
         assert "<users/all>" not in m.get("text", "") and "<users/all>" not in m.get("fallbackText", "")
 
 
-def test_keyboard_interrupt_is_posted_as_interrupted(space):
+def test_keyboard_interrupt_is_posted_as_interrupted(fast_space):
     with pytest.raises(KeyboardInterrupt):
         with notify_when_done("long loop"):
             raise KeyboardInterrupt
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("⏹️ long loop interrupted")
 
 
-def test_exception_with_broken_str_still_propagates_and_is_reported(space):
+def test_exception_with_broken_str_still_propagates_and_is_reported(fast_space):
     class Weird(Exception):
         def __str__(self):
             raise RuntimeError("no str for you")
@@ -133,34 +133,34 @@ def test_exception_with_broken_str_still_propagates_and_is_reported(space):
         with notify_when_done("weird"):
             raise w
     assert info.value is w
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert "Weird: &lt;unprintable&gt;" in card_text(card)
 
 
-def test_system_exit_zero_is_success_nonzero_is_failure(space):
+def test_system_exit_zero_is_success_nonzero_is_failure(fast_space):
     with pytest.raises(SystemExit):
         with notify_when_done("exit zero"):
             sys.exit(0)
     with pytest.raises(SystemExit):
         with notify_when_done("exit three"):
             sys.exit(3)
-    titles = [c["header"]["title"] for c in cards(settle(space, 3))]
+    titles = [c["header"]["title"] for c in cards(settle(fast_space, 3))]
     assert titles[0].startswith("✅ exit zero finished")
     assert titles[1].startswith("❌ exit three failed")
 
 
-def test_default_label_names_the_file_and_line(space):
+def test_default_label_names_the_file_and_line(fast_space):
     with notify_when_done():
         pass
     line = sys._getframe().f_lineno - 2
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert f"block at test_notify.py:{line} finished" in card["header"]["title"]
 
 
 # -- decorator ------------------------------------------------------------------
 
 
-def test_decorator_keeps_return_value_identity_and_exceptions(space):
+def test_decorator_keeps_return_value_identity_and_exceptions(fast_space):
     sentinel = object()
 
     @notify_when_done(cards=False)
@@ -182,7 +182,7 @@ def test_decorator_keeps_return_value_identity_and_exceptions(space):
     assert info.value is missing
     assert info.value.__context__ is None and info.value.__cause__ is None
     assert traceback.extract_tb(missing.__traceback__)[-1].name == "broken"
-    msgs = settle(space, 2)
+    msgs = settle(fast_space, 2)
     one_thread(msgs)
     joined = "\n".join(m.get("text", "") for m in msgs)
     assert "*test_decorator_keeps_return_value_identity_and_exceptions.train finished in " in joined
@@ -191,7 +191,7 @@ def test_decorator_keeps_return_value_identity_and_exceptions(space):
     assert "KeyError: &#x27;missing&#x27;" in card_text(card)
 
 
-def test_decorating_a_generator_function_is_refused_at_once(space):
+def test_decorating_a_generator_function_is_refused_at_once(fast_space):
     def gen():
         yield 1
 
@@ -201,7 +201,7 @@ def test_decorating_a_generator_function_is_refused_at_once(space):
         notify_when_done("not callable")(42)
 
 
-def test_async_decorator_and_async_with(space):
+def test_async_decorator_and_async_with(fast_space):
     result = {"big": list(range(5))}
 
     boom = RuntimeError("async boom")
@@ -225,7 +225,7 @@ def test_async_decorator_and_async_with(space):
         return got
 
     assert asyncio.run(main()) is result
-    msgs = settle(space, 4)
+    msgs = settle(fast_space, 4)
     titles = [c["header"]["title"] for c in cards(msgs)]
     assert titles[0].startswith("✅ async job finished")
     assert titles[1].startswith("❌ async job failed")
@@ -233,55 +233,55 @@ def test_async_decorator_and_async_with(space):
     assert any("inside async block" in m.get("text", "") for m in msgs)
 
 
-def test_update_from_inside_a_decorated_function(space, capsys):
+def test_update_from_inside_a_decorated_function(fast_space, capsys):
     @notify_when_done("decorated")
     def work():
         chat_magic.notify.update("halfway there")
 
     work()
-    msgs = settle(space, 2)
+    msgs = settle(fast_space, 2)
     assert any("halfway there" in m.get("text", "") for m in msgs)
     # outside any block: one warning line, nothing posted, no exception
     chat_magic.notify.update("nobody listens")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("chat_magic: update() outside")
     assert chat_magic.flush(10)
-    assert not any("nobody listens" in m.get("text", "") for m in space.messages())
+    assert not any("nobody listens" in m.get("text", "") for m in fast_space.messages())
 
 
-def test_update_from_another_thread_reaches_the_block(space):
+def test_update_from_another_thread_reaches_the_block(fast_space):
     import threading
 
     with notify_when_done("threaded updates") as n:
         t = threading.Thread(target=n.update, args=("from a worker thread",))
         t.start()
         t.join()
-    msgs = settle(space, 2)
+    msgs = settle(fast_space, 2)
     assert any("*threaded updates*: from a worker thread" in m.get("text", "") for m in msgs)
 
 
 # -- options ----------------------------------------------------------------------
 
 
-def test_on_error_posts_only_failures(space):
+def test_on_error_posts_only_failures(fast_space):
     with notify_when_done("quiet", on="error"):
         pass
     with pytest.raises(KeyboardInterrupt):
         with notify_when_done("quiet", on="error"):
             raise KeyboardInterrupt
     assert chat_magic.flush(10)
-    assert space.messages() == []
+    assert fast_space.messages() == []
     with pytest.raises(ZeroDivisionError):
         with notify_when_done("loud", on="error"):
             1 / 0
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("❌ loud failed")
 
 
-def test_notify_start_and_mention(space):
+def test_notify_start_and_mention(fast_space):
     with notify_when_done("mentioned", notify_start=True, mention="all"):
         pass
-    msgs = settle(space, 3)
+    msgs = settle(fast_space, 3)
     one_thread(msgs)
     titles = [c["header"]["title"] for c in cards(msgs)]
     assert titles[0] == "▶️ mentioned started"
@@ -292,15 +292,15 @@ def test_notify_start_and_mention(space):
     assert "<users/all>" not in start.get("text", ""), "only the completion notice pings"
 
 
-def test_custom_thread_key(space):
+def test_custom_thread_key(fast_space):
     with notify_when_done("threaded", thread_key="my-experiment-7", cards=False) as n:
         n.update("in my thread")
-    msgs = settle(space, 1)
+    msgs = settle(fast_space, 1)
     assert {m["thread"]["threadKey"] for m in msgs} == {"my-experiment-7"}
     assert "*threaded finished in " in "\n".join(m["text"] for m in msgs)
 
 
-def test_setup_mistakes_raise_one_line_config_errors_before_the_work(space, monkeypatch):
+def test_setup_mistakes_raise_one_line_config_errors_before_the_work(fast_space, monkeypatch):
     ran = []
     monkeypatch.delenv("GOOGLE_CHAT_WEBHOOK_URL")
     with pytest.raises(ConfigError) as info:
@@ -319,7 +319,7 @@ def test_setup_mistakes_raise_one_line_config_errors_before_the_work(space, monk
     with pytest.raises(ConfigError, match="GOOGLE_CHAT_WEBHOOK_URL"):
         job()  # ... but calling it says so before the work runs
     assert ran == []
-    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", space.url)
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", fast_space.url)
     for bad in ({"on": "sometimes"}, {"ranks": "some"}, {"mention": "everyone"}, {"thread_key": ""}):
         with pytest.raises(ConfigError) as info:
             notify_when_done("x", **bad)
@@ -353,28 +353,28 @@ def test_space_down_never_raises_into_user_code_and_the_notice_is_kept(space, em
 # -- ranks ------------------------------------------------------------------------
 
 
-def test_rank_nonzero_success_and_progress_are_not_posted(space, monkeypatch):
+def test_rank_nonzero_success_and_progress_are_not_posted(fast_space, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")
     with notify_when_done("ddp", notify_start=True) as n:
         n.update("progress from rank 1")
     assert n.receipt is None
     assert chat_magic.flush(10)
-    assert space.messages() == []
+    assert fast_space.messages() == []
 
 
-def test_rank_nonzero_failure_is_posted_naming_the_rank(space, monkeypatch):
+def test_rank_nonzero_failure_is_posted_naming_the_rank(fast_space, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     with pytest.raises(MemoryError):
         with notify_when_done("ddp"):
             raise MemoryError("CUDA out of memory")
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("❌ ddp (rank 3 of 8) failed")
     assert rows(card)["Rank"] == "rank 3 of 8"
 
 
-def test_rank_policy_all_posts_from_every_rank(space, monkeypatch):
+def test_rank_policy_all_posts_from_every_rank(fast_space, monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     monkeypatch.setenv("CHAT_MAGIC_RANKS", "all")
@@ -382,23 +382,23 @@ def test_rank_policy_all_posts_from_every_rank(space, monkeypatch):
         pass
     with notify_when_done("mpi zero only", ranks="zero"):
         pass
-    titles = [c["header"]["title"] for c in cards(settle(space, 2))]
+    titles = [c["header"]["title"] for c in cards(settle(fast_space, 2))]
     assert len(titles) == 1 and titles[0].startswith("✅ mpi (rank 2 of 4) finished")
 
 
-def test_rank_zero_posts_success(space, monkeypatch):
+def test_rank_zero_posts_success(fast_space, monkeypatch):
     monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("PMI_SIZE", "2")
     with notify_when_done("rank zero"):
         pass
-    (card,) = cards(settle(space, 2))
+    (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("✅ rank zero (rank 0 of 2) finished")
 
 
 # -- a plain script: one thread per run ---------------------------------------------
 
 
-def test_script_notices_share_one_thread_and_are_delivered_at_exit(space, tmp_path):
+def test_script_notices_share_one_thread_and_are_delivered_at_exit(fast_space, tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(textwrap.dedent("""
         from chat_magic import notify_when_done
@@ -418,7 +418,7 @@ def test_script_notices_share_one_thread_and_are_delivered_at_exit(space, tmp_pa
     assert p.returncode == 0, p.stderr
     assert p.stdout == "script done\n"
     assert_no_secret(p.stdout, p.stderr)
-    msgs = space.messages()  # the script waited for delivery before exiting
+    msgs = fast_space.messages()  # the script waited for delivery before exiting
     one_thread(msgs)
     assert msgs[0]["text"].startswith("📜 *train_script.py*")
     titles = [c["header"]["title"] for c in cards(msgs)]

@@ -42,12 +42,12 @@ def test_tqdm_posts_each_milestone_once_with_rate_and_eta(space):
     assert last.startswith("✅") and "ETA" not in last
 
 
-def test_default_interval_keeps_quiet_between_the_first_milestone_and_the_end(space):
+def test_default_interval_keeps_quiet_between_the_first_milestone_and_the_end(fast_space):
     bar = chat_magic.tqdm(total=100, desc="slow", **quiet())
     for _ in range(100):
         bar.update(1)
     bar.close()
-    assert percents(progress_text(space), "slow") == [25, 100]
+    assert percents(progress_text(fast_space), "slow") == [25, 100]
 
 
 def test_custom_milestones_and_skipped_ones_are_replaced_by_the_latest(space):
