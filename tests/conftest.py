@@ -98,6 +98,19 @@ def outbox_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def shell():
+    """A real IPython InteractiveShell (history in memory), shared by the tests of magics."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        return InteractiveShell.instance()
+    cfg = Config()
+    cfg.HistoryManager.hist_file = ":memory:"
+    return InteractiveShell.instance(config=cfg)
+
+
+@pytest.fixture(scope="session")
 def fast_emulator():
     """An emulator with no quota: for tests that are not about pacing."""
     emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True)

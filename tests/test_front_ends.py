@@ -33,18 +33,6 @@ def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.
     return p
 
 
-@pytest.fixture(scope="module")
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        return InteractiveShell.instance()
-    cfg = Config()
-    cfg.HistoryManager.hist_file = ":memory:"
-    return InteractiveShell.instance(config=cfg)
-
-
 @pytest.fixture
 def ip(shell, outbox_home):
     shell.run_cell("%load_ext chat_magic")

@@ -31,18 +31,6 @@ PNG_1X1 = (
 # -- fixtures and helpers --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        return InteractiveShell.instance()
-    cfg = Config()
-    cfg.HistoryManager.hist_file = ":memory:"
-    return InteractiveShell.instance(config=cfg)
-
-
 @pytest.fixture
 def ip(shell, outbox_home):
     """The shell with chat_magic loaded (and unloaded afterwards, settings back to defaults)."""
