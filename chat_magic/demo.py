@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the quickstart notebook in a fresh kernel against a local Google Chat emulator and print the thread that arrived.",
     )
     parser.add_argument("--notebook", type=Path, default=None, help="the notebook to run (default: notebooks/quickstart.ipynb)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per cell (default 120)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
     args = parser.parse_args(argv)
 
     nb_path = args.notebook or find_notebook()
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         client = NotebookClient(
             nb,
             kernel_name=KERNEL,
-            timeout=args.timeout,
+            timeout=args.timeout,  # an int: nbclient 0.10 with traitlets 5.7 refuses a float
             allow_errors=False,
             config=cfg,
             resources={"metadata": {"path": str(nb_path.parent)}},

@@ -159,11 +159,13 @@ class Capture:
         self.tail = OutputTail(limit)
         self.active = False
         self._undo: list[tuple[Any, str, Any, bool, Callable]] = []
+        self._own = 0  # > 0 while IPython itself writes (IPython 7 has no is_publishing / is_active / showing_traceback)
 
     def _busy(self) -> bool:
         sh = self.shell
         return bool(
-            getattr(getattr(sh, "display_pub", None), "is_publishing", False)
+            self._own
+            or getattr(getattr(sh, "display_pub", None), "is_publishing", False)
             or getattr(getattr(sh, "displayhook", None), "is_active", False)
             or getattr(sh, "showing_traceback", False)
         )
@@ -203,9 +205,19 @@ class Capture:
                             self.tail.write(line if line.endswith("\n") else line + "\n")
                     except Exception:
                         pass
-                return original(data, *args, **kwargs)
+                return quiet(original)(data, *args, **kwargs)
 
             return publish
+
+        def quiet(original: Callable) -> Callable:
+            def call(*args, **kwargs):
+                self._own += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._own -= 1
+
+            return call
 
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name, None)
@@ -214,6 +226,11 @@ class Capture:
         display_pub = getattr(self.shell, "display_pub", None)
         if display_pub is not None:
             self._patch(display_pub, "publish", publisher)
+        for obj, attr in ((self.shell, "showtraceback"), (self.shell, "showsyntaxerror"),
+                          (getattr(self.shell, "displayhook", None), "write_output_prompt"),
+                          (getattr(self.shell, "displayhook", None), "write_format_data")):
+            if obj is not None and hasattr(obj, attr):
+                self._patch(obj, attr, quiet)
         return self
 
     def remove(self) -> None:
