@@ -5,6 +5,7 @@
     chat-magic outbox [list|flush|retry ID...|drop ID...]
     chat-magic emulator [--port N] [--key K --token T]
     chat-magic demo
+    chat-magic spaces add NAME [--test] | list | remove NAME
 
 A user's mistake is one line on stderr and exit status 2; a message that was
 not delivered is one line and exit status 1. No output ever shows a
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("emulator", help="serve a local Google Chat webhook emulator", add_help=False)
     sub.add_parser("demo", help="run the quickstart notebook against the emulator and show the thread", add_help=False)
+    sub.add_parser("spaces", help="add (hidden prompt), list or remove named spaces", add_help=False)
     return p
 
 
@@ -62,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.showwarning = _one_line_warning  # a command-line user gets one line, not Python's two
     # subcommands with their own parsers get the rest of the line untouched
-    if argv and argv[0] in ("run", "emulator", "demo"):
+    if argv and argv[0] in ("run", "emulator", "demo", "spaces"):
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
@@ -88,6 +90,8 @@ def _delegate(command: str, rest: list[str]) -> int:
         from .run import main as run_main
     elif command == "emulator":
         from .emulator.__main__ import main as run_main  # type: ignore[no-redef]
+    elif command == "spaces":
+        from .spaces import main as run_main  # type: ignore[no-redef]
     else:
         from .demo import main as run_main  # type: ignore[no-redef]
     return int(run_main(rest) or 0)

@@ -740,10 +740,18 @@ class ChatMagics(Magics):
 
         return compose_magic(line, self.shell)
 
+    @line_magic("chat_setup")
+    def chat_setup(self, line: str) -> None:
+        """Save a webhook without it touching the notebook: %chat_setup [NAME] [--default] [--test] (see chat_magic.spaces)."""
+        from .spaces import setup_magic
+
+        setup_magic(line)
+
     # -- %chat_thread --------------------------------------------------------------
 
     @magic_arguments("chat_thread")
     @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
+    @argument("--name", metavar="NAME", help="the notebook's name in the thread header, where it cannot be detected (as CHAT_MAGIC_SOURCE).")
     @argument("key", nargs="?", help="use this thread key from now on (e.g. to continue a thread from an earlier session).")
     @line_magic("chat_thread")
     def chat_thread(self, line: str) -> None:
@@ -758,13 +766,19 @@ class ChatMagics(Magics):
         if args.key is not None and (not args.key.strip() or len(args.key) > 4000):
             raise _usage(f"{magic}: a thread key is 1 to 4,000 characters")
         session = self._session()
+        if args.name is not None:
+            try:
+                session.rename(args.name)
+            except ConfigError as e:
+                raise _usage(f"{magic}: {e}") from None
+            print(f"chat_magic: this session's messages now say they come from {session.source}")
         if args.key:
             key = session.new_thread(args.key.strip())
             print(f"chat_magic: this session now posts into thread {key}")
         elif args.new:
             key = session.new_thread()
             print(f"chat_magic: started a new thread: {key}")
-        else:
+        elif args.name is None:
             print(f"chat_magic: this session posts into thread {session.thread_key} ({session.origin})")
 
     # -- lifecycle ---------------------------------------------------------------
