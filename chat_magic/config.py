@@ -195,17 +195,37 @@ def _how_to_set(name: str) -> str:
 
 def from_secrets(name: str) -> Webhook | None:
     """The webhook in the first of: environment variable, Colab secret, Kaggle secret called ``name``."""
+    found = _first_secret(name)
+    return found[1] if found else None
+
+
+def _first_secret(name: str) -> tuple[str, Webhook] | None:
+    """(where, webhook) from the first source that has ``name``: its value checked, its errors one line."""
     sources: tuple[tuple[str, Callable[[str], str | None]], ...] = (
-        ("", _env_secret), ("Colab secret ", _colab_secret), ("Kaggle secret ", _kaggle_secret),
+        ("environment variable", _env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
     )
     for where, read in sources:
         value = read(name)
         if value:
             try:
-                return parse_webhook_url(value)
+                return where, parse_webhook_url(value)
             except ConfigError as e:
-                raise type(e)(f"{where}{name}: {e}") from None
+                raise type(e)(f"{name if where == sources[0][0] else f'{where} {name}'}: {e}") from None
     return None
+
+
+def describe(to: str | None = None) -> str:
+    """Where :func:`resolve` finds the webhook for ``to``, e.g. ``Colab secret GOOGLE_CHAT_WEBHOOK_URL: spaces/AAAA``.
+
+    Never shows a key or token; raises like :func:`resolve` when there is none.
+    """
+    webhook = resolve(to)
+    if to and any(c in to for c in "/?="):
+        return f"the URL given: spaces/{webhook.space}"
+    found = _first_secret(secret_name(to))
+    if found and found[1] == webhook:
+        return f"{found[0]} {secret_name(to)}: spaces/{webhook.space}"
+    return f"the config file {config_path()}: spaces/{webhook.space}"
 
 
 def forget_secrets() -> None:

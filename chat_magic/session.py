@@ -70,7 +70,7 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
 
 def _hosted_notebook() -> str:
     """``Colab``, ``Kaggle`` or ``Databricks`` when running there (they do not tell a kernel its file name)."""
-    if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
+    if sys.modules.get("google.colab") is not None or os.environ.get("COLAB_RELEASE_TAG"):
         return "Colab"
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         return "Kaggle"
