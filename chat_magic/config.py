@@ -36,7 +36,8 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ConfigError, NoDestinationError
 from .webhook import Webhook, parse_webhook_url, redact

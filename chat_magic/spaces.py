@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import config
 from .errors import ChatMagicError, ConfigError, DeliveryError, WebhookURLError
@@ -62,7 +62,7 @@ def _say_hello(name: str, webhook: Webhook, timeout: float) -> str:
 
     receipt = send(HELLO.format(name=name), to=webhook)
     try:
-        return receipt.wait(timeout).name
+        return receipt.wait(timeout).name or "(no name)"
     except DeliveryError as e:
         raise DeliveryError(f"the test message was not delivered, nothing saved: {redact(e)}") from None
 

@@ -23,7 +23,16 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
-from kernels import COLAB, KAGGLE, execute, forget_standins, make_notebook, outputs, stream, write_secrets
+from kernels import (
+    COLAB,
+    KAGGLE,
+    execute,
+    forget_standins,
+    make_notebook,
+    outputs,
+    stream,
+    write_secrets,
+)
 
 import chat_magic
 from chat_magic import config
@@ -223,7 +232,8 @@ def test_batch_runners_name_the_notebook(space, tmp_path, runner):
         "nbconvert": [_bin("jupyter-nbconvert"), "--to", "notebook", "--execute", str(nb), "--output", "out.ipynb"],
         "jupyter execute": [_bin("jupyter-execute"), str(nb)],
     }[runner]
-    p = subprocess.run(cmd, env=_kernel_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    p = subprocess.run(cmd, env=_kernel_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                       stdin=subprocess.DEVNULL, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"*{nb.name}*" in _header(space)
     assert_no_secret(p.stdout, p.stderr)
@@ -323,29 +333,29 @@ EVERYTHING = [
     "%%chat\n# Fit the model\nprint('fitting')\nscore = 0.93\nscore",
     ("%%chat --title 'Broken step'\nraise ValueError('bad input')", ["raises-exception"]),
     "note = 'all good'\n%chat Status: $note, score {score}",
-    "from chat_magic import notify_when_done\n"
-    "with notify_when_done('nightly job') as n:\n"
-    "    n.update('halfway there')\n"
-    "    total = sum(range(10))",
-    "from chat_magic import Composer\n"
-    "c = Composer()\n"
-    "c.message.value = 'hello from the *composer*'\n"
-    "c.send_button.click()\n"
-    "c",
-    "import time\n"
-    "deadline = time.monotonic() + 30\n"
-    "while not c.status.value.startswith(('delivered', 'failed')) and time.monotonic() < deadline:\n"
-    "    time.sleep(0.05)\n"
-    "print(c.status.value)",
-    "import sys, IPython, ipywidgets, ipykernel, chat_magic\n"
-    "print('stack', sys.prefix, IPython.__version__, ipywidgets.__version__, ipykernel.__version__)\n"
-    "chat_magic.flush(30)",
+    ("from chat_magic import notify_when_done\n"
+     "with notify_when_done('nightly job') as n:\n"
+     "    n.update('halfway there')\n"
+     "    total = sum(range(10))"),
+    ("from chat_magic import Composer\n"
+     "c = Composer()\n"
+     "c.message.value = 'hello from the *composer*'\n"
+     "c.send_button.click()\n"
+     "c"),
+    ("import time\n"
+     "deadline = time.monotonic() + 30\n"
+     "while not c.status.value.startswith(('delivered', 'failed')) and time.monotonic() < deadline:\n"
+     "    time.sleep(0.05)\n"
+     "print(c.status.value)"),
+    ("import sys, IPython, ipywidgets, ipykernel, chat_magic\n"
+     "print('stack', sys.prefix, IPython.__version__, ipywidgets.__version__, ipykernel.__version__)\n"
+     "chat_magic.flush(30)"),
 ]
 
 
 def test_everything_in_this_environments_own_kernel(space, tmp_path):
-    import IPython
     import ipykernel
+    import IPython
     import ipywidgets
 
     env = _kernel_env() | {"CHAT_MAGIC_SOURCE": "everything.ipynb"}  # nbclient called from Python tells no name
@@ -354,7 +364,7 @@ def test_everything_in_this_environments_own_kernel(space, tmp_path):
     out = stream(nb, "stdout")
     # the kernel ran on this environment's stack (Colab's pins in the Colab CI block)
     assert f"stack {sys.prefix} {IPython.__version__} {ipywidgets.__version__} {ipykernel.__version__}" in out
-    assert re.search(r"^delivered: spaces/\S+/messages/\S+$", out, re.M), out
+    assert re.search(r"^delivered: spaces/\S+/messages/\S+$", out, re.MULTILINE), out
     assert "fitting" in out
     results = [o["data"]["text/plain"] for o in outputs(nb, "execute_result")]
     assert "0.93" in results and results[-1] == "True"

@@ -16,7 +16,7 @@ def test_import_is_light():
 def test_all_matches_what_is_exported():
     public = {n for n in dir(chat_magic) if not n.startswith("_")} | set(chat_magic._LAZY)
     modules = {"errors", "config", "webhook", "message", "outbox", "delivery", "session", "report", "cli",
-               "magics", "notify", "composer", "progress", "run", "ranks", "demo", "emulator", "chatsyntax",
+               "magics", "notify", "composer", "progress", "run", "ranks", "demo", "emulator", "chatsyntax", "spaces",
                "annotations", "TYPE_CHECKING", "Any"}
     assert set(chat_magic.__all__) == (public - modules) | {"__version__"}
     for name in chat_magic.__all__:

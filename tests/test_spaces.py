@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ def cfg(outbox_home, monkeypatch, tmp_path):
 
 def cli(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "chat_magic.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120, env=env or dict(os.environ))
+                          text=True, timeout=120, env=env or dict(os.environ), check=False)
 
 
 def no_url_in(url: str, *texts: str) -> None:
@@ -137,7 +136,8 @@ def test_chat_setup_in_a_real_kernel_keeps_the_url_out_of_the_notebook(space, cf
 
     env = dict(os.environ, IPYTHONDIR=str(tmp_path / "ipython"))  # its own history database, read back below
     env.pop("GOOGLE_CHAT_WEBHOOK_URL")
-    km, kc = start_new_kernel(kernel_name="python3", env=env, stderr=open(tmp_path / "kernel.log", "wb"))
+    log = (tmp_path / "kernel.log").open("wb")
+    km, kc = start_new_kernel(kernel_name="python3", env=env, stderr=log)
     seen: list[dict] = []
     prompts: list[dict] = []
 
@@ -158,6 +158,7 @@ def test_chat_setup_in_a_real_kernel_keeps_the_url_out_of_the_notebook(space, cf
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+        log.close()
 
     assert len(prompts) == 1 and prompts[0]["password"] is True and "input hidden" in prompts[0]["prompt"]
     shown = "\n".join(str(m["content"]) for m in seen)
@@ -185,8 +186,8 @@ def test_chat_setup_mistakes_are_one_usage_line(cfg):
 
 def test_config_file_round_trip_keeps_other_settings(cfg, emulator):
     cfg.parent.mkdir(parents=True)
-    cfg.write_text('default = "a"\nextra = 3\n[spaces.a]\nwebhook_url = "%s"\nnote = "keep me"\n'
-                   % emulator.webhook_url(space="SA", key=KEY, token=TOKEN))
+    url = emulator.webhook_url(space="SA", key=KEY, token=TOKEN)
+    cfg.write_text(f'default = "a"\nextra = 3\n[spaces.a]\nwebhook_url = "{url}"\nnote = "keep me"\n')
     cfg.chmod(0o644)
     with pytest.warns(UserWarning, match="readable by others"):
         config.load_config()
