@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -184,12 +185,31 @@ def secret_name(space: str | None = None) -> str:
     return f"{ENV_URL}_{re.sub(r'[^A-Za-z0-9]+', '_', space).strip('_').upper()}"
 
 
+def hosted_service() -> str:
+    """``Colab``, ``Kaggle``, ``Databricks`` when this process runs there, else ``""``.
+
+    Colab's kernel itself lives in ``google.colab`` and its runtime sets
+    ``COLAB_RELEASE_TAG``; Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE``; Databricks
+    ``DATABRICKS_RUNTIME_VERSION``. Checked before asking a secrets module, so that
+    a stray ``google-colab`` package elsewhere is never asked (its ``get`` would
+    wait for a Colab frontend forever).
+    """
+    if sys.modules.get("google.colab") is not None or os.environ.get("COLAB_RELEASE_TAG"):
+        return "Colab"
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "Kaggle"
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return "Databricks"
+    return ""
+
+
 def _how_to_set(name: str) -> str:
     """How to provide ``name`` here: the advice fits the host the code runs on."""
     anywhere = f"set {name} or add a space to {config_path()} (chat-magic spaces add NAME; in a notebook: %chat_setup)"
-    if _host_module("google.colab.userdata") is not None:
+    host = hosted_service()
+    if host == "Colab":
         return f"add the secret {name} in Colab's Secrets panel (the key icon) with Notebook access on, or {anywhere}"
-    if _host_module("kaggle_secrets") is not None:
+    if host == "Kaggle":
         return f"add the secret {name} under Add-ons > Secrets and attach it to this notebook, or {anywhere}"
     return anywhere
 
@@ -273,7 +293,7 @@ def _remembered(source: str, name: str, read: Callable[[], str | None]) -> str |
 
 def _colab_secret(name: str) -> str | None:
     """``google.colab.userdata.get(name)``; None off Colab or without such a secret."""
-    userdata = _host_module("google.colab.userdata")
+    userdata = _host_module("google.colab.userdata") if hosted_service() == "Colab" else None
     if userdata is None:
         return None
 
@@ -295,7 +315,7 @@ def _colab_secret(name: str) -> str | None:
 
 def _kaggle_secret(name: str) -> str | None:
     """``UserSecretsClient().get_secret(name)``; None off Kaggle or when no such secret is attached."""
-    kaggle = _host_module("kaggle_secrets")
+    kaggle = _host_module("kaggle_secrets") if hosted_service() == "Kaggle" else None
     if kaggle is None:
         return None
 

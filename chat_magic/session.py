@@ -54,7 +54,9 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
             name = Path(candidate).name
             if name.endswith(".ipynb") or "ipynb" in name:
                 return "notebook", name
-    host = _hosted_notebook()
+    from .config import hosted_service
+
+    host = hosted_service()
     if host:
         return "notebook", host
     launcher = _launcher_notebook() if "ipykernel" in sys.modules else None
@@ -66,17 +68,6 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     if argv0 and argv0 not in ("-c", "-m"):
         return "script", Path(argv0).name
     return "python", "python"
-
-
-def _hosted_notebook() -> str:
-    """``Colab``, ``Kaggle`` or ``Databricks`` when running there (they do not tell a kernel its file name)."""
-    if sys.modules.get("google.colab") is not None or os.environ.get("COLAB_RELEASE_TAG"):
-        return "Colab"
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-        return "Kaggle"
-    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
-        return "Databricks"
-    return ""
 
 
 def _launcher_notebook() -> str:

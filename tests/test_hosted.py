@@ -52,8 +52,10 @@ def standins(monkeypatch, tmp_path, outbox_home):
         calls = tmp_path / "standin-calls.txt"
 
         def use(self, *dirs: Path) -> None:
+            """Put the stand-ins on sys.path and say we run there, as Colab's and Kaggle's runtimes do."""
             for d in dirs:
                 monkeypatch.syspath_prepend(str(d))
+                monkeypatch.setenv(*{COLAB: ("COLAB_RELEASE_TAG", "standin"), KAGGLE: ("KAGGLE_KERNEL_RUN_TYPE", "Interactive")}[d])
             config.forget_secrets()
 
         def secrets(self, **values: tuple[str, bool] | str) -> None:
@@ -97,10 +99,10 @@ def test_the_order_is_to_then_env_then_colab_then_kaggle_then_the_config_file(sp
     config.forget_secrets()
     assert config.resolve().space == "SFILE"
     assert config.describe() == f"the config file {cfg}: spaces/SFILE"
-    # 4. off Colab (the import fails), Kaggle's secrets come before the config file
+    # 4. on Kaggle, its secrets come before the config file
     standins.secrets(GOOGLE_CHAT_WEBHOOK_URL=other_space(emulator, "SKAGGLE"))
-    monkeypatch.setitem(sys.modules, "google.colab.userdata", None)
-    config.forget_secrets()
+    monkeypatch.delenv("COLAB_RELEASE_TAG")
+    forget_standins()  # google.colab no longer imported: not on Colab
     assert config.resolve().space == "SKAGGLE"
     assert config.describe() == "Kaggle secret GOOGLE_CHAT_WEBHOOK_URL: spaces/SKAGGLE"
 
@@ -113,7 +115,7 @@ def test_a_colab_secret_delivers_and_the_header_says_colab(emulator, standins, m
     assert receipt.wait(30).name.startswith("spaces/SCOLABSEND/messages/")
     msgs = emulator.messages(space="SCOLABSEND")[before:]
     assert [m["text"] for m in msgs] == ["from Colab"]
-    assert detect_source() == ("notebook", "Colab")  # google.colab is imported, as on every Colab kernel
+    assert detect_source() == ("notebook", "Colab")
     for r in emulator.requests:
         if "/spaces/SCOLABSEND/" in r["path"] and r.get("status") == 200:
             validate_message(r["body"])
@@ -186,6 +188,17 @@ def test_kaggle_errors_other_than_a_missing_secret_are_one_line(standins, monkey
     config.forget_secrets()
     with pytest.raises(config.NoDestinationError, match="Add-ons > Secrets and attach it to this notebook"):
         config.resolve()
+
+
+def test_a_secrets_module_off_its_host_is_never_asked(standins, monkeypatch):
+    """A google-colab package installed elsewhere would wait forever for a Colab frontend: not asked off Colab."""
+    monkeypatch.syspath_prepend(str(COLAB))
+    monkeypatch.syspath_prepend(str(KAGGLE))
+    standins.secrets(GOOGLE_CHAT_WEBHOOK_URL="http://127.0.0.1:9/v1/spaces/S/messages?key=k&token=t")
+    config.forget_secrets()
+    with pytest.raises(config.NoDestinationError, match="^no webhook configured: set GOOGLE_CHAT_WEBHOOK_URL or add"):
+        config.resolve()
+    assert standins.looked_up() == []
 
 
 def test_hosted_lookups_are_remembered_for_a_while(emulator, standins):
@@ -296,7 +309,7 @@ def test_colab_says_colab_in_a_real_kernel(emulator, standins, tmp_path):
     """The Colab stand-in on the kernel's PYTHONPATH serves the secret; no GOOGLE_CHAT_WEBHOOK_URL anywhere."""
     standins.secrets(GOOGLE_CHAT_WEBHOOK_URL=other_space(emulator, "SCOLABKERNEL"))
     nb = _posting_notebook(tmp_path / "Untitled0.ipynb")
-    env = _kernel_env() | {"PYTHONPATH": str(COLAB)}
+    env = _kernel_env() | {"PYTHONPATH": str(COLAB), "COLAB_RELEASE_TAG": "standin"}
     env.pop("GOOGLE_CHAT_WEBHOOK_URL", None)
     execute(nb, env=env, log=tmp_path / "kernel.log")
     header = emulator.messages(space="SCOLABKERNEL")[0]["text"]
@@ -416,7 +429,7 @@ def test_colab_quickstart_runs_against_the_emulator(emulator, standins, tmp_path
     nb.cells.insert(at + 1, injected)
     path = tmp_path / COLAB_NOTEBOOK.name
     nbformat.write(nb, path)
-    env = _kernel_env() | {"PYTHONPATH": str(COLAB)}
+    env = _kernel_env() | {"PYTHONPATH": str(COLAB), "COLAB_RELEASE_TAG": "standin"}
     env.pop("GOOGLE_CHAT_WEBHOOK_URL", None)
     done = execute(path, env=env, log=tmp_path / "kernel.log")
 
