@@ -36,8 +36,8 @@ import stat
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NoDestinationError
