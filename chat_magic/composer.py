@@ -39,6 +39,7 @@ THREAD_CHOICES = (("session thread", SESSION), ("new thread", NEW), ("custom key
 DEFAULT = ""  # the dropdown value of the default destination
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
 _STATUS_COLORS = {QUEUED: "#5f6368", DELIVERED: "#188038", FAILED: "#d93025"}
+_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 _HELP = "Chat syntax: *bold* _italic_ ~strike~ `code` ```block``` <https://example.com|link> <users/all>"
 
 _CSS = """<style>
@@ -64,6 +65,10 @@ _CSS = """<style>
 .chat-magic-composer .cm-row .cm-x { flex: 1 1 0; min-width: 60px; }
 .chat-magic-composer .cm-help { font-size: 12px; color: #5f6368; }
 </style>"""
+# the status line's colour: a CSS class per state works on ipywidgets 7 (whose Label has no text_color) and 8
+_CSS = _CSS.replace("</style>", "".join(
+    f".chat-magic-composer .cm-status-{state} {{ color: {color}; }}\n" for state, color in _STATUS_COLORS.items()
+) + "</style>")
 
 
 def _destination_options() -> list[tuple[str, str]]:
@@ -186,7 +191,9 @@ class Composer(widgets.VBox):
         self.send_button.disabled = not ready or self._pending is not None
 
     def _set_status(self, state: str, detail: str = "") -> None:
-        self.status.style.text_color = _STATUS_COLORS.get(state, "")
+        for name in _STATUS_COLORS:
+            self.status.remove_class(f"cm-status-{name}")
+        self.status.add_class(f"cm-status-{state}")
         self.status.value = f"{state}: {detail}" if detail else state
 
     # -- sending ------------------------------------------------------------
@@ -340,11 +347,20 @@ class Composer(widgets.VBox):
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        data = super()._repr_mimebundle_(**kwargs)
-        if isinstance(data, dict):
-            data["text/plain"] = self.summary()
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget view plus the whole text summary (ipywidgets cuts its own text/plain at 110 characters)."""
+        data: dict[str, Any] = {"text/plain": self.summary()}
+        if self._view_name is not None:
+            data[_WIDGET_MIME] = {"version_major": 2, "version_minor": 0, "model_id": self._model_id}
         return data
+
+    if hasattr(widgets.Widget, "_ipython_display_"):  # ipywidgets 7 displays through this hook, not the bundle
+
+        def _ipython_display_(self, **kwargs: Any) -> None:
+            from IPython.display import display
+
+            display(self._repr_mimebundle_(), raw=True)
+            self._handle_displayed(**kwargs)
 
 
 def compose_magic(line: str = "", shell: Any = None) -> Composer:

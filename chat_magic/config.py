@@ -11,19 +11,37 @@
       webhook_url = "https://chat.googleapis.com/v1/spaces/AAAA/messages?key=...&token=..."
 
 - The outbox lives in ``CHAT_MAGIC_HOME`` (default: the user's state directory).
+
+Where a webhook comes from, first match wins (:func:`resolve`):
+
+1. an explicit ``to=`` / ``--to``: a URL, or a space name (then 2-5 with the
+   secret ``GOOGLE_CHAT_WEBHOOK_URL_<NAME>``, e.g. ``ml-team`` -> ``..._ML_TEAM``,
+   then ``[spaces.NAME]`` in the config file);
+2. the environment variable ``GOOGLE_CHAT_WEBHOOK_URL``;
+3. on Google Colab, the Secrets panel (``google.colab.userdata``);
+4. on Kaggle, its secrets (``kaggle_secrets.UserSecretsClient``);
+5. the config file (``default``, or its only space).
+
+A hosted secret that exists but that the notebook may not read is a one-line
+:class:`SecretAccessError` saying how to grant access, never a fall-through to
+the next source. Hosted look-ups are remembered for :data:`SECRET_TTL` seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NoDestinationError
-from .webhook import Webhook, parse_webhook_url
+from .webhook import Webhook, parse_webhook_url, redact
 
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
 ENV_CONFIG = "CHAT_MAGIC_CONFIG"
@@ -33,6 +51,19 @@ log = logging.getLogger("chat_magic")
 _lock = threading.Lock()
 _cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
 _warned_modes: set[str] = set()
+SECRET_TTL = 60.0  # seconds a hosted secret (or its absence) is remembered: each look-up is a round trip
+_secrets: dict[tuple[str, str], tuple[float, str | None]] = {}
+
+
+class SecretAccessError(ConfigError):
+    """A hosted notebook's secret exists but this notebook may not read it.
+
+    In a notebook it shows as its one line, without a traceback
+    (IPython's ``_render_traceback_`` hook).
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 def config_path() -> Path:
@@ -113,23 +144,24 @@ def resolve(to: str | Webhook | None = None) -> Webhook:
         return to
     if to is not None and not isinstance(to, str):
         raise NoDestinationError(f"to= takes a space name or a webhook URL, not {type(to).__name__}")
-    if to and "://" in to:
-        return parse_webhook_url(to)
+    if to and ("://" in to or any(c in to for c in "/?=")):
+        return parse_webhook_url(to)  # a URL, or a piece of one: a one-line, redacted WebhookURLError, never echoed
     if to:
+        found = from_secrets(secret_name(to))
+        if found is not None:
+            return found
         cfg = load_config()
         spaces = cfg.get("spaces", {})
         if to not in spaces:
-            if any(c in to for c in "/?="):  # a webhook URL without its scheme, or a piece of one: never echo it
-                return parse_webhook_url(to)  # raises a one-line, redacted WebhookURLError
             known = ", ".join(sorted(spaces)) or "none"
-            raise NoDestinationError(f"unknown space {to!r} (known: {known}): add [spaces.{to}] with webhook_url to {config_path()}")
+            raise NoDestinationError(
+                f"unknown space {to!r} (known: {known}): add [spaces.{to}] with webhook_url to {config_path()} "
+                f"(chat-magic spaces add {to}), or set the secret {secret_name(to)}"
+            )
         return _from_table(to, spaces[to])
-    env = os.environ.get(ENV_URL, "").strip()
-    if env:
-        try:
-            return parse_webhook_url(env)
-        except ConfigError as e:
-            raise type(e)(f"{ENV_URL}: {e}") from None
+    found = from_secrets(ENV_URL)
+    if found is not None:
+        return found
     cfg = load_config()
     default = cfg.get("default")
     if default:
@@ -138,7 +170,164 @@ def resolve(to: str | Webhook | None = None) -> Webhook:
     if len(spaces) == 1:
         (name, table), = spaces.items()
         return _from_table(name, table)
-    raise NoDestinationError(f"no webhook configured: set {ENV_URL} or add a space to {config_path()}")
+    raise NoDestinationError(f"no webhook configured: {_how_to_set(ENV_URL)}")
+
+
+def secret_name(space: str | None = None) -> str:
+    """The secret (or environment variable) holding a space's webhook.
+
+    ``GOOGLE_CHAT_WEBHOOK_URL`` for the default, ``GOOGLE_CHAT_WEBHOOK_URL_ML_TEAM``
+    for ``ml-team``: upper case, anything but letters and digits an underscore,
+    as hosted secrets panels expect.
+    """
+    if not space:
+        return ENV_URL
+    return f"{ENV_URL}_{re.sub(r'[^A-Za-z0-9]+', '_', space).strip('_').upper()}"
+
+
+def hosted_service() -> str:
+    """``Colab``, ``Kaggle``, ``Databricks`` when this process runs there, else ``""``.
+
+    Colab's kernel itself lives in ``google.colab`` and its runtime sets
+    ``COLAB_RELEASE_TAG``; Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE``; Databricks
+    ``DATABRICKS_RUNTIME_VERSION``. Checked before asking a secrets module, so that
+    a stray ``google-colab`` package elsewhere is never asked (its ``get`` would
+    wait for a Colab frontend forever).
+    """
+    if sys.modules.get("google.colab") is not None or os.environ.get("COLAB_RELEASE_TAG"):
+        return "Colab"
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "Kaggle"
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return "Databricks"
+    return ""
+
+
+def _how_to_set(name: str) -> str:
+    """How to provide ``name`` here: the advice fits the host the code runs on."""
+    anywhere = f"set {name} or add a space to {config_path()} (chat-magic spaces add NAME; in a notebook: %chat_setup)"
+    host = hosted_service()
+    if host == "Colab":
+        return f"add the secret {name} in Colab's Secrets panel (the key icon) with Notebook access on, or {anywhere}"
+    if host == "Kaggle":
+        return f"add the secret {name} under Add-ons > Secrets and attach it to this notebook, or {anywhere}"
+    return anywhere
+
+
+def from_secrets(name: str) -> Webhook | None:
+    """The webhook in the first of: environment variable, Colab secret, Kaggle secret called ``name``."""
+    found = _first_secret(name)
+    return found[1] if found else None
+
+
+def _first_secret(name: str) -> tuple[str, Webhook] | None:
+    """(where, webhook) from the first source that has ``name``: its value checked, its errors one line."""
+    sources: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("environment variable", _env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
+    )
+    for where, read in sources:
+        value = read(name)
+        if value:
+            try:
+                return where, parse_webhook_url(value)
+            except ConfigError as e:
+                raise type(e)(f"{name if where == sources[0][0] else f'{where} {name}'}: {e}") from None
+    return None
+
+
+def describe(to: str | None = None) -> str:
+    """Where :func:`resolve` finds the webhook for ``to``, e.g. ``Colab secret GOOGLE_CHAT_WEBHOOK_URL: spaces/AAAA``.
+
+    Never shows a key or token; raises like :func:`resolve` when there is none.
+    """
+    webhook = resolve(to)
+    if to and any(c in to for c in "/?="):
+        return f"the URL given: spaces/{webhook.space}"
+    found = _first_secret(secret_name(to))
+    if found and found[1] == webhook:
+        return f"{found[0]} {secret_name(to)}: spaces/{webhook.space}"
+    return f"the config file {config_path()}: spaces/{webhook.space}"
+
+
+def forget_secrets() -> None:
+    """Drop remembered hosted secrets and host modules (after adding a secret, and in tests)."""
+    with _lock:
+        _secrets.clear()
+        _hosts.clear()
+
+
+def _env_secret(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
+
+
+_hosts: dict[str, Any] = {}
+
+
+def _host_module(name: str) -> Any:
+    """A module that exists only on a hosted notebook service, or None (looked for once per process)."""
+    with _lock:
+        if name in _hosts:
+            return _hosts[name]
+    try:
+        from importlib import import_module
+
+        module: Any = import_module(name)
+    except ImportError:
+        module = None
+    with _lock:
+        _hosts[name] = module
+    return module
+
+
+def _remembered(source: str, name: str, read: Callable[[], str | None]) -> str | None:
+    now = time.monotonic()
+    with _lock:
+        hit = _secrets.get((source, name))
+    if hit and now - hit[0] < SECRET_TTL:
+        return hit[1]
+    value = read()
+    with _lock:
+        _secrets[(source, name)] = (now, value)
+    return value
+
+
+def _colab_secret(name: str) -> str | None:
+    """``google.colab.userdata.get(name)``; None off Colab or without such a secret."""
+    userdata = _host_module("google.colab.userdata") if hosted_service() == "Colab" else None
+    if userdata is None:
+        return None
+
+    def read() -> str | None:
+        try:
+            return str(userdata.get(name) or "").strip() or None
+        except userdata.SecretNotFoundError:
+            return None
+        except userdata.NotebookAccessError:
+            raise SecretAccessError(
+                f"this notebook may not read the Colab secret {name}: open the Secrets panel (the key icon on the left) "
+                f"and switch on Notebook access for {name}, then run the cell again"
+            ) from None
+        except Exception as e:  # TimeoutException: not run from the Colab UI
+            raise ConfigError(f"cannot read the Colab secret {name}: {type(e).__name__}: {redact(e)}") from None
+
+    return _remembered("colab", name, read)
+
+
+def _kaggle_secret(name: str) -> str | None:
+    """``UserSecretsClient().get_secret(name)``; None off Kaggle or when no such secret is attached."""
+    kaggle = _host_module("kaggle_secrets") if hosted_service() == "Kaggle" else None
+    if kaggle is None:
+        return None
+
+    def read() -> str | None:
+        try:
+            return str(kaggle.UserSecretsClient().get_secret(name) or "").strip() or None
+        except kaggle.BackendError:
+            return None  # Kaggle answers the same for a missing secret and one not attached to this notebook
+        except Exception as e:  # CredentialError, ConnectionError: not in a Kaggle kernel, or offline
+            raise ConfigError(f"cannot read the Kaggle secret {name}: {type(e).__name__}: {redact(e)}") from None
+
+    return _remembered("kaggle", name, read)
 
 
 def _from_table(name: str, table: dict[str, Any]) -> Webhook:
@@ -149,3 +338,92 @@ def _from_table(name: str, table: dict[str, Any]) -> Webhook:
         return parse_webhook_url(url)
     except ConfigError as e:
         raise type(e)(f"[spaces.{name}]: {e}") from None
+
+
+# -- writing the config file (chat-magic spaces, %chat_setup) ---------------------------
+
+SPACE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_space_name(name: str) -> str:
+    """``name`` if it can name a space (a bare TOML key and a secret suffix), else a one-line ConfigError."""
+    if not isinstance(name, str) or not SPACE_NAME.match(name):
+        raise ConfigError(f"a space name is 1 to 64 letters, digits, '-' or '_' (such as ml-team), not {name!r}")
+    return name
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write a {type(value).__name__} to the config file")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else _toml_value(key)
+
+
+def _toml_dump(data: dict[str, Any], prefix: str = "") -> str:
+    """The config as TOML: plain keys first, then one ``[table]`` per nested dict."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}{_toml_key(k)}"
+            own = {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}
+            if own or not v:
+                out += f"\n[{name}]\n" + "".join(f"{_toml_key(kk)} = {_toml_value(vv)}\n" for kk, vv in own.items())
+            out += _toml_dump({kk: vv for kk, vv in v.items() if isinstance(vv, dict)}, prefix=f"{name}.")
+    return out
+
+
+def write_config(data: dict[str, Any], path: Path | None = None) -> Path:
+    """Write the whole config file, mode 0600, atomically (comments in it are not kept)."""
+    path = path or config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_toml_dump(data).lstrip("\n"))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with _lock:
+        _cache.pop(str(path), None)
+    return path
+
+
+def save_space(name: str, webhook: Webhook, *, make_default: bool = False) -> Path:
+    """Add (or replace) ``[spaces.NAME]`` with this webhook; return the file written."""
+    check_space_name(name)
+    data = {k: v for k, v in load_config().items()}
+    spaces = dict(data.get("spaces", {}))
+    spaces[name] = {**spaces.get(name, {}), "webhook_url": webhook.url}
+    data["spaces"] = spaces
+    if make_default:
+        data["default"] = name
+    return write_config(data)
+
+
+def remove_space(name: str) -> Path:
+    """Remove ``[spaces.NAME]`` (and ``default`` if it named it); an unknown name is a NoDestinationError."""
+    data = {k: v for k, v in load_config().items()}
+    spaces = dict(data.get("spaces", {}))
+    if name not in spaces:
+        known = ", ".join(sorted(spaces)) or "none"
+        raise NoDestinationError(f"no space {name!r} in {config_path()} (known: {known})")
+    del spaces[name]
+    data["spaces"] = spaces
+    if data.get("default") == name:
+        del data["default"]
+    return write_config(data)

@@ -3,7 +3,7 @@
 It starts the emulator in this process (a free loopback port, the real
 1 request/second quota), points a fresh Jupyter kernel at it through
 ``GOOGLE_CHAT_WEBHOOK_URL`` (with a throw-away ``CHAT_MAGIC_HOME``), executes
-``notebooks/quickstart.ipynb`` with nbclient, waits until every message has
+the quickstart notebook (shipped inside the package) with nbclient, waits until every message has
 arrived, and prints the thread as it arrived. Nothing leaves the machine;
 your own configuration and outbox are not touched.
 
@@ -30,10 +30,15 @@ SPACE = "DEMO"
 KERNEL = "python3"
 
 
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # inside an installed wheel; else the source checkout this package was loaded from (editable install)
+    return [here / "notebooks" / "quickstart.ipynb", here.parent / "notebooks" / "quickstart.ipynb"]
+
+
 def find_notebook() -> Path | None:
-    """``notebooks/quickstart.ipynb`` of the source tree this package was loaded from."""
-    path = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
-    return path if path.is_file() else None
+    """The quickstart notebook shipped in the package, or that of the source tree."""
+    return next((p for p in _candidates() if p.is_file()), None)
 
 
 def _plain(card_html: str) -> str:
@@ -126,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the quickstart notebook in a fresh kernel against a local Google Chat emulator and print the thread that arrived.",
     )
     parser.add_argument("--notebook", type=Path, default=None, help="the notebook to run (default: notebooks/quickstart.ipynb)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per cell (default 120)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
     args = parser.parse_args(argv)
 
     nb_path = args.notebook or find_notebook()
     if nb_path is None or not Path(nb_path).is_file():
-        where = nb_path or Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
-        print(f"chat-magic demo: the notebook {where} is not there: run the demo from a source checkout of chat_magic, "
+        where = nb_path or _candidates()[0]
+        print(f"chat-magic demo: the notebook {where} is not there: reinstall chat-magic, "
               "or pass --notebook PATH", file=sys.stderr)
         return 2
     nb_path = Path(nb_path).resolve()
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         client = NotebookClient(
             nb,
             kernel_name=KERNEL,
-            timeout=args.timeout,
+            timeout=args.timeout,  # an int: nbclient 0.10 with traitlets 5.7 refuses a float
             allow_errors=False,
             config=cfg,
             resources={"metadata": {"path": str(nb_path.parent)}},

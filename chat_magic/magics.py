@@ -148,11 +148,13 @@ class Capture:
         self.tail = OutputTail(limit)
         self.active = False
         self._undo: list[tuple[Any, str, Any, bool, Callable]] = []
+        self._own = 0  # > 0 while IPython itself writes (IPython 7 has no is_publishing / is_active / showing_traceback)
 
     def _busy(self) -> bool:
         sh = self.shell
         return bool(
-            getattr(getattr(sh, "display_pub", None), "is_publishing", False)
+            self._own
+            or getattr(getattr(sh, "display_pub", None), "is_publishing", False)
             or getattr(getattr(sh, "displayhook", None), "is_active", False)
             or getattr(sh, "showing_traceback", False)
         )
@@ -192,9 +194,19 @@ class Capture:
                             self.tail.write(line if line.endswith("\n") else line + "\n")
                     except Exception:
                         pass
-                return original(data, *args, **kwargs)
+                return quiet(original)(data, *args, **kwargs)
 
             return publish
+
+        def quiet(original: Callable) -> Callable:
+            def call(*args, **kwargs):
+                self._own += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._own -= 1
+
+            return call
 
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name, None)
@@ -203,6 +215,11 @@ class Capture:
         display_pub = getattr(self.shell, "display_pub", None)
         if display_pub is not None:
             self._patch(display_pub, "publish", publisher)
+        for obj, attr in ((self.shell, "showtraceback"), (self.shell, "showsyntaxerror"),
+                          (getattr(self.shell, "displayhook", None), "write_output_prompt"),
+                          (getattr(self.shell, "displayhook", None), "write_format_data")):
+            if obj is not None and hasattr(obj, attr):
+                self._patch(obj, attr, quiet)
         return self
 
     def remove(self) -> None:
@@ -732,10 +749,18 @@ class ChatMagics(Magics):
 
         return compose_magic(line, self.shell)
 
+    @line_magic("chat_setup")
+    def chat_setup(self, line: str) -> None:
+        """Save a webhook without it touching the notebook: %chat_setup [NAME] [--default] [--test] (see chat_magic.spaces)."""
+        from .spaces import setup_magic
+
+        setup_magic(line)
+
     # -- %chat_thread --------------------------------------------------------------
 
     @magic_arguments("chat_thread")
     @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
+    @argument("--name", metavar="NAME", help="the notebook's name in the thread header, where it cannot be detected (as CHAT_MAGIC_SOURCE).")
     @argument("key", nargs="?", help="use this thread key from now on (e.g. to continue a thread from an earlier session).")
     @line_magic("chat_thread")
     def chat_thread(self, line: str) -> None:
@@ -752,13 +777,19 @@ class ChatMagics(Magics):
         except ConfigError as e:
             raise _usage(f"{magic}: {e}") from None
         session = self._session()
+        if args.name is not None:
+            try:
+                session.rename(args.name)
+            except ConfigError as e:
+                raise _usage(f"{magic}: {e}") from None
+            print(f"chat_magic: this session's messages now say they come from {session.source}")
         if wanted:
             key = session.new_thread(wanted)
             print(f"chat_magic: this session now posts into thread {key}")
         elif args.new:
             key = session.new_thread()
             print(f"chat_magic: started a new thread: {key}")
-        else:
+        elif args.name is None:
             print(f"chat_magic: this session posts into thread {session.thread_key} ({session.origin})")
 
     # -- lifecycle ---------------------------------------------------------------

@@ -27,24 +27,63 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit] or "session"
 
 
+ENV_SOURCE = "CHAT_MAGIC_SOURCE"
+
+
 def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """(kind, name): ``("notebook", "train.ipynb")``, ``("script", "train.py")`` or ``("ipython", "IPython")``.
 
-    Looks at VS Code's ``__vsc_ipynb_file__``, IPython's ``__session__``,
-    Jupyter Server's ``JPY_SESSION_NAME``, then ``sys.argv[0]``.
+    First match wins:
+
+    1. ``CHAT_MAGIC_SOURCE`` (set it where nothing below can know the name);
+    2. VS Code's ``__vsc_ipynb_file__``, IPython's ``__session__``, Jupyter
+       Server's ``JPY_SESSION_NAME`` (JupyterLab, Notebook 7, ``chat-magic demo``);
+    3. a hosted notebook that hides the file name: ``Colab``, ``Kaggle``, ``Databricks``;
+    4. in a kernel, the ``.ipynb`` on the command line of the process that started
+       it: ``papermill in.ipynb out.ipynb``, ``jupyter nbconvert --execute``,
+       ``jupyter execute``;
+    5. ``IPython`` in a shell, else ``sys.argv[0]``.
     """
     ns = user_ns or {}
+    in_shell = user_ns is not None or ("IPython" in sys.modules and _in_ipython())
+    named = os.environ.get(ENV_SOURCE, "").strip()
+    if named:
+        return ("notebook" if in_shell or named.endswith(".ipynb") else "script"), Path(named).name or named
     for candidate in (ns.get("__vsc_ipynb_file__"), ns.get("__session__"), os.environ.get("JPY_SESSION_NAME")):
         if isinstance(candidate, str) and candidate.strip():
             name = Path(candidate).name
             if name.endswith(".ipynb") or "ipynb" in name:
                 return "notebook", name
-    if user_ns is not None or "IPython" in sys.modules and _in_ipython():
+    from .config import hosted_service
+
+    host = hosted_service()
+    if host:
+        return "notebook", host
+    launcher = _launcher_notebook() if "ipykernel" in sys.modules else None
+    if launcher:
+        return "notebook", launcher
+    if in_shell:
         return "ipython", "IPython"
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if argv0 and argv0 not in ("-c", "-m"):
         return "script", Path(argv0).name
     return "python", "python"
+
+
+def _launcher_notebook() -> str:
+    """The first ``.ipynb`` on the parent process's command line (papermill, nbconvert, jupyter execute), or ``""``."""
+    args: list[str] = []
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
+    except OSError:  # no /proc (macOS, Windows): psutil when it is there
+        try:
+            import psutil
+
+            args = list(psutil.Process(os.getppid()).cmdline())
+        except Exception:
+            return ""
+    return next((Path(a).name for a in args if a.endswith(".ipynb")), "")
 
 
 def _in_ipython() -> bool:
@@ -75,6 +114,21 @@ class Session:
     def _make_key(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.started))
         return f"chat-magic-{_slug(self.source)}-{stamp}-{secrets.token_hex(3)}"
+
+    def rename(self, name: str) -> None:
+        """Name the notebook (``%chat_thread --name``) where :func:`detect_source` cannot.
+
+        Before the first message the thread key takes the new name too.
+        """
+        name = " ".join(str(name).split())[:200]
+        if not name:
+            from .errors import ConfigError
+
+            raise ConfigError("the name is empty: write %chat_thread --name my-notebook.ipynb")
+        with self._lock:
+            self.kind, self.source = "notebook", name
+            if not self._announced and not self._fixed_key:
+                self.thread_key = self._make_key()
 
     def new_thread(self, thread_key: str | None = None) -> str:
         """Start a fresh thread (a new key, announced again) and return its key."""

@@ -166,3 +166,15 @@ def debug_logs(caplog):
     caplog.set_level(logging.DEBUG, logger="urllib3")
     return caplog
 
+
+# -- the `jupyter` marker: tests that touch IPython, ipykernel, ipywidgets or notebooks. CI runs them a
+# second time on Colab's pinned stack (IPython 7.34, ipywidgets 7.7.1, ipykernel 6.17.1): pytest -m jupyter
+JUPYTER_MODULES = {"test_magics", "test_composer", "test_quickstart_notebook", "test_training_notebook",
+                   "test_hosted", "test_spaces", "test_front_ends"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ in JUPYTER_MODULES:
+            item.add_marker(pytest.mark.jupyter)
