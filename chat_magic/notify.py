@@ -6,6 +6,7 @@ As a context manager::
         for epoch in range(10):
             ...
             n.update(f"epoch {epoch}: loss {loss:.3f}")   # a progress line in the same thread
+            n.log(loss=loss, acc=acc)   # recorded: the final notice shows last, best and a sparkline
 
 As a decorator, for plain and ``async`` functions::
 
@@ -49,6 +50,7 @@ from typing import Any, Callable, TypeVar
 
 from . import ranks as _ranks
 from .errors import ConfigError, NoDestinationError
+from .metrics import MetricHistory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,6 +122,8 @@ class _Run:
         self.rank = _ranks.current()
         self.session = session()
         self.receipt = None
+        self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
+        self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
 
     @property
     def title(self) -> str:
@@ -127,7 +131,7 @@ class _Run:
         return f"{self.label} ({where})" if where else self.label
 
     def details(self) -> dict[str, str]:
-        return origin_details(self.session, self.rank)
+        return {**self.facts, **origin_details(self.session, self.rank)}
 
     def post(self, kind: str, what: str, **payload: Any):
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
@@ -138,6 +142,12 @@ class _Run:
         except Exception as e:
             _warn(f"could not post the {what} of {self.label!r}: {e}")
             return None
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Record metric values; a value that is not a number is one warning line, never an exception."""
+        refused = self.metrics.record(values, step)
+        if refused:
+            _warn(f"log(): {', '.join(refused)} of {self.label!r} not recorded: give numbers (floats, ints, one-element tensors)")
 
     def update(self, text: str) -> Any:
         from .message import neutralize
@@ -287,6 +297,7 @@ class notify_when_done:
             details=run.details(),
             mention=self.mention,
             max_lines=30,
+            metrics=run.metrics.summaries(),
         )
         receipt = run.post(kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:
@@ -365,6 +376,20 @@ class notify_when_done:
             return None
         return run.update(text)
 
+    def log(self, **metrics: Any) -> None:
+        """Record metric values, e.g. ``n.log(loss=0.31, acc=0.9)`` once per epoch.
+
+        Nothing is posted now: the completion notice shows each metric's last
+        and best value and a sparkline of its course. Best is lower for names
+        like loss/error/mae/mse/perplexity, higher for acc/f1/auc/precision/recall
+        (see :mod:`chat_magic.metrics`). Never raises.
+        """
+        run = _find_run(self)
+        if run is None:
+            _warn("log() outside its `with notify_when_done(...)` block or decorated call: not recorded")
+            return
+        run.log(metrics)
+
     # -- decorator -------------------------------------------------------
 
     def __call__(self, func: F) -> F:
@@ -422,6 +447,23 @@ class notify_when_done:
             return result
 
         return wrapper  # type: ignore[return-value]
+
+
+def _find_run(owner: notify_when_done) -> _Run | None:
+    """``owner``'s run in this context, else its latest run in progress (another thread: a callback)."""
+    for o, r in reversed(_STACK.get()):
+        if o is owner and r is not None:
+            return r
+    return owner._live[-1] if owner._live else None
+
+
+def log(**metrics: Any) -> None:
+    """Record metric values into the innermost running ``notify_when_done`` (see :meth:`notify_when_done.log`)."""
+    run = active()
+    if run is None:
+        _warn("log() outside a notify_when_done block or decorated call: not recorded")
+        return
+    run.log(metrics)
 
 
 def active() -> _Run | None:
