@@ -14,9 +14,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import nbformat
 import pytest
-from conftest import assert_no_secret
+from conftest import KEY, TOKEN, assert_no_secret
 
 import chat_magic
 from chat_magic import ConfigError
@@ -392,3 +394,54 @@ def test_hf_trainer_crash_posts_the_failure_and_reaches_the_caller(space, tmp_pa
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("❌ BertForSequenceClassification training failed")
     assert "KeyError" in rows(card)["Error"]
+
+
+# -- notebooks/training_callbacks.ipynb in a real kernel --------------------------------------------------
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "training_callbacks.ipynb"
+
+
+def test_training_callbacks_notebook_is_committed_clean():
+    raw = NOTEBOOK.read_text(encoding="utf-8")
+    nb = nbformat.reads(raw, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert not re.search(r"https?://", raw), "no URL in the committed notebook"
+    assert "key=" not in raw and "token=" not in raw
+
+
+@pytest.mark.timeout(300)
+def test_training_callbacks_notebook_posts_epochs_a_metrics_card_and_one_run_summary(space, monkeypatch, tmp_path):
+    _lightning()
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("JPY_SESSION_NAME", str(NOTEBOOK))
+    monkeypatch.setenv("CHAT_MAGIC_EXIT_TIMEOUT", "10")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=240, resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    stdout = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    final = re.search(r"final val_loss (\d\.\d{4})", stdout)
+    assert final, stdout
+    results = [o["data"]["text/plain"] for o in outputs if o.output_type == "execute_result"]
+    assert results[-1] == "True", "chat_magic.flush(30): the callback's notices were delivered"
+    saved = nbformat.writes(nb)
+    assert KEY not in saved and TOKEN not in saved and space.url not in saved
+
+    msgs = settle(space)  # the Run All summary was posted when the kernel shut down
+    assert msgs[0]["text"].startswith("📓 *training_callbacks.ipynb*")
+    text = text_of(msgs)
+    assert "▶️ *regression* started: Regressor, 4 epochs planned" in text
+    assert [n for n, _ in epoch_lines(msgs, 4)] == ["1", "2", "3", "4"]
+    cards = [m["cardsV2"][0]["card"] for m in msgs if m.get("cardsV2")]
+    assert [c["header"]["title"].split(" finished")[0] for c in cards] == ["✅ regression", "✅ Run of 5 cells"]
+    metric = metric_rows(cards[0])
+    assert metric["val_loss"]["text"].startswith(final.group(1)[:5]), (metric["val_loss"], final.group(1))
+    assert SPARK.match(metric["val_loss"]["bottomLabel"]) and SPARK.match(metric["train_loss"]["bottomLabel"])
+    summary = rows(cards[1])
+    assert summary["Cells run"] == "5" and summary["Notebook"] == "training_callbacks.ipynb"
+    assert all(re.match(r"\[\d+\] \S", c) for c in summary["Slowest cells"].split(" · ")), summary
+    assert len(summary["Slowest cells"].split(" · ")) == 3
