@@ -25,8 +25,9 @@ import html
 import math
 import numbers
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 BARS = "▁▂▃▄▅▆▇█"
 GAP = "·"  # a NaN or an infinity in the course
@@ -111,7 +112,7 @@ def sparkline(values: Iterable[float], width: int = SPARK_WIDTH) -> str:
     if hi == lo:
         return "".join(BARS[3] if math.isfinite(v) else GAP for v in points)
     top = len(BARS) - 1
-    return "".join(BARS[int(round((v - lo) / (hi - lo) * top))] if math.isfinite(v) else GAP for v in points)
+    return "".join(BARS[round((v - lo) / (hi - lo) * top)] if math.isfinite(v) else GAP for v in points)
 
 
 def _mean(bucket: list[float]) -> float:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import atexit
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .report import FAILED, INTERRUPTED, OK, Report, format_duration
 

@@ -117,7 +117,7 @@ def _metric_rows(card):
 def test_log_shows_last_values_best_values_and_sparklines_in_the_final_card(space, capsys):
     losses, accs = [0.9, 0.5, 0.35, 0.3], [0.4, 0.7, 0.8, 0.78]
     with notify_when_done("fit") as n:
-        for loss, acc in zip(losses, accs):
+        for loss, acc in zip(losses, accs, strict=True):
             n.log(loss=loss, acc=acc)
     assert chat_magic.flush(30)
     card = _card(space.messages())

@@ -33,7 +33,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import threading
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .. import ranks as _ranks
 from ..errors import ConfigError

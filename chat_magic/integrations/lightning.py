@@ -25,7 +25,7 @@ from ._base import TrainingWatch, model_name
 
 
 def _bases() -> tuple[type, ...]:
-    bases = []
+    bases: list[type] = []
     try:
         from lightning.pytorch import Callback as LightningCallback
 

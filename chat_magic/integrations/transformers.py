@@ -50,7 +50,7 @@ class ChatCallback(TrainerCallback):
         self.watch.begin(
             name=run_name if isinstance(run_name, str) and run_name.strip() else f"{name} training",
             model=name,
-            epochs=int(math.ceil(planned)) if planned else None,
+            epochs=math.ceil(planned) if planned else None,
             rank=RankInfo(int(args.process_index), int(args.world_size), "transformers"),
         )
 
