@@ -445,3 +445,51 @@ def test_training_callbacks_notebook_posts_epochs_a_metrics_card_and_one_run_sum
     assert summary["Cells run"] == "5" and summary["Notebook"] == "training_callbacks.ipynb"
     assert all(re.match(r"\[\d+\] \S", c) for c in summary["Slowest cells"].split(" · ")), summary
     assert len(summary["Slowest cells"].split(" · ")) == 3
+
+
+# -- two processes (Lightning DDP on the CPU) -------------------------------------------------------------
+
+DDP_SCRIPT = '''
+import lightning as L, torch
+from chat_magic.integrations.lightning import ChatCallback
+
+class Regressor(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+if __name__ == "__main__":
+    x = torch.rand(64, 1, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, 3 * x + 1), batch_size=8)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ChatCallback("ddp fit")])
+    trainer.fit(Regressor(), data)
+    print("rank", trainer.global_rank, "done", flush=True)
+'''
+
+
+@pytest.mark.timeout(240)
+def test_lightning_ddp_on_two_processes_posts_once_from_global_rank_zero(space, tmp_path):
+    _lightning()
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "CHAT_MAGIC_EXIT_TIMEOUT": "10", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0 done" in out.stdout and "rank 1 done" in out.stdout, "two processes trained"
+    msgs = settle(space)
+    text = text_of(msgs)
+    assert text.count("started:") == 1 and "*ddp fit (rank 0 of 2)* started: Regressor, 3 epochs planned" in text
+    assert [n for n, _ in epoch_lines(msgs, 3)] == ["1", "2", "3"], "epoch lines from rank 0 only"
+    card = final_card(msgs)
+    assert card["header"]["title"].startswith("✅ ddp fit (rank 0 of 2) finished")
+    assert len(metric_rows(card)["train_loss"]["bottomLabel"]) == 3

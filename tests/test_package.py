@@ -17,6 +17,7 @@ def test_all_matches_what_is_exported():
     public = {n for n in dir(chat_magic) if not n.startswith("_")} | set(chat_magic._LAZY)
     modules = {"errors", "config", "webhook", "message", "outbox", "delivery", "session", "report", "cli",
                "magics", "notify", "composer", "progress", "run", "ranks", "demo", "emulator", "chatsyntax",
+               "metrics", "runall", "integrations",
                "annotations", "TYPE_CHECKING", "Any"}
     assert set(chat_magic.__all__) == (public - modules) | {"__version__"}
     for name in chat_magic.__all__:
