@@ -26,6 +26,7 @@ from chat_magic.metrics import BARS, format_value
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KERAS_BACKEND", "torch")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # keras + numpy 2
 MISSING = 'not installed: pip install "chat-magic[ml]"'
 SPARK = re.compile(f"^[{BARS}]+$")
 
