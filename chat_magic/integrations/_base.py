@@ -38,6 +38,7 @@ from typing import Any
 
 from .. import ranks as _ranks
 from ..errors import ConfigError
+from ..metrics import as_number, format_value
 from ..notify import _warn, exception_summary, notify_when_done
 
 ON = ("epoch", "end", "error")
@@ -104,8 +105,8 @@ class TrainingWatch:
     def begin(self, *, name: str, model: str, epochs: int | None, rank: _ranks.RankInfo | None = None) -> None:
         """Training starts: remember it, and post the start line (``on="epoch"``)."""
         try:
-            if self.run is not None:  # a run whose end no hook reported
-                self.end(None)
+            if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
+                self._forget()
             self.run = self.notifier._begin(self.label or name)
             if rank is not None:
                 self.run.rank = rank
@@ -123,7 +124,7 @@ class TrainingWatch:
         if run is None:
             return
         try:
-            kept = {k: v for k, v in values.items() if self.keep(str(k))}
+            kept = {str(k): v for k, v in values.items() if self.keep(str(k)) and as_number(v) is not None}
             run.log(kept, step=number)
             self.done = max(self.done, number)
             run.facts["Epochs"] = format_epochs(self.done, self.planned)
@@ -134,14 +135,17 @@ class TrainingWatch:
 
     def end(self, exc: BaseException | None) -> None:
         """Training ended (``exc`` if it crashed): post the final or failure card. Idempotent."""
+        run = self._forget()
+        if run is not None:
+            self.notifier._end(run, exc)  # never raises
+
+    def _forget(self) -> Any:
         run, self.run = self.run, None
-        if run is None:
-            return
         try:
             _opened().remove(self)
         except ValueError:
             pass
-        self.notifier._end(run, exc)  # never raises
+        return run
 
     # -- the lines -----------------------------------------------------------------
 
@@ -153,9 +157,7 @@ class TrainingWatch:
         return f"▶️ *{neutralize(run.title)}* started: {neutralize(model)}, {planned}, on {neutralize(run.session.host)}"
 
     def _epoch_line(self, number: int, values: Mapping[str, Any]) -> str:
-        from ..metrics import as_number, format_value
-
-        shown = [f"{k} {format_value(as_number(v))}" for k, v in values.items() if as_number(v) is not None]
+        shown = [f"{k} {format_value(as_number(v))}" for k, v in values.items()]
         head = f"epoch {format_epochs(number, self.planned).replace(' of ', '/')}"
         return " · ".join([head, *shown])
 

@@ -46,6 +46,8 @@ class ChatCallback(TrainerCallback):
         planned = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", None)
         name = model_name(model)
         run_name = getattr(args, "run_name", None)
+        if run_name == getattr(args, "output_dir", None):  # older versions default run_name to the output folder
+            run_name = None
         self._pending, self._epoch = {}, 0
         self.watch.begin(
             name=run_name if isinstance(run_name, str) and run_name.strip() else f"{name} training",
