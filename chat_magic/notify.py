@@ -124,6 +124,7 @@ class _Run:
         self.receipt = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
 
     @property
     def title(self) -> str:
@@ -145,8 +146,9 @@ class _Run:
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         """Record metric values; a value that is not a number is one warning line, never an exception."""
-        refused = self.metrics.record(values, step)
-        if refused:
+        refused = [n for n in self.metrics.record(values, step) if n not in self._refused]
+        if refused:  # once per name: a loop logging a bad value says so once
+            self._refused.update(refused)
             _warn(f"log(): {', '.join(refused)} of {self.label!r} not recorded: give numbers (floats, ints, one-element tensors)")
 
     def update(self, text: str) -> Any:

@@ -149,6 +149,7 @@ def test_log_in_a_failing_decorated_function_shows_metrics_with_the_error_and_te
 def test_log_of_a_non_number_is_one_warning_line_and_the_block_goes_on(space, capsys):
     with notify_when_done("fit") as n:
         n.log(loss=0.5, note="fine")
+        n.log(loss=0.4, note="still fine")
         after = True
     assert after
     err = capsys.readouterr().err
