@@ -15,7 +15,7 @@ the cell's own result.
 
 Configuration (``%config ChatMagics`` lists it; ``c.ChatMagics.x = ...`` in
 ``ipython_config.py``): ``to``, ``thread_key``, ``autonotify_threshold``,
-``max_lines``, ``max_chars``, ``cards``.
+``max_lines``, ``max_chars``, ``cards``, ``runall_quiet``.
 """
 
 from __future__ import annotations
@@ -381,6 +381,7 @@ class ChatMagics(Magics):
     max_lines = Int(40, min=0, help="Lines of output (the tail) a message shows.").tag(config=True)
     max_chars = Int(3000, min=100, help="Characters of output (the tail) a message shows.").tag(config=True)
     cards = Bool(True, help="Post notices as cards (with a plain-text fallback); False: plain text.").tag(config=True)
+    runall_quiet = Float(3.0, min=0.0, help="%chat_autonotify --run-all: idle seconds after a cell that end a run of cells.").tag(config=True)
 
     @validate("to")
     def _check_to(self, proposal: Any) -> str:
@@ -408,6 +409,7 @@ class ChatMagics(Magics):
         self._auto: dict[str, Any] | None = None  # settings while auto-notify is on
         self._callbacks = {"pre_run_cell": self._pre_run_cell, "post_run_cell": self._post_run_cell}
         self._registered = False
+        self._runall: Any = None  # the runall.RunAll tracker while --run-all is on
 
     # -- shared pieces -----------------------------------------------------
 
@@ -633,6 +635,8 @@ class ChatMagics(Magics):
     @_destination_args
     @argument("--threshold", type=float, metavar="SECONDS", help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
     @argument("--on-error", action="store_true", help="announce only cells that fail.")
+    @argument("--run-all", action="store_true", help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
+    @argument("--quiet", type=float, metavar="SECONDS", help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
     @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
     @line_magic("chat_autonotify")
     def chat_autonotify(self, line: str) -> None:
@@ -644,14 +648,22 @@ class ChatMagics(Magics):
         tail of its output. ``%chat_autonotify off`` stops it. ``%%chat`` cells
         post their own notice and are not announced twice.
 
+        ``--run-all`` posts one summary per run of back-to-back cells instead
+        (Run All, nbclient, papermill): cells run, total time, the slowest
+        cells and the failing cell with its error. A run ends ``--quiet``
+        seconds after its last cell (``ChatMagics.runall_quiet``) or when the
+        kernel shuts down. With ``--threshold`` too, slow cells still post
+        their own notice.
+
         Example::
 
             %chat_autonotify --threshold 300
+            %chat_autonotify --run-all
         """
         magic = "%chat_autonotify"
         args = self._parse(self.chat_autonotify, magic, line)
         if args.state == "off":
-            was_on = self._auto is not None
+            was_on = self._auto is not None or self._runall is not None
             self._autonotify_off()
             print("chat_magic: auto-notify is off" if was_on else "chat_magic: auto-notify was not on")
             return
@@ -659,6 +671,14 @@ class ChatMagics(Magics):
             raise _usage(f"{magic}: --threshold takes seconds >= 0, not {args.threshold}")
         mention = self._mention(magic, args.mention)
         webhook = self._destination(magic, args.to)
+        if args.run_all:
+            self._start_runall(magic, args, webhook, mention)
+            if args.threshold is None:
+                return
+        elif args.quiet is not None:
+            raise _usage(f"{magic}: --quiet goes with --run-all")
+        else:
+            self._stop_runall()
         self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention}
         if not self._registered:
             for event, fn in self._callbacks.items():
@@ -670,12 +690,33 @@ class ChatMagics(Magics):
             secs = self._threshold()
             print(f"chat_magic: auto-notify is on: cells that fail or run {secs:g} s or longer post a notice to this session's thread")
 
+    def _start_runall(self, magic: str, args: Any, webhook: Webhook, mention: str | None) -> None:
+        """``--run-all``: replace what auto-notify did with one summary per run of cells (runall.py)."""
+        from .notify import origin_details
+        from .runall import RunAll
+
+        quiet = self.runall_quiet if args.quiet is None else args.quiet
+        if not quiet >= 0:
+            raise _usage(f"{magic}: --quiet takes seconds >= 0, not {args.quiet}")
+        self._autonotify_off()
+        self._runall = RunAll(self.shell, lambda report: self._post(report, webhook), quiet=quiet,
+                              threshold=self.autonotify_threshold if args.threshold is None else args.threshold,
+                              mention=mention, details=lambda: origin_details(self._session()),
+                              only_failures=args.on_error, scrub=scrubber(webhook)).start()
+        print(f"chat_magic: auto-notify is on: one summary per run of cells (a run ends {quiet:g} s after its last cell, or when the kernel stops)")
+
+    def _stop_runall(self) -> None:
+        if self._runall is not None:
+            self._runall.stop()
+            self._runall = None
+
     def _threshold(self) -> float:
         t = (self._auto or {}).get("threshold")
         return self.autonotify_threshold if t is None else t
 
     def _autonotify_off(self) -> None:
         self._auto = None
+        self._stop_runall()
         if self._registered:
             for event, fn in self._callbacks.items():
                 try:

@@ -6,6 +6,7 @@ As a context manager::
         for epoch in range(10):
             ...
             n.update(f"epoch {epoch}: loss {loss:.3f}")   # a progress line in the same thread
+            n.log(loss=loss, acc=acc)   # recorded: the final notice shows last, best and a sparkline
 
 As a decorator, for plain and ``async`` functions::
 
@@ -52,6 +53,7 @@ from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .report import exception_summary
 from .webhook import scrubber
+from .metrics import MetricHistory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,6 +111,9 @@ class _Run:
         self.rank = _ranks.current()
         self.session = session()
         self.receipt = None
+        self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
+        self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
 
     @property
     def title(self) -> str:
@@ -116,7 +121,7 @@ class _Run:
         return f"{self.label} ({where})" if where else self.label
 
     def details(self) -> dict[str, str]:
-        return origin_details(self.session, self.rank)
+        return {**self.facts, **origin_details(self.session, self.rank)}
 
     def post(self, kind: str, what: str, **payload: Any):
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
@@ -127,6 +132,13 @@ class _Run:
         except Exception as e:
             _warn(f"could not post the {what} of {self.label!r}: {e}")
             return None
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Record metric values; a value that is not a number is one warning line, never an exception."""
+        refused = [n for n in self.metrics.record(values, step) if n not in self._refused]
+        if refused:  # once per name: a loop logging a bad value says so once
+            self._refused.update(refused)
+            _warn(f"log(): {', '.join(refused)} of {self.label!r} not recorded: give numbers (floats, ints, one-element tensors)")
 
     def update(self, text: str) -> Any:
         from .message import neutralize
@@ -253,6 +265,7 @@ class notify_when_done:
             details=run.details(),
             mention=self.mention,
             max_lines=30,
+            metrics=run.metrics.summaries(),
         )
         if self.on == "error" and report.status != FAILED:
             return
@@ -333,6 +346,20 @@ class notify_when_done:
             return None
         return run.update(text)
 
+    def log(self, **metrics: Any) -> None:
+        """Record metric values, e.g. ``n.log(loss=0.31, acc=0.9)`` once per epoch.
+
+        Nothing is posted now: the completion notice shows each metric's last
+        and best value and a sparkline of its course. Best is lower for names
+        like loss/error/mae/mse/perplexity, higher for acc/f1/auc/precision/recall
+        (see :mod:`chat_magic.metrics`). Never raises.
+        """
+        run = _find_run(self)
+        if run is None:
+            _warn("log() outside its `with notify_when_done(...)` block or decorated call: not recorded")
+            return
+        run.log(metrics)
+
     # -- decorator -------------------------------------------------------
 
     def __call__(self, func: F) -> F:
@@ -390,6 +417,23 @@ class notify_when_done:
             return result
 
         return wrapper  # type: ignore[return-value]
+
+
+def _find_run(owner: notify_when_done) -> _Run | None:
+    """``owner``'s run in this context, else its latest run in progress (another thread: a callback)."""
+    for o, r in reversed(_STACK.get()):
+        if o is owner and r is not None:
+            return r
+    return owner._live[-1] if owner._live else None
+
+
+def log(**metrics: Any) -> None:
+    """Record metric values into the innermost running ``notify_when_done`` (see :meth:`notify_when_done.log`)."""
+    run = active()
+    if run is None:
+        _warn("log() outside a notify_when_done block or decorated call: not recorded")
+        return
+    run.log(metrics)
 
 
 def active() -> _Run | None:

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import ranks as _ranks
+from . import metrics as _metrics
 from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
 from .rules import mention_tag
 
@@ -168,6 +169,7 @@ class Report:
     max_lines: int | None = 40
     note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
     output_cut: int = 0  # characters already cut from the front of ``output`` before it got here
+    metrics: list[_metrics.MetricSummary] = field(default_factory=list)  # last/best/sparkline per metric (metrics.py)
 
     # -- pieces ----------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class Report:
             lines.append(facts)
         if self.note:
             lines.append(self.note)
+        lines.extend(_metrics.text_lines(self.metrics))
         body = "\n".join(lines)
         blocks = [(t, c) for t, c in ((self.output, self.output_cut), (self.traceback, 0)) if t and t.strip()]
         if blocks:
@@ -267,7 +270,7 @@ class Report:
         so a card never exceeds 100 widgets), each value cut at ``detail_chars``;
         the output and traceback tails at ``output_chars`` each, with a cut note.
         """
-        max_details = max(0, min(max_details, MAX_DETAILS))
+        max_details = max(0, min(max_details, MAX_DETAILS - _metrics.card_widgets(self.metrics)))
         color = COLORS.get(self.status, "#5f6368")
         widgets: list[dict[str, Any]] = []
         if self.error:
@@ -280,6 +283,7 @@ class Report:
         if len(shown) > max_details:
             widgets.append({"textParagraph": {"text": html.escape(f"[… {len(shown) - max_details:,} more details]")}})
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
+        sections += [s for s in [_metrics.card_section(self.metrics)] if s]
         for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
                 kept = self._tail(t, output_chars, already)
