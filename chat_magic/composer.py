@@ -64,6 +64,8 @@ _CSS = """<style>
 .chat-magic-composer .cm-row .cm-w { flex: 0 1 auto; max-width: 30%; color: #5f6368; }
 .chat-magic-composer .cm-row .cm-x { flex: 1 1 0; min-width: 60px; }
 .chat-magic-composer .cm-help { font-size: 12px; color: #5f6368; }
+.chat-magic-composer .cm-status { flex: 1 1 auto; min-width: 0; height: auto; white-space: normal;
+  overflow: visible; text-overflow: clip; overflow-wrap: anywhere; line-height: 1.4; }
 </style>"""
 # the status line's colour: a CSS class per state works on ipywidgets 7 (whose Label has no text_color) and 8
 _CSS = _CSS.replace("</style>", "".join(
@@ -141,8 +143,9 @@ class Composer(widgets.VBox):
         self.preview = widgets.HTML()
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane",
                                           tooltip="Queue the message; delivery happens in the background",
-                                          disabled=True)
+                                          disabled=True, layout=widgets.Layout(flex="none"))
         self.status = widgets.Label(value="")
+        self.status.add_class("cm-status")  # a long reason wraps instead of being cut
         self.history = widgets.HTML()
         help_line = widgets.HTML(f'<span class="cm-help">{html.escape(_HELP)}</span>')
 

@@ -311,5 +311,19 @@ def test_composer_in_jupyterlab_sends_to_the_emulator(space, jupyter_lab, page):
     sync_api.expect(composer.locator(".cm-history")).to_contain_text("delivered")
     path = shot(page, "jupyterlab_composer_delivered.png")
     assert path.stat().st_size > 10_000
+    # a long status (a refusal's reason) wraps onto more lines instead of being cut
+    long_reason = "failed: " + " ".join(["the-space-refused-the-message"] * 12)
+    box = composer.locator(".cm-status").evaluate(
+        "(e, text) => { e.textContent = text; const r = e.getBoundingClientRect();"
+        " const line = parseFloat(getComputedStyle(e).lineHeight);"
+        " return {scroll: e.scrollWidth, client: e.clientWidth, height: r.height, line: line,"
+        " right: r.right, parent: e.closest('.chat-magic-composer').getBoundingClientRect().right}; }",
+        long_reason,
+    )
+    assert box["scroll"] <= box["client"] + 1, box  # nothing hidden to the right
+    assert box["height"] >= 2 * box["line"] - 1, box  # it took more lines
+    assert box["right"] <= box["parent"] + 1, box  # and stayed inside the composer
+    sync_api.expect(send).to_have_text(re.compile(r"Send"))  # the button beside it keeps its label
+    shot(page, "jupyterlab_composer_long_status.png")
     assert page.dialogs == []
     assert page.outside == [], page.outside
