@@ -130,8 +130,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + max(0.0, args.timeout)  # --timeout is the whole wait, reading stdin aside
     text = sys.stdin.read() if args.text == "-" else args.text
     receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)
-    if delivery.dispatcher().outbox.problem:  # queued in a temporary outbox: say so
-        _err(delivery.dispatcher().outbox.problem)
+    problem = delivery.dispatcher().outbox.problem
+    if problem:  # queued in a temporary outbox: say so
+        _err(problem)
     try:
         result = receipt.wait(max(0.0, deadline - time.monotonic()))
     except DeliveryTimeout:

@@ -119,7 +119,7 @@ class Composer(widgets.VBox):
         shell: Any = None,
         **kwargs: Any,
     ) -> None:
-        if thread not in dict((v, k) for k, v in THREAD_CHOICES):
+        if thread not in {v for _, v in THREAD_CHOICES}:
             raise ConfigError(f"thread must be one of {', '.join(v for _, v in THREAD_CHOICES)}, not {thread!r}")
         options = _destination_options()
         if to and to not in [v for _, v in options]:
@@ -211,6 +211,7 @@ class Composer(widgets.VBox):
     def _queue(self, text: str) -> tuple[Any, str]:
         """Queue ``text``; return the receipt and where it went (for the history)."""
         import chat_magic
+
         from .session import current_session
 
         to = self.destination.value or None
@@ -265,7 +266,7 @@ class Composer(widgets.VBox):
         choice = self.thread.value
         if choice == CUSTOM:
             return f"thread {self.thread_key.value.strip()}"
-        return dict((v, k) for k, v in THREAD_CHOICES)[choice]
+        return {v: k for k, v in THREAD_CHOICES}[choice]
 
     def _on_done(self, receipt: Any, entry: dict[str, Any]) -> None:
         """Called from the delivery thread once the message is sent or has failed."""

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(log_path, "wb") as log:  # the kernel's own chatter, shown only if it fails
                 client.execute(env=env, stdout=log, stderr=log)
         except NoSuchKernel:
-            print(f"chat-magic demo: no '{KERNEL}' Jupyter kernel: run  {Path(sys.executable).name} -m ipykernel install --user", file=sys.stderr)
+            print(f"chat-magic demo: no '{KERNEL}' Jupyter kernel: run  {Path(sys.executable).name} -m ipykernel install --user",
+                  file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("chat-magic demo: interrupted", file=sys.stderr)

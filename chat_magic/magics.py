@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -169,7 +170,7 @@ class Capture:
             return
         self._undo.append((obj, attr, original, own, wrapper))
 
-    def install(self) -> "Capture":
+    def install(self) -> Capture:
         self.active = True
 
         def stream_writer(original: Callable) -> Callable:
@@ -258,6 +259,8 @@ def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
     token = re.compile(r"""("[^"]*"|'[^']*'|\S+)\s*""")
     while rest.startswith("-"):
         m = token.match(rest)
+        if m is None:
+            break
         tok, rest = m.group(1), rest[m.end():]
         if tok == "--":
             break
@@ -375,13 +378,16 @@ class _Cell:
 class ChatMagics(Magics):
     """Post cell results and completions to a Google Chat space (``%load_ext chat_magic``)."""
 
+    shell: Any  # IPython's InteractiveShell (Magics types it Optional; a registered magic always has one)
+
     to = Unicode("", help="Default destination: a space name from the config file ('' = GOOGLE_CHAT_WEBHOOK_URL).").tag(config=True)
     thread_key = Unicode("", help="Thread key for this session's messages ('' = a new thread per kernel session).").tag(config=True)
     autonotify_threshold = Float(60.0, min=0.0, help="%chat_autonotify: seconds after which a finished cell is announced.").tag(config=True)
     max_lines = Int(40, min=0, help="Lines of output (the tail) a message shows.").tag(config=True)
     max_chars = Int(3000, min=100, help="Characters of output (the tail) a message shows.").tag(config=True)
     cards = Bool(True, help="Post notices as cards (with a plain-text fallback); False: plain text.").tag(config=True)
-    runall_quiet = Float(3.0, min=0.0, help="%chat_autonotify --run-all: idle seconds after a cell that end a run of cells.").tag(config=True)
+    runall_quiet = Float(3.0, min=0.0,
+                         help="%chat_autonotify --run-all: idle seconds after a cell that end a run of cells.").tag(config=True)
 
     @validate("to")
     def _check_to(self, proposal: Any) -> str:
@@ -428,7 +434,7 @@ class ChatMagics(Magics):
         except ValueError as e:
             raise _usage(f"{magic}: {e} in the options (see {magic}?)") from None
         try:
-            return func.parser.parse_args(argv)
+            return func.parser.parse_args(argv)  # type: ignore[attr-defined]  # added by @magic_arguments
         except UsageError as e:
             raise _usage(f"{magic}: {e} (see {magic}?)") from None
 
@@ -533,7 +539,7 @@ class ChatMagics(Magics):
     @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
     @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
     @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
-    @cell_magic("chat")
+    @cell_magic("chat")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_cell(self, line: str, cell: str) -> None:
         """Run the cell as usual, then post how it went to Google Chat.
 
@@ -598,7 +604,7 @@ class ChatMagics(Magics):
     @magic_arguments("chat")
     @_destination_args
     @argument("text", nargs="*", help="the message, in Chat syntax (*bold*, _italic_, `code`); $name and {expression} are expanded.")
-    @line_magic("chat")
+    @line_magic("chat")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_line(self, line: str) -> None:
         """Post a line of text to this session's Google Chat thread.
 
@@ -633,12 +639,15 @@ class ChatMagics(Magics):
 
     @magic_arguments("chat_autonotify")
     @_destination_args
-    @argument("--threshold", type=float, metavar="SECONDS", help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
+    @argument("--threshold", type=float, metavar="SECONDS",
+              help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
     @argument("--on-error", action="store_true", help="announce only cells that fail.")
-    @argument("--run-all", action="store_true", help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
-    @argument("--quiet", type=float, metavar="SECONDS", help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
+    @argument("--run-all", action="store_true",
+              help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
+    @argument("--quiet", type=float, metavar="SECONDS",
+              help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
     @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
-    @line_magic("chat_autonotify")
+    @line_magic("chat_autonotify")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_autonotify(self, line: str) -> None:
         """Announce every cell that fails or runs longer than a threshold.
 
@@ -703,7 +712,8 @@ class ChatMagics(Magics):
                               threshold=self.autonotify_threshold if args.threshold is None else args.threshold,
                               mention=mention, details=lambda: origin_details(self._session()),
                               only_failures=args.on_error, scrub=scrubber(webhook)).start()
-        print(f"chat_magic: auto-notify is on: one summary per run of cells (a run ends {quiet:g} s after its last cell, or when the kernel stops)")
+        print(f"chat_magic: auto-notify is on: one summary per run of cells "
+              f"(a run ends {quiet:g} s after its last cell, or when the kernel stops)")
 
     def _stop_runall(self) -> None:
         if self._runall is not None:
@@ -779,7 +789,7 @@ class ChatMagics(Magics):
 
     # -- %chat_compose ----------------------------------------------------------------
 
-    @line_magic("chat_compose")
+    @line_magic("chat_compose")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_compose(self, line: str):
         """Open a message composer: %chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]
 
@@ -790,7 +800,7 @@ class ChatMagics(Magics):
 
         return compose_magic(line, self.shell)
 
-    @line_magic("chat_setup")
+    @line_magic("chat_setup")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_setup(self, line: str) -> None:
         """Save a webhook without it touching the notebook: %chat_setup [NAME] [--default] [--test] (see chat_magic.spaces)."""
         from .spaces import setup_magic
@@ -801,9 +811,10 @@ class ChatMagics(Magics):
 
     @magic_arguments("chat_thread")
     @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
-    @argument("--name", metavar="NAME", help="the notebook's name in the thread header, where it cannot be detected (as CHAT_MAGIC_SOURCE).")
+    @argument("--name", metavar="NAME",
+              help="the notebook's name in the thread header, where it cannot be detected (as CHAT_MAGIC_SOURCE).")
     @argument("key", nargs="?", help="use this thread key from now on (e.g. to continue a thread from an earlier session).")
-    @line_magic("chat_thread")
+    @line_magic("chat_thread")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_thread(self, line: str) -> None:
         """Show this session's thread key, or start a new thread.
 

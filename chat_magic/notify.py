@@ -43,17 +43,22 @@ import inspect
 import re
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import ranks as _ranks
 from . import rules
 from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
+from .metrics import MetricHistory
 from .report import exception_summary
 from .webhook import scrubber
-from .metrics import MetricHistory
+
+if TYPE_CHECKING:
+    from .webhook import Webhook
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -198,7 +203,7 @@ class notify_when_done:
         self.cards = bool(cards)
         self.ranks = ranks
         try:
-            self.webhook = config.resolve(to)  # ConfigError now, not after the job
+            self.webhook: Webhook | None = config.resolve(to)  # ConfigError now, not after the job
         except NoDestinationError:
             if to is not None:
                 raise
@@ -213,7 +218,7 @@ class notify_when_done:
     def _caller() -> str:
         """``train.py:42`` for the code that called ``notify_when_done(...)``."""
         try:
-            frame = sys._getframe(2)
+            frame: FrameType | None = sys._getframe(2)
             while frame is not None and frame.f_code.co_filename == __file__:
                 frame = frame.f_back
             if frame is None:
@@ -285,7 +290,7 @@ class notify_when_done:
         except Exception:
             return "block"
 
-    def _push(self) -> _Run:
+    def _push(self) -> _Run | None:
         try:
             run = self._begin(self._default_label())
         except Exception as e:  # never keep the user's block from running
@@ -306,6 +311,8 @@ class notify_when_done:
         return None
 
     def _forget(self, run: _Run | None) -> None:
+        if run is None:
+            return
         try:
             self._live.remove(run)
         except ValueError:
@@ -316,7 +323,7 @@ class notify_when_done:
         self._push()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         run = self._pop()
         if run is not None:
             self._end(run, exc)
@@ -325,7 +332,7 @@ class notify_when_done:
     async def __aenter__(self) -> notify_when_done:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
+    async def __aexit__(self, exc_type, exc, tb) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)
 
     def update(self, text: str) -> Any:

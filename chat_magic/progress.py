@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from . import ranks as _ranks
 from .console import say
@@ -127,7 +128,7 @@ class ChatProgress:
         self.to = to
         self.thread_key = thread_key
         self.ranks = ranks
-        self.bar = None
+        self.bar: Any = None  # the tqdm bar it is attached to, if any
         self.posted: list[str] = []  # the lines this object posted (or tried to), in order
         self._done: set[float] = set()
         self._t0 = time.monotonic()
@@ -227,7 +228,10 @@ class ChatProgress:
             done = False
             parts.append(f"{_num(n, scale)} {unit}")
         if rate:
-            parts.append(f"{_num(rate, scale) if scale else f'{rate:,.3g}'} {unit}/s" if rate >= 1 else f"{format_interval(1 / rate)}/{unit}")
+            if rate >= 1:
+                parts.append(f"{_num(rate, scale) if scale else f'{rate:,.3g}'} {unit}/s")
+            else:
+                parts.append(f"{format_interval(1 / rate)}/{unit}")
         parts.append(f"elapsed {format_interval(elapsed)}")
         if total and not done and rate:
             parts.append(f"ETA {format_interval((total - n) / rate)}")
@@ -371,7 +375,7 @@ def _make_tqdm():
             chat_ranks: str | None = None,
             **kwargs: Any,
         ) -> None:
-            self._chat = None
+            self._chat: ChatProgress | None = None
             cp = None
             if chat:  # check the options before the bar draws
                 cp = ChatProgress(label=chat_label, milestones=chat_milestones, interval=chat_interval,
@@ -396,8 +400,9 @@ def _make_tqdm():
 
         def reset(self, total: float | None = None) -> None:
             super().reset(total=total)
-            if getattr(self, "_chat", None) is not None:
-                self._chat.reset(total)
+            chat = getattr(self, "_chat", None)
+            if chat is not None:
+                chat.reset(total)
 
     tqdm.__module__ = __name__
     tqdm.__qualname__ = "tqdm"

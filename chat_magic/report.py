@@ -111,7 +111,7 @@ def format_traceback(exc: BaseException, *, shell: Any = None, lines: int = TRAC
     try:
         te = _traceback.TracebackException(type(exc), exc, exc.__traceback__)
         seen: set[int] = set()
-        pending = [(te, exc)]
+        pending: list[tuple[_traceback.TracebackException, BaseException | None]] = [(te, exc)]
         while pending:
             node, err = pending.pop()
             if id(node) in seen:

@@ -37,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import Any, BinaryIO, NoReturn
 
 from . import ranks as _ranks
 from .console import say
@@ -54,7 +55,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump, no SystemExit
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump, no SystemExit
         raise _UsageError(message)
 
 

@@ -196,7 +196,7 @@ def jupyter_lab(space, tmp_path):
         IPYTHONDIR=str(tmp_path / "ipython"),
     )
     env.pop("CHAT_MAGIC_THREAD_KEY", None)
-    log = open(tmp_path / "jupyter.log", "wb")
+    log = open(tmp_path / "jupyter.log", "wb")  # noqa: SIM115 - the server writes to it until the fixture ends
     cmd = [str(jupyter), "lab", "--no-browser", f"--IdentityProvider.token={token}", "--ServerApp.ip=127.0.0.1",
            f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:

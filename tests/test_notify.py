@@ -95,9 +95,8 @@ def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceb
     def deepest_frame_of_user_code():
         raise err
 
-    with pytest.raises(ValueError) as info:
-        with notify_when_done("fit"):
-            deepest_frame_of_user_code()
+    with pytest.raises(ValueError) as info, notify_when_done("fit"):
+        deepest_frame_of_user_code()
     assert info.value is err
     frames = traceback.extract_tb(err.__traceback__)
     assert frames[-1].name == "deepest_frame_of_user_code"
@@ -116,9 +115,8 @@ def test_failure_propagates_the_same_exception_and_posts_type_message_and_traceb
 
 
 def test_keyboard_interrupt_is_posted_as_interrupted(fast_space):
-    with pytest.raises(KeyboardInterrupt):
-        with notify_when_done("long loop"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), notify_when_done("long loop"):
+        raise KeyboardInterrupt
     (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("⏹️ long loop interrupted")
 
@@ -129,21 +127,18 @@ def test_exception_with_broken_str_still_propagates_and_is_reported(fast_space):
             raise RuntimeError("no str for you")
 
     w = Weird()
-    with pytest.raises(Weird) as info:
-        with notify_when_done("weird"):
-            raise w
+    with pytest.raises(Weird) as info, notify_when_done("weird"):
+        raise w
     assert info.value is w
     (card,) = cards(settle(fast_space, 2))
     assert "Weird: &lt;unprintable&gt;" in card_text(card)
 
 
 def test_system_exit_zero_is_success_nonzero_is_failure(fast_space):
-    with pytest.raises(SystemExit):
-        with notify_when_done("exit zero"):
-            sys.exit(0)
-    with pytest.raises(SystemExit):
-        with notify_when_done("exit three"):
-            sys.exit(3)
+    with pytest.raises(SystemExit), notify_when_done("exit zero"):
+        sys.exit(0)
+    with pytest.raises(SystemExit), notify_when_done("exit three"):
+        sys.exit(3)
     titles = [c["header"]["title"] for c in cards(settle(fast_space, 3))]
     assert titles[0].startswith("✅ exit zero finished")
     assert titles[1].startswith("❌ exit three failed")
@@ -266,14 +261,12 @@ def test_update_from_another_thread_reaches_the_block(fast_space):
 def test_on_error_posts_only_failures(fast_space):
     with notify_when_done("quiet", on="error"):
         pass
-    with pytest.raises(KeyboardInterrupt):
-        with notify_when_done("quiet", on="error"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), notify_when_done("quiet", on="error"):
+        raise KeyboardInterrupt
     assert chat_magic.flush(10)
     assert fast_space.messages() == []
-    with pytest.raises(ZeroDivisionError):
-        with notify_when_done("loud", on="error"):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), notify_when_done("loud", on="error"):
+        1 / 0  # noqa: B018 - the point is the ZeroDivisionError
     (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("❌ loud failed")
 
@@ -303,9 +296,8 @@ def test_custom_thread_key(fast_space):
 def test_setup_mistakes_raise_one_line_config_errors_before_the_work(fast_space, monkeypatch):
     ran = []
     monkeypatch.delenv("GOOGLE_CHAT_WEBHOOK_URL")
-    with pytest.raises(ConfigError) as info:
-        with notify_when_done("never"):
-            ran.append(1)
+    with pytest.raises(ConfigError) as info, notify_when_done("never"):
+        ran.append(1)
     assert ran == []
     assert "GOOGLE_CHAT_WEBHOOK_URL" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError):
@@ -366,9 +358,8 @@ def test_rank_nonzero_success_and_progress_are_not_posted(fast_space, monkeypatc
 def test_rank_nonzero_failure_is_posted_naming_the_rank(fast_space, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    with pytest.raises(MemoryError):
-        with notify_when_done("ddp"):
-            raise MemoryError("CUDA out of memory")
+    with pytest.raises(MemoryError), notify_when_done("ddp"):
+        raise MemoryError("CUDA out of memory")
     (card,) = cards(settle(fast_space, 2))
     assert card["header"]["title"].startswith("❌ ddp (rank 3 of 8) failed")
     assert rows(card)["Rank"] == "rank 3 of 8"

@@ -59,7 +59,7 @@ def test_custom_milestones_and_skipped_ones_are_replaced_by_the_latest(space):
 
 
 def test_transient_inner_bars_share_the_interval(space):
-    for epoch in range(3):
+    for _epoch in range(3):
         for _ in chat_magic.tqdm(range(4), desc="batches", leave=False, **quiet()):
             pass
     # one line in all: the first 25 %; the others fall within the 5-minute interval
@@ -113,7 +113,7 @@ def test_only_rank_zero_posts_progress(space, monkeypatch):
 
 def test_no_webhook_keeps_the_bar_working_with_one_warning_line(outbox_home, capsys):
     out = io.StringIO()
-    seen = [i for i in chat_magic.tqdm(range(4), desc="offline", chat_interval=0, file=out, mininterval=0)]
+    seen = list(chat_magic.tqdm(range(4), desc="offline", chat_interval=0, file=out, mininterval=0))
     assert seen == [0, 1, 2, 3]
     assert "4/4" in out.getvalue()
     err = capsys.readouterr().err

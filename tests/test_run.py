@@ -152,7 +152,8 @@ def test_output_streams_through_unchanged_and_in_order(space, tmp_path):
     finally:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0
-    expected = b"raw \xff\xfe bytes\r\n\x1b[31mred\x1b[0m\n" + b"".join(f"line {i}\n".encode() for i in range(2000)) + b"tail without newline"
+    lines = b"".join(f"line {i}\n".encode() for i in range(2000))
+    expected = b"raw \xff\xfe bytes\r\n\x1b[31mred\x1b[0m\n" + lines + b"tail without newline"
     assert rest_out == expected
     assert err == b"e1\ne2 no newline"
     (card,) = cards(space)

@@ -16,8 +16,9 @@ last, as in Chat. Each message shows its time, thread (and thread key) and the
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import quote
 
 from ..chatsyntax import card_html, render, safe_url

@@ -37,9 +37,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import ranks as _ranks
+from ..console import say as _warn
 from ..errors import ConfigError
 from ..metrics import as_number, format_value
-from ..console import say as _warn
 from ..notify import notify_when_done
 from ..report import exception_summary
 
