@@ -52,6 +52,7 @@ KEY_PREFIX = "chat_magic:slot:"
 SOCKET_TIMEOUT = 0.5  # a Redis that takes longer is treated as down: the host paces itself
 RETRY_EVERY = 2.0  # seconds between two attempts to reach a Redis that did not answer
 INSTALL_HINT = 'pip install "chat-magic[redis]"'
+ALONE = "pacing each host alone meanwhile"
 
 # KEYS[1] slot key; ARGV[1] token, ARGV[2] interval in ms.
 # 0: this caller holds the slot now; else milliseconds until the key expires.
@@ -107,16 +108,16 @@ class RedisSlot:
     """The cluster-wide pacing slot of every space, kept in one Redis.
 
     Thread-safe, never raises into delivery: a Redis error makes the host pace
-    itself until Redis answers again.
+    itself until Redis answers again. The client is made on first use, in the
+    delivery worker: importing redis-py costs a caller's ``send()`` nothing.
     """
 
-    def __init__(self, url: str, client: Any, *, say: Callable[[str], None] | None = None) -> None:
+    def __init__(self, url: str, *, say: Callable[[str], None] | None = None) -> None:
         self.url = url
         self.shown = redact_url(url)
-        self._client = client
-        self._take = client.register_script(_TAKE)
-        self._hold = client.register_script(_HOLD)
-        self._release = client.register_script(_RELEASE)
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._broken = False  # the client cannot be made (no redis package, a URL redis-py refuses): local pacing for good
         self._say = say or _stderr_line
         self._lock = threading.Lock()
         self._local = threading.local()  # the token of the slot this thread took last, per space
@@ -136,7 +137,7 @@ class RedisSlot:
 
     def remaining(self, space_key: str) -> float | None:
         """Seconds until the space's slot opens for the cluster (0: open); None when Redis cannot be asked."""
-        ttl = self._call(lambda: self._client.pttl(_key(space_key)))
+        ttl = self._call(lambda c: c.pttl(_key(space_key)))
         if ttl is None:
             return None
         return max(0.0, int(ttl) / 1000.0)
@@ -147,7 +148,7 @@ class RedisSlot:
         None when Redis cannot be asked (pace locally).
         """
         token = f"{os.getpid()}:{threading.get_ident()}:{time.monotonic_ns()}"
-        wait = self._call(lambda: self._take(keys=[_key(space_key)], args=[token, _ms(interval)]))
+        wait = self._call(lambda c: self._scripts["take"](keys=[_key(space_key)], args=[token, _ms(interval)]))
         if wait is None:
             return None
         if int(wait) == 0:
@@ -159,12 +160,12 @@ class RedisSlot:
         """Free the slot this thread took for ``space_key`` but did not use."""
         token = self._tokens().pop(space_key, None)
         if token is not None:
-            self._call(lambda: self._release(keys=[_key(space_key)], args=[token]))
+            self._call(lambda c: self._scripts["release"](keys=[_key(space_key)], args=[token]))
 
     def hold(self, space_key: str, seconds: float) -> None:
         """Keep the space closed for everyone for ``seconds`` more (never opens it earlier)."""
         if seconds > 0:
-            self._call(lambda: self._hold(keys=[_key(space_key)], args=[_ms(seconds)]))
+            self._call(lambda c: self._scripts["hold"](keys=[_key(space_key)], args=[_ms(seconds)]))
 
     # -- what the outbox asks ----------------------------------------------------
 
@@ -209,12 +210,34 @@ class RedisSlot:
             tokens = self._local.tokens = {}
         return tokens
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _connection(self) -> Any:
+        """The redis-py client, made on first use; None when it cannot be made (said once)."""
+        if self._client is not None or self._broken:
+            return self._client
+        with self._lock:
+            if self._client is None and not self._broken:
+                try:
+                    self._client = _client(self.url)
+                except ImportError:
+                    self._broken = True
+                    self._say(f"chat_magic: {_where()} is set but the redis package is missing: {INSTALL_HINT}; {ALONE}")
+                except Exception as e:  # ValueError: a bad db number, an unknown option
+                    self._broken = True
+                    self._say(f"chat_magic: {_where()} {self.shown!r} is not a valid Redis URL ({self._scrub(str(e))}); {ALONE}")
+                else:
+                    self._scripts = {name: self._client.register_script(lua)
+                                     for name, lua in (("take", _TAKE), ("hold", _HOLD), ("release", _RELEASE))}
+        return self._client
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
         """Run one Redis command; None (and local pacing for a while) when Redis does not answer."""
         if self._down and time.monotonic() < self._retry_at:
             return None
+        client = self._connection()
+        if client is None:
+            return None
         try:
-            result = fn()
+            result = fn(client)
         except Exception as e:  # redis.RedisError, OSError, a script error: never into delivery
             self._failed(e)
             return None
@@ -241,7 +264,8 @@ class RedisSlot:
 
     def close(self) -> None:
         try:
-            self._client.close()
+            if self._client is not None:
+                self._client.close()
         except Exception:
             pass
 
@@ -280,30 +304,39 @@ def cluster_slot() -> RedisSlot | None:
 
 
 def _connect(url: str, say: Callable[[str], None] = _stderr_line) -> RedisSlot | None:
-    where = f"{config.ENV_REDIS} / redis_url"
-    try:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-    except ImportError:
-        say(f"chat_magic: {where} is set but the redis package is missing: {INSTALL_HINT}; pacing each host alone meanwhile")
-        return None
+    """A slot for ``url``, or None (one line said) when it cannot be a Redis URL. Imports nothing."""
+    from urllib.parse import urlsplit
+
     if not re.match(r"(?i)^(redis|rediss|unix)://", url):
-        say(f"chat_magic: {where} {redact_url(url)!r} is not a Redis URL: use redis://[:password@]host:6379/0; pacing each host alone meanwhile")
+        say(f"chat_magic: {_where()} {redact_url(url)!r} is not a Redis URL: use redis://[:password@]host:6379/0; {ALONE}")
         return None
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),  # one try: a Redis that does not answer means local pacing now
-            health_check_interval=0,
-        )
-    except Exception as e:  # ValueError: a bad port, a bad db number, an unknown option
-        reason = scrub(str(e) or type(e).__name__, url)
-        say(f"chat_magic: {where} {redact_url(url)!r} is not a valid Redis URL ({reason}); pacing each host alone meanwhile")
+        urlsplit(url).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        say(f"chat_magic: {_where()} {redact_url(url)!r} is not a valid Redis URL ({scrub(str(e), url)}); {ALONE}")
         return None
-    return RedisSlot(url, client, say=say)
+    return RedisSlot(url, say=say)
+
+
+def _where() -> str:
+    """Where the Redis URL came from, for a message."""
+    if os.environ.get(config.ENV_REDIS, "").strip():
+        return config.ENV_REDIS
+    return f"redis_url in {config.config_path()}"
+
+
+def _client(url: str) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),  # one try: a Redis that does not answer means local pacing now
+        health_check_interval=0,
+    )
 
 
 def reset() -> None:

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import socket
 import sys
+import threading
 import time
 
 
@@ -25,14 +26,40 @@ def card(title: str) -> dict:
                                          "sections": [{"widgets": [{"textParagraph": {"text": "loss 0.042, accuracy 0.97"}}]}]}}
 
 
+def time_worker_locks() -> list[float]:
+    """Record how long the delivery worker holds the outbox's write lock (a measurement, for the benchmark)."""
+    from chat_magic import outbox
+
+    holds: list[float] = []
+
+    class Timed(outbox._Tx):
+        def __enter__(self):
+            db = super().__enter__()
+            self.t0 = time.perf_counter()
+            return db
+
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            if threading.current_thread().name.startswith("chat_magic-delivery"):
+                holds.append(time.perf_counter() - self.t0)
+
+    outbox._Tx = Timed  # type: ignore[misc]
+    return holds
+
+
 def post(args: argparse.Namespace, proc: int) -> dict:
     import chat_magic
     from chat_magic import delivery
+
+    holds = time_worker_locks() if args.lock_holds else []
 
     host = socket.gethostname()
     every = max(1, args.events // max(1, args.cards)) if args.cards else 0
     cards = {i * every + every // 2 for i in range(args.cards)} if args.cards else set()
     tag = host if args.procs == 1 else f"{host}/{proc}"
+    if args.warm:  # the worker is up and has posted once: only steady-state send() is timed
+        chat_magic.send(f"{tag} warm-up", thread_key=f"{tag}-warm")
+        chat_magic.flush(args.flush)
     if args.start_at:
         time.sleep(max(0.0, args.start_at - time.time()))
     times = []
@@ -49,7 +76,7 @@ def post(args: argparse.Namespace, proc: int) -> dict:
     ok = chat_magic.flush(args.flush)
     box = delivery.dispatcher().outbox
     return {"host": host, "proc": proc, "path": str(box.path), "send": times, "delivered": ok,
-            "counts": box.counts(), "done_at": time.time()}
+            "counts": box.counts(), "done_at": time.time(), "lock_holds": holds}
 
 
 def _child(args: argparse.Namespace, proc: int, queue) -> None:
@@ -64,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flush", type=float, default=300.0, help="how long to wait for delivery")
     ap.add_argument("--start-at", type=float, default=0.0, help="wall-clock time to start posting (all hosts together)")
     ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--warm", action="store_true", help="post and deliver one message before the timed events")
+    ap.add_argument("--lock-holds", action="store_true", help="report how long the worker held the write lock each time")
     args = ap.parse_args(argv)
     if args.procs == 1:
         print(json.dumps(post(args, 0)), flush=True)

@@ -289,3 +289,13 @@ def _closed_port() -> int:
     from cluster_support import free_port
 
     return free_port()  # bound and released: nothing listens there
+
+
+def test_redis_url_without_the_redis_package_is_one_line_and_delivers(space, redis_url):
+    """The package is made unimportable in the child (``sys.modules["redis"] = None``), as on a machine without the extra."""
+    env = dict(os.environ, CHAT_MAGIC_REDIS_URL=redis_url)
+    code = "import sys; sys.modules['redis'] = None; from chat_magic.cli import main; sys.exit(main(['send', 'no redis package']))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and 'pip install "chat-magic[redis]"' in out.stderr, out.stderr
+    assert space.texts() == ["no redis package"]
