@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import ChatMagicError, ConfigError, DeliveryError, MessageError
 from .webhook import redact
+
+if TYPE_CHECKING:
+    from .hosts import HostFile
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -195,7 +198,7 @@ def cmd_outbox_all_hosts(args: argparse.Namespace) -> int:
     return status
 
 
-def _list_host_file(f) -> None:
+def _list_host_file(f: HostFile) -> None:
     from .outbox import FAILED, PENDING, SENDING, Outbox
 
     box = Outbox(f.path)
@@ -216,7 +219,7 @@ def _list_host_file(f) -> None:
         box.close()
 
 
-def _flush_host_file(f, timeout: float) -> bool:
+def _flush_host_file(f: HostFile, timeout: float) -> bool:
     """Deliver what waits in one host's file; False when some of it is still there."""
     from . import delivery, hosts
     from .outbox import FAILED, PENDING, SENDING

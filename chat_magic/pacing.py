@@ -101,7 +101,7 @@ def scrub(text: str, url: str) -> str:
 
 
 def _ms(seconds: float) -> int:
-    return max(1, int(math.ceil(seconds * 1000)))
+    return max(1, math.ceil(seconds * 1000))
 
 
 class RedisSlot:

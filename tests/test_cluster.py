@@ -25,7 +25,7 @@ from cluster_support import (
     tally,
     unshare_works,
 )
-from conftest import KEY, TOKEN, assert_no_secret
+from conftest import assert_no_secret
 
 import chat_magic
 from chat_magic import delivery, hosts, pacing
