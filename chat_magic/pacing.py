@@ -130,8 +130,8 @@ class RedisSlot:
 
     @property
     def up(self) -> bool:
-        """Whether the last request to Redis was answered."""
-        return not self._down
+        """Whether the last request to Redis was answered (and a client could be made)."""
+        return not self._down and not self._broken
 
     # -- the three operations ----------------------------------------------------
 
@@ -237,7 +237,12 @@ class RedisSlot:
         if client is None:
             return None
         try:
-            result = fn(client)
+            try:
+                result = fn(client)
+            except Exception as e:
+                if self._down or not _dropped(e):
+                    raise
+                result = fn(client)  # a connection Redis dropped (a restart): once more, on a fresh one
         except Exception as e:  # redis.RedisError, OSError, a script error: never into delivery
             self._failed(e)
             return None
@@ -268,6 +273,13 @@ class RedisSlot:
                 self._client.close()
         except Exception:
             pass
+
+
+def _dropped(e: BaseException) -> bool:
+    """A lost connection (worth one immediate retry), not a timeout or an error reply."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return isinstance(e, RedisConnectionError)
 
 
 def _key(space_key: str) -> str:
