@@ -2,7 +2,7 @@
 
     chat-magic send TEXT|- [--to NAME] [--thread KEY] [--timeout S]
     chat-magic run [--to NAME] [--label L] [--notify-start] -- CMD ARGS...
-    chat-magic outbox [list|flush|retry ID...|drop ID...]
+    chat-magic outbox [list|flush|retry ID...|drop ID...|path] [--all-hosts]
     chat-magic emulator [--port N] [--key K --token T]
     chat-magic demo
     chat-magic spaces add NAME [--test] | list | remove NAME
@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
 from .webhook import redact
+
+if TYPE_CHECKING:
+    from .hosts import HostFile
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,6 +34,7 @@ OUTBOX_ACTIONS = {
     "retry": "queue failed messages again (ID ..., or --all) and deliver them",
     "drop": "delete messages that wait or failed (ID ...): they will never be sent",
     "prune": "forget delivered messages older than 7 days",
+    "path": "print this host's outbox file (one file per host: a shared home directory is safe)",
 }
 
 
@@ -68,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids, as `list` shows them (retry, drop)")
     o.add_argument("--all", action="store_true", help="list: show delivered messages too; retry: every failed one")
     o.add_argument("--timeout", type=float, default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
+    o.add_argument("--all-hosts", action="store_true",
+                   help="list, flush: every host's outbox file in the folder (flush only hosts whose jobs are over)")
 
     sub.add_parser("emulator", help="serve a local Google Chat webhook emulator", add_help=False)
     sub.add_parser("demo", help="run the quickstart notebook against the emulator and show the thread", add_help=False)
@@ -154,6 +160,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from . import delivery
     from .outbox import FAILED, PENDING, SENDING
 
+    if args.action == "path":
+        from . import config, hosts
+
+        print(hosts.outbox_path(config.home()))
+        return EXIT_OK
+    if args.all_hosts:
+        return cmd_outbox_all_hosts(args)
     d = delivery.dispatcher()
     box = d.outbox
     if box.problem:
@@ -217,6 +230,81 @@ def _unknown_ids(box, ids: list[int]) -> str:
     if not missing:
         return ""
     return f"no message {', '.join(missing)} in the outbox {box.path} (see: chat-magic outbox list --all)"
+
+
+def cmd_outbox_all_hosts(args: argparse.Namespace) -> int:
+    """``outbox list|flush --all-hosts``: every host's file in the (shared) folder.
+
+    ``flush`` delivers from other hosts' files only when they look unused (no
+    lease, no write for two minutes): two hosts must not open one SQLite file.
+    """
+    from . import config, hosts
+
+    if args.action not in ("list", "flush"):
+        _err("--all-hosts goes with list or flush")
+        return EXIT_USAGE
+    home = config.home()
+    files = hosts.outbox_files(home)
+    if not files:
+        print(f"no outbox files in {home}")
+        return EXIT_OK
+    status = EXIT_OK
+    for f in files:
+        if args.action == "list":
+            _list_host_file(f)
+        elif not _flush_host_file(f, args.timeout):
+            status = EXIT_FAILED
+    return status
+
+
+def _list_host_file(f: HostFile) -> None:
+    from .outbox import FAILED, PENDING, SENDING, Outbox
+
+    box = Outbox(f.path)
+    try:
+        if box.problem:
+            _err(f"{f.label}: {box.problem}")
+            return
+        counts = box.counts()
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+        print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
+        for r in box.rows(states=[PENDING, SENDING, FAILED]):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+            line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
+            if r.error:
+                line += f"  {r.error}"
+            print(redact(line))
+    finally:
+        box.close()
+
+
+def _flush_host_file(f: HostFile, timeout: float) -> bool:
+    """Deliver what waits in one host's file; False when some of it is still there."""
+    from . import delivery, hosts
+    from .outbox import FAILED, PENDING, SENDING
+
+    mine = f.mine or str(f.path) in delivery._dispatchers  # this process drains it already (the old single file)
+    if mine:
+        d = delivery.dispatcher() if f.mine else delivery._dispatchers[str(f.path)]
+    else:
+        if not hosts.unfinished(f.path):
+            print(f"{f.label}: nothing waiting")
+            return True
+        busy = hosts.in_use(f.path)
+        if busy:
+            _err(f"{f.label}: left alone, its outbox looks in use: {busy}; run this again once that host's jobs are over")
+            return False
+        d = delivery._open_dispatcher(f.path)
+    try:
+        ok = d.flush(timeout)
+        counts = d.outbox.counts()
+    finally:
+        if not mine:
+            d.stop(2.0)
+            d.outbox.close()
+    left = counts.get(PENDING, 0) + counts.get(SENDING, 0)
+    print(f"{f.label}: {left} waiting, {counts.get(FAILED, 0)} failed, {counts.get('sent', 0)} delivered")
+    return ok and not left
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,8 @@
       webhook_url = "https://chat.googleapis.com/v1/spaces/AAAA/messages?key=...&token=..."
 
 - The outbox lives in ``CHAT_MAGIC_HOME`` (default: the user's state directory).
+- On a cluster, ``CHAT_MAGIC_REDIS_URL`` (or ``redis_url = "redis://..."`` at
+  the top of the config file) shares each space's pacing through Redis.
 
 Where a webhook comes from, first match wins (:func:`resolve`):
 
@@ -46,6 +48,7 @@ from .webhook import Webhook, parse_webhook_url, redact
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
 ENV_CONFIG = "CHAT_MAGIC_CONFIG"
 ENV_HOME = "CHAT_MAGIC_HOME"
+ENV_REDIS = "CHAT_MAGIC_REDIS_URL"
 
 log = logging.getLogger("chat_magic")
 _lock = threading.Lock()
@@ -83,6 +86,21 @@ def home() -> Path:
     from platformdirs import user_state_dir
 
     return Path(user_state_dir("chat_magic", appauthor=False))
+
+
+def redis_url() -> str | None:
+    """The Redis that paces every host (opt-in): ``CHAT_MAGIC_REDIS_URL``, else ``redis_url`` in the config.
+
+    ``off`` (or ``none``) in the variable turns it off where the config file sets one.
+    A config file that cannot be read counts as none here: sending reports it.
+    """
+    value = os.environ.get(ENV_REDIS, "").strip()
+    if not value:
+        try:
+            value = str(load_config().get("redis_url") or "").strip()
+        except ConfigError:
+            return None
+    return None if value.lower() in ("", "off", "none") else value
 
 
 def _toml():

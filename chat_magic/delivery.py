@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from . import config
+from . import config, hosts, pacing
 from .errors import DeliveryFailed, DeliveryTimeout
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
@@ -431,19 +431,35 @@ _dlock = threading.Lock()
 
 
 def dispatcher() -> Dispatcher:
-    """The dispatcher of the current ``CHAT_MAGIC_HOME`` (made on first use)."""
-    path = str(config.home() / "outbox.sqlite3")
+    """The dispatcher of this host's outbox in the current ``CHAT_MAGIC_HOME`` (made on first use)."""
+    home = config.home()
+    path = str(hosts.outbox_path(home))
     d = _dispatchers.get(path)
     if d is not None:
         return d
     with _dlock:
         d = _dispatchers.get(path)
         if d is None:
-            d = Dispatcher(Outbox(path))
-            _dispatchers[path] = d
-            if len(_dispatchers) == 1:
+            if not _dispatchers:
                 atexit.register(_at_exit)
+            d = _dispatchers[path] = _open_dispatcher(path)
+            _drain_legacy(home)
     return d
+
+
+def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
+    """A dispatcher for the outbox file ``path``, paced through Redis when one is configured."""
+    d = Dispatcher(Outbox(path))
+    d.outbox.cluster = pacing.cluster_slot()
+    return d
+
+
+def _drain_legacy(home: os.PathLike[str]) -> None:
+    """Deliver what waits in the old single ``outbox.sqlite3`` (before per-host files); nothing new goes there."""
+    old = hosts.legacy_to_drain(home)
+    if old is not None and str(old) not in _dispatchers:
+        _dispatchers[str(old)] = _open_dispatcher(old)
+        _dispatchers[str(old)].ensure_running()
 
 
 _inherited: list[Dispatcher] = []

@@ -112,9 +112,10 @@ def _settle(emu: Any, space: str, deadline: float, quiet: float = 2.5) -> list[d
 def _flush_leftovers(home: Path, timeout: float) -> None:
     """Deliver what the kernel queued but had no time to send before it exited."""
     from .delivery import Dispatcher
+    from .hosts import outbox_path
     from .outbox import Outbox
 
-    path = home / "outbox.sqlite3"
+    path = outbox_path(home)
     if not path.exists():
         return
     d = Dispatcher(Outbox(path))

@@ -22,17 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import OutboxError
+from .hosts import current_host
 from .message import MAX_TEXT, SEPARATOR, merge_texts
+
+if TYPE_CHECKING:
+    from .pacing import RedisSlot
 
 log = logging.getLogger("chat_magic")
 
@@ -70,9 +73,6 @@ CREATE TABLE IF NOT EXISTS pacing (
 );
 """
 
-HOST = socket.gethostname()
-
-
 @dataclass
 class Job:
     """One HTTP request to make: a row (possibly carrying merged ones)."""
@@ -109,7 +109,7 @@ def _owner_alive(owner: str | None) -> bool:
     if not owner:
         return False
     host, _, pid = owner.rpartition(":")
-    if host != HOST:
+    if host != current_host():
         return True  # another machine sharing the file: trust its lease
     try:
         os.kill(int(pid), 0)
@@ -127,7 +127,8 @@ class Outbox:
         self.busy_timeout = busy_timeout
         self.caller_timeout = caller_timeout
         self._local = threading.local()
-        self.owner = f"{HOST}:{os.getpid()}"
+        self.owner = f"{current_host()}:{os.getpid()}"
+        self.cluster: RedisSlot | None = None  # the pacing slot shared by every host (pacing.py), if any
         self.problem: str | None = None  # why the configured file could not be used
         self.path = Path(path)
         try:
@@ -209,12 +210,23 @@ class Outbox:
 
         Read only: no lock is taken.
         """
+        waits = self.ready_spaces(now)
+        if self.cluster is not None:
+            waits = self.cluster.waits(waits)
+        return min(waits.values()) if waits else None
+
+    def ready_spaces(self, now: float) -> dict[str, float]:
+        """Seconds until each waiting space's head may be sent from this host (0 = now), oldest head first.
+
+        Read only: no lock is taken.
+        """
         db = self._db()
-        best = None
+        waits: dict[str, float] = {}
         for head in db.execute(
             "SELECT m.space_key, m.state, m.next_at, m.owner, m.lease_until, p.next_slot FROM message m"
             " LEFT JOIN pacing p ON p.space_key = m.space_key"
             " WHERE m.id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
+            " ORDER BY m.id"
         ):
             if head["state"] == SENDING:
                 if _owner_alive(head["owner"]) and (head["lease_until"] or 0) > now:
@@ -224,11 +236,20 @@ class Outbox:
             else:
                 t = head["next_at"]
             t = max(t, head["next_slot"] or 0)
-            best = t if best is None else min(best, t)
-        return None if best is None else max(0.0, best - now)
+            waits[head["space_key"]] = max(0.0, t - now)
+        return waits
 
-    def claim(self, now: float, *, interval: float, lease: float) -> Job | None:
-        """Take the next message that may be sent now, merging short ones behind it.
+    def claim(self, now: float, *, interval: float, lease: float, space_key: str | None = None) -> Job | None:
+        """Take the next message that may be sent now (in ``space_key`` if given), merging short ones behind it.
+
+        With a cluster slot (Redis), the space's slot is taken there first, then here.
+        """
+        if self.cluster is not None:
+            return self.cluster.claim(self, now, interval=interval, lease=lease, space_key=space_key)
+        return self.claim_local(now, interval=interval, lease=lease, space_key=space_key)
+
+    def claim_local(self, now: float, *, interval: float, lease: float, space_key: str | None = None) -> Job | None:
+        """:meth:`claim` paced by this host's outbox alone.
 
         Takes the space's pacing slot in the same transaction, so two processes
         never send to one space within ``interval`` seconds.
@@ -241,7 +262,7 @@ class Outbox:
                 " ORDER BY m.id"
             ).fetchall()
             for head in heads:
-                if (head["next_slot"] or 0) > now:
+                if (head["next_slot"] or 0) > now or (space_key is not None and head["space_key"] != space_key):
                     continue
                 if head["state"] == SENDING:
                     if _owner_alive(head["owner"]) and (head["lease_until"] or 0) > now:
@@ -304,6 +325,7 @@ class Outbox:
                 (SENT, name, thread_name, now, job.id),
             )
             _hold_space(db, job.space_key, space_free_at)
+        self._hold_cluster(job.space_key, space_free_at)
 
     def retry_later(self, job: Job, delay: float, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
         now = time.time()
@@ -313,6 +335,7 @@ class Outbox:
                 (PENDING, now + delay, code, status, error, now, job.id),
             )
             _hold_space(db, job.space_key, space_free_at)
+        self._hold_cluster(job.space_key, space_free_at)
 
     def fail(self, job: Job, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
         now = time.time()
@@ -322,6 +345,12 @@ class Outbox:
                 (FAILED, code, status, error, now, job.id),
             )
             _hold_space(db, job.space_key, space_free_at)
+        self._hold_cluster(job.space_key, space_free_at)
+
+    def _hold_cluster(self, space_key: str, until: float) -> None:
+        """Hold the space in the cluster slot too, after the commit: no network call under the write lock."""
+        if self.cluster is not None and until:
+            self.cluster.hold(space_key, until - time.time())
 
     # -- inspection and maintenance -------------------------------------------
 

@@ -91,10 +91,12 @@ def outbox_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CHAT_MAGIC_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.delenv("GOOGLE_CHAT_WEBHOOK_URL", raising=False)
     monkeypatch.delenv("CHAT_MAGIC_THREAD_KEY", raising=False)
+    monkeypatch.delenv("CHAT_MAGIC_REDIS_URL", raising=False)
     yield home
-    from chat_magic import delivery, session
+    from chat_magic import delivery, pacing, session
 
     delivery.shutdown()
+    pacing.reset()
     session.set_session(None)
 
 

@@ -18,6 +18,7 @@ import pytest
 import chat_magic
 from chat_magic import delivery
 from chat_magic.errors import DeliveryFailed, DeliveryTimeout, MessageError, NoDestinationError, WebhookURLError
+from chat_magic.hosts import outbox_path
 from chat_magic.message import MAX_TEXT
 from conftest import KEY, TOKEN, assert_no_secret
 
@@ -222,7 +223,7 @@ def test_outbox_file_is_private(space):
 
 def test_corrupted_outbox_falls_back_and_loses_nothing(space, outbox_home, caplog):
     outbox_home.mkdir(parents=True, exist_ok=True)
-    (outbox_home / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
+    outbox_path(outbox_home).write_bytes(b"this is not a database" * 100)
     with caplog.at_level(logging.WARNING, logger="chat_magic"):
         r = chat_magic.send("still delivered")
     assert "unusable" in caplog.text and "CHAT_MAGIC_HOME" in caplog.text

@@ -40,6 +40,7 @@ import chat_magic
 from chat_magic import delivery
 from chat_magic.emulator import Emulator
 from chat_magic.errors import ConfigError, DeliveryFailed, MessageError, OutboxError
+from chat_magic.hosts import outbox_path
 from chat_magic.message import FENCE, MAX_PARTS, MAX_TEXT, ZWSP, code_block, split_text
 from chat_magic.outbox import Outbox
 from chat_magic.report import Report
@@ -280,7 +281,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("moment", ["after_lost_reply", "mid_request"])
 def test_kill_9_then_a_new_process_delivers_each_once(space, outbox_home, moment):
     """The space has the message but the sender died before knowing: the next process's retry carries the same requestId."""
-    box = outbox_home / "outbox.sqlite3"
+    box = outbox_path(outbox_home)
     env = dict(os.environ)
     if moment == "after_lost_reply":
         space.emu.inject("lost_reply", count=1)
@@ -393,7 +394,7 @@ def test_malformed_url_through_the_cli_is_exit_2_and_one_line(outbox_home, tmp_p
         assert out.stderr.startswith("chat-magic: ") and out.stderr.count("\n") == 1, where
         assert "Traceback" not in out.stderr, where
         assert_no_secret(out.stdout, out.stderr)
-    assert not (outbox_home / "outbox.sqlite3").exists() or not _rows(outbox_home / "outbox.sqlite3")
+    assert not outbox_path(outbox_home).exists() or not _rows(outbox_path(outbox_home))
 
 
 # --------------------------------------------------------------------------- final replies
@@ -598,7 +599,7 @@ def test_empty_messages_through_the_cli_exit_2(outbox_home):
 @pytest.mark.parametrize("damage", ["truncated database", "a folder in its place"])
 def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, damage):
     outbox_home.mkdir(parents=True, exist_ok=True)
-    path = outbox_home / "outbox.sqlite3"
+    path = outbox_path(outbox_home)
     if damage == "a folder in its place":
         path.mkdir()
     else:
@@ -614,7 +615,7 @@ def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, dam
 
 def test_cli_send_with_an_unusable_outbox_says_so_and_delivers(space, outbox_home):
     outbox_home.mkdir(parents=True, exist_ok=True)
-    (outbox_home / "outbox.sqlite3").write_bytes(b"not a database at all " * 50)
+    outbox_path(outbox_home).write_bytes(b"not a database at all " * 50)
     out = cli("send", "from the CLI", env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert space.texts() == ["from the CLI"]
@@ -659,7 +660,7 @@ def test_outbox_locked_for_a_moment_send_waits_then_succeeds(space, outbox_home)
 def test_outbox_locked_past_the_busy_timeout_is_one_clear_error(space, outbox_home):
     from chat_magic import config
 
-    path = config.home() / "outbox.sqlite3"
+    path = outbox_path(config.home())
     d = delivery.Dispatcher(Outbox(path, busy_timeout=0.5, caller_timeout=0.5))  # the defaults would make this test slow
     delivery._dispatchers[str(path)] = d
     assert delivery.dispatcher() is d

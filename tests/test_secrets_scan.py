@@ -41,6 +41,7 @@ import pytest
 import chat_magic
 from chat_magic import delivery
 from chat_magic.emulator import render_page
+from chat_magic.hosts import outbox_path
 from chat_magic.webhook import parse_webhook_url
 from conftest import KEY, TOKEN
 
@@ -285,7 +286,7 @@ def test_cli_scenarios_leave_no_secret(space, emulator, evidence, outbox_home, t
             ev.add(f"cli {name} stderr", out.stderr)
     ev.add("space messages", json.dumps(space.messages(), ensure_ascii=False))
     assert any("from the CLI" in json.dumps(m) for m in space.messages())
-    assert _scan_outbox(ev, outbox_home / "outbox.sqlite3") >= 3
+    assert _scan_outbox(ev, outbox_path(outbox_home)) >= 3
     ev.finish(logs_expected=False)  # the logging happened in the subprocesses; their output is scanned
 
 
@@ -340,7 +341,7 @@ def test_every_outbox_of_the_session_is_private_and_secret_free(space, evidence,
     ev = evidence
     chat_magic.send("make sure there is one", thread_key="files").wait(10)
     root = tmp_path_factory.getbasetemp()  # this session's: every test's outbox so far
-    boxes = sorted(p for p in root.rglob("outbox.sqlite3") if p.is_file())
+    boxes = sorted(p for p in root.rglob("outbox*.sqlite3") if p.is_file())
     assert boxes
     scanned = 0
     for box in boxes:

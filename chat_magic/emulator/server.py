@@ -574,6 +574,10 @@ class _Handler(BaseHTTPRequestHandler):
             emu._finish_request(rec)
             if fault == "502":
                 self._send(502, _HTML_502, "text/html; charset=UTF-8")
+            elif fault == "429" and seconds > 0:  # inject("429", seconds=N): a quota error with Retry-After
+                status, reply = _FAULT_REPLIES[fault]
+                self._send(status, json.dumps(reply, ensure_ascii=False, indent=2) + "\n", "application/json; charset=UTF-8",
+                           {"Retry-After": f"{seconds:g}"})
             else:
                 self._send_json(*_FAULT_REPLIES[fault])
             return
@@ -763,7 +767,8 @@ class Emulator:
         then the connection is reset: nothing stored); "lost_reply" (stored,
         then the connection is closed without an answer); "stall" (wait
         ``seconds``, default 30, then answer normally); "down" (the connection
-        is reset before the body is read).
+        is reset before the body is read). A "429" with ``seconds`` carries
+        ``Retry-After: seconds``.
         """
         fault = str(fault)
         if fault not in FAULTS:
