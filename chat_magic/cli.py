@@ -97,9 +97,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from . import delivery
 
     text = sys.stdin.read() if args.text == "-" else args.text
-    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)
-    if delivery.dispatcher().outbox.problem:  # queued in a temporary outbox: say so
-        _err(delivery.dispatcher().outbox.problem)
+    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)  # a temporary outbox says so itself
     try:
         result = receipt.wait(args.timeout)
     except DeliveryError as e:
@@ -116,9 +114,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from .outbox import FAILED, PENDING, SENDING
 
     d = delivery.dispatcher()
-    box = d.outbox
-    if box.problem:
-        _err(box.problem)
+    box = d.outbox  # a temporary outbox standing in has said so on stderr
     if args.action == "list":
         states = None if args.all else [PENDING, SENDING, FAILED]
         rows = box.rows(states=states)
