@@ -212,7 +212,7 @@ class Dispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
         self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
-        self._held_lock = threading.RLock()
+        self._drain_lock = threading.Lock()
         self._held_reason = ""
         self._watchers: list[Receipt] = []
         self.mine: set[int] = set()  # ids this process queued
@@ -231,17 +231,17 @@ class Dispatcher:
         thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
         bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
         held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted))
-        with self._held_lock:
-            self._drain_held()  # older held messages go first
-            if self._held and keep_on_fault:
-                self._held.append(held)
+        if self._held:
+            if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
+                self._keep(held)
                 return held.receipt
-            try:
-                self._queue(held)
-            except OutboxError as e:
-                if not keep_on_fault:
-                    raise
-                self._hold(held, e)
+            self._drain_held(blocking=False)  # older kept messages first, if the outbox takes them now
+        try:
+            self._queue(held)
+        except OutboxError as e:
+            if not keep_on_fault:
+                raise
+            self._keep(held, e)
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
@@ -251,25 +251,34 @@ class Dispatcher:
         self.ensure_running()
         self._wake.set()
 
-    def _hold(self, held: _Held, e: OutboxError) -> None:
-        first = not self._held
-        self._held.append(held)
-        self._held_reason = str(e)
-        if first:
+    def _keep(self, held: _Held, e: OutboxError | None = None) -> None:
+        """Keep a message in memory; the first one of an outage is said in one line."""
+        with self._lock:
+            first = not self._held
+            self._held.append(held)
+            if e is not None:
+                self._held_reason = str(e)
+        if first and e is not None:
             _say(f"{e}; the message is kept in memory and queued as soon as the outbox works again")
         self.ensure_running()
+        self._wake.set()
 
-    def _drain_held(self, *, patient: bool = False) -> bool:
-        """Queue held messages, oldest first; return whether none is left."""
-        with self._held_lock:
+    def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
+        """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
+        if not self._drain_lock.acquire(blocking=blocking):
+            return not self._held
+        try:
             while self._held:
                 try:
                     self._queue(self._held[0], patient=patient)
                 except OutboxError as e:
                     self._held_reason = str(e)
                     return False
-                self._held.pop(0)
+                with self._lock:
+                    self._held.pop(0)
             return True
+        finally:
+            self._drain_lock.release()
 
     def ensure_running(self) -> None:
         if self._thread is not None and self._thread.is_alive():

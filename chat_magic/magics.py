@@ -39,7 +39,7 @@ from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
 from .report import FAILED, INTERRUPTED, OK, Report
 from .session import current_session
-from .webhook import REDACTED, Webhook, redact
+from .webhook import Webhook, redact
 
 __all__ = ["ChatMagics", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -284,14 +284,6 @@ def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
     return opts, rest
 
 
-def _hide(text: str, *secrets: str) -> str:
-    """``text`` with these exact secrets (a webhook's key and token) replaced."""
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, REDACTED)
-    return text
-
-
 # -- the magics ----------------------------------------------------------------
 
 
@@ -403,7 +395,7 @@ class ChatMagics(Magics):
     def _post(self, report: Report, webhook: Webhook) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            _tell_if_refused(self._session().send(to=webhook, **report.payload_kwargs(cards=self.cards)))
+            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards)))
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -437,18 +429,17 @@ class ChatMagics(Magics):
                 if shown:
                     label = f"Out[{number}]: " if number is not None else "Out: "
                     output += ("" if not output or output.endswith("\n") else "\n") + label + shown
-            output = strip_ansi(output)
+            output = webhook.scrub(strip_ansi(output), cut_before=cut > 0)  # the whole text, before tail() cuts it
             output, more = tail(output, self.max_chars, None)
             cut += more
-        secrets = (webhook.key, webhook.token)
         return Report(
             title=title or (f"Cell [{number}]" if number is not None else "Cell"),
             status=status,
             duration=duration,
-            output=_hide(output, *secrets),
+            output=output,
             output_cut=cut,
-            error=_hide(_error_text(error), *secrets) if error is not None else "",
-            traceback=_hide(_traceback_text(error), *secrets) if (error is not None and with_output) else "",
+            error=webhook.scrub(_error_text(error)) if error is not None else "",
+            traceback=webhook.scrub(_traceback_text(error)) if (error is not None and with_output) else "",
             mention=mention,
             max_lines=max_lines,
         )
@@ -595,7 +586,7 @@ class ChatMagics(Magics):
         if mention:
             text = f"<users/{mention}> {text}"
         try:
-            _tell_if_refused(self._session().send(text, to=webhook))
+            _tell_if_refused(self._session().send(text, to=webhook, keep_on_fault=True))
         except (ConfigError, MessageError) as e:
             raise _usage(f"{magic}: {e}") from None
         except (ChatMagicError, OSError) as e:

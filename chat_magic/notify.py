@@ -134,7 +134,7 @@ class _Run:
         try:
             if not _ranks.should_post(kind, self.owner.ranks, self.rank):
                 return None
-            return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, **payload)
+            return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, keep_on_fault=True, **payload)
         except Exception as e:
             _warn(f"could not post the {what} of {self.label!r}: {e}")
             return None
@@ -282,8 +282,8 @@ class notify_when_done:
             run.title,
             status=status,
             duration=duration,
-            error=error,
-            traceback=tb,
+            error=self.webhook.scrub(error) if self.webhook else error,  # whole texts, before the report cuts them
+            traceback=self.webhook.scrub(tb) if self.webhook else tb,
             details=run.details(),
             mention=self.mention,
             max_lines=30,

@@ -546,14 +546,16 @@ class Outbox:
         """
         if self.path == self.configured:
             return 0
-        try:
-            db = sqlite3.connect(f"file:{self.configured}?mode=ro", uri=True, timeout=1.0)
+        for options in ("mode=ro", "mode=ro&immutable=1"):  # immutable: a read-only filesystem, where no -shm can be made
             try:
-                return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return None
+                db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
+                try:
+                    return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                continue
+        return None
 
     @_guarded("write to")
     def requeue(self, ids: Iterable[int]) -> int:
@@ -674,6 +676,8 @@ class Outbox:
                     row.update(dest=self._dest_id(db, hook), space_key=hook.space_key)
                     if row["state"] == SENDING:  # its sender is gone with the old file: send again, same requestId
                         row.update(state=PENDING, owner=None, lease_until=None)
+                    if row["state"] == PENDING:
+                        row["next_at"] = time.time()  # after a recovery, try again at once
                     db.execute(f"INSERT OR IGNORE INTO message ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
                                [row.get(c) for c in _COLUMNS])
                     kept += 1
@@ -715,15 +719,19 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
     while ranges and budget > 0:
         lo, hi = ranges.pop(0)
         budget -= 1
+        sql, args = ("SELECT * FROM message WHERE id = ?", (lo,)) if lo == hi else \
+            ("SELECT * FROM message WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi))
+        done = lo - 1
         try:
-            rows = src.execute("SELECT * FROM message WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi)).fetchall()
+            for r in src.execute(sql, args):  # row by row: what was read before a bad page is kept
+                done = r["id"]
+                yield dict(r)
         except sqlite3.DatabaseError:
-            if lo < hi:
+            if done >= lo:
+                ranges.insert(0, (done + 1, hi))  # go on after the last good row
+            elif lo < hi:
                 mid = (lo + hi) // 2
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
-            continue
-        for r in rows:
-            yield dict(r)
 
 
 class _OlderFormat(sqlite3.DatabaseError):

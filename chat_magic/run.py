@@ -221,7 +221,7 @@ def _post(args: argparse.Namespace, sess: Any, webhook: Any, kind: str, report: 
     try:
         if not _ranks.should_post(kind, None, rank):
             return None
-        return sess.send(to=webhook, **report.payload_kwargs(cards=args.cards))
+        return sess.send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=args.cards))
     except ChatMagicError as e:
         _say(f"notice not posted: {e}")
     except Exception as e:
@@ -287,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--mention {args.mention!r}: use 'all' or a numeric user id")
         if args.thread is not None and not args.thread.strip():
             raise ConfigError("--thread needs a non-empty key")
-        cmdline = shlex.join(command)
-        short = shlex.join([os.path.basename(command[0]) or command[0], *command[1:]])
+        cmdline = webhook.scrub(shlex.join(command))  # before any shortening: no piece of a secret in a label
+        short = webhook.scrub(shlex.join([os.path.basename(command[0]) or command[0], *command[1:]]))
         label = args.label or shorten(short)
         sess = Session(thread_key=args.thread)
         sess.kind, sess.source = "command", shorten(short, 80)
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             details["Signal"] = _signals_received(fwd)
 
     if args.on == "always" or status == FAILED:
-        report = Report(title, status=status, duration=duration, output=tail.text(), error=error,
+        report = Report(title, status=status, duration=duration, output=webhook.scrub(tail.text(), cut_before=True), error=error,
                         details=details, mention=args.mention, max_lines=30)
         receipts.append(_post(args, sess, webhook, kind, report, rank))
     if any(r is not None for r in receipts):
