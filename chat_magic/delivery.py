@@ -171,8 +171,11 @@ class _Lane:
 
     def _run(self) -> None:
         while True:
+            stopping = self.d._stop.is_set()
+            if stopping and self.d._retire(self):
+                return
             try:
-                job = self.jobs.get(timeout=0.5 if self.d._stop.is_set() else LANE_IDLE)
+                job = self.jobs.get(timeout=0.05 if stopping else LANE_IDLE)
             except queue.Empty:
                 if self.d._retire(self):
                     return
@@ -335,11 +338,17 @@ class Dispatcher:
         self.ensure_running()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop claiming; give requests in flight up to ``timeout`` seconds to finish and be recorded."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)  # first: it may hand one more job to a lane
+        with self._lock:
+            lanes = [lane.thread for lane in self._lanes.values()]
+        for t in lanes:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     # -- dispatcher thread ---------------------------------------------------
 
@@ -761,7 +770,7 @@ def _at_exit() -> None:
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
     for d in list(_dispatchers.values()):
         try:
-            if not d._drain_held(patient=True):
+            if not d._drain_held():
                 _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
             left = deadline - time.monotonic()

@@ -326,11 +326,11 @@ class Outbox:
         with _Tx(db):
             dest = self._dest_id(db, webhook)
             return [
-                db.execute(
+                int(db.execute(
                     "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (_request_id(), dest, webhook.space_key, thread_key, body, int(mergeable), PENDING, now, now, now),
-                ).lastrowid
+                ).lastrowid or 0)
                 for body, mergeable in bodies
             ]
 
@@ -341,7 +341,7 @@ class Outbox:
         if row:
             return int(row[0])
         return int(db.execute("INSERT INTO destination (digest, url, space_key) VALUES (?,?,?)",
-                              (webhook.id, webhook.reveal_url(), webhook.space_key)).lastrowid)
+                              (webhook.id, webhook.reveal_url(), webhook.space_key)).lastrowid or 0)
 
     # -- worker side -----------------------------------------------------
 

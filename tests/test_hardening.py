@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import KEY, TOKEN, assert_no_secret, validate_message
 
 import chat_magic
 from chat_magic import delivery
@@ -43,7 +44,6 @@ from chat_magic.errors import ConfigError, DeliveryFailed, MessageError, OutboxE
 from chat_magic.message import FENCE, MAX_PARTS, MAX_TEXT, ZWSP, code_block, split_text
 from chat_magic.outbox import Outbox
 from chat_magic.report import Report
-from conftest import KEY, TOKEN, assert_no_secret, validate_message
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fast_backoff")]
 
@@ -596,7 +596,7 @@ def test_empty_messages_through_the_cli_exit_2(outbox_home):
 
 
 @pytest.mark.parametrize("damage", ["truncated database", "a folder in its place"])
-def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, damage):
+def test_unusable_outbox_is_replaced_or_stood_in_for_and_says_so(space, outbox_home, capfd, damage):
     outbox_home.mkdir(parents=True, exist_ok=True)
     path = outbox_home / "outbox.sqlite3"
     if damage == "a folder in its place":
@@ -605,14 +605,20 @@ def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, dam
         Outbox(path).close()
         data = path.read_bytes()
         path.write_bytes(data[:100] + b"\x00garbage" * 64)
-    with caplog.at_level("WARNING", logger="chat_magic"):
-        r = chat_magic.send("still delivered")
-    assert "unusable" in caplog.text and "CHAT_MAGIC_HOME" in caplog.text
+    capfd.readouterr()
+    r = chat_magic.send("still delivered")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chat_magic: "), err  # one visible line, not only a log record
+    if damage == "a folder in its place":
+        assert "unusable" in err and "CHAT_MAGIC_HOME" in err and "temporary outbox" in err
+    else:
+        assert "damaged" in err and "moved aside" in err
+        assert delivery.dispatcher().outbox.path == path, "a new outbox where it belongs, not a temporary one"
     r.wait(10)
     assert space.texts() == ["still delivered"]
 
 
-def test_cli_send_with_an_unusable_outbox_says_so_and_delivers(space, outbox_home):
+def test_cli_send_with_a_damaged_outbox_says_so_and_delivers(space, outbox_home):
     outbox_home.mkdir(parents=True, exist_ok=True)
     (outbox_home / "outbox.sqlite3").write_bytes(b"not a database at all " * 50)
     out = cli("send", "from the CLI", env=dict(os.environ))
@@ -620,8 +626,8 @@ def test_cli_send_with_an_unusable_outbox_says_so_and_delivers(space, outbox_hom
     assert space.texts() == ["from the CLI"]
     assert "Traceback" not in out.stderr
     assert_no_secret(out.stdout, out.stderr)
-    # the message sat in a temporary outbox: the user must hear that the configured one is broken
-    assert "unusable" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    # the user must hear that the configured outbox was broken, and where it went
+    assert "moved aside" in out.stderr and "corrupt-" in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
 LOCKER = textwrap.dedent("""
@@ -1083,7 +1089,7 @@ def test_a_big_card_in_a_long_thread_key_session_fits_and_leaves_no_orphan_heade
     from chat_magic.session import Session
 
     sess = Session(thread_key="🧵" * 4000)
-    rep = Report("long key job", status="failed", error="ValueError: x", output="o" * 40_000, traceback="t" * 40_000,
+    rep = Report("long key job", status="failed", error="ValueError: x", output="o" * 40_000, traceback="r" * 40_000,
                  details={f"detail {i}": "v" * 900 for i in range(30)})
     r = sess.send(**rep.payload_kwargs())  # was: MessageError after the header had been queued
     r.wait(20)

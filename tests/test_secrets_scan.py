@@ -35,14 +35,15 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from conftest import KEY, TOKEN
 
 import chat_magic
 from chat_magic import delivery
 from chat_magic.emulator import render_page
 from chat_magic.webhook import parse_webhook_url
-from conftest import KEY, TOKEN
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -389,9 +390,6 @@ def test_config_readable_by_others_warns_in_the_cli(space, tmp_path):
 
 
 # --------------------------------------------------------------------------- odd URLs, verbose tracebacks, cuts (issue 10)
-
-from urllib.parse import quote  # noqa: E402
-
 
 def _encodings(secret: str) -> list[str]:
     """The secret as the URL parser would accept it: raw, percent-encoded (both cases), and its tail."""
