@@ -1137,3 +1137,32 @@ def test_a_zombie_sender_is_recognised_at_once(space, outbox_home):
         assert items(space.messages()) == ["from the zombie"]
     finally:
         p.wait(10)
+
+
+OLD_SCHEMA = """
+CREATE TABLE message (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
+    space_key TEXT NOT NULL, thread_key TEXT, payload TEXT NOT NULL, mergeable INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, owner TEXT, lease_until REAL, merged_into INTEGER, name TEXT, thread_name TEXT,
+    error_code INTEGER, error_status TEXT, error TEXT);
+CREATE TABLE pacing (space_key TEXT PRIMARY KEY, next_slot REAL NOT NULL);
+"""
+
+
+def test_an_outbox_of_the_older_format_is_carried_over(space, outbox_home, capfd):
+    """An outbox written before destinations were stored once (the URL on every row): nothing waiting is lost."""
+    outbox_home.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(outbox_home / "outbox.sqlite3")
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    for i in range(3):
+        body = json.dumps({"text": f"old {i}", "thread": {"threadKey": "old"}})
+        db.execute("INSERT INTO message (request_id, url, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
+                   " VALUES (?,?,?,?,?,1,'pending',?,?,?)", (f"cm-old{i}", space.url, "x", "old", body, now, now, now))
+    db.commit()
+    db.close()
+    assert chat_magic.flush(20)
+    assert items(space.messages()) == ["old 0", "old 1", "old 2"]
+    err = capfd.readouterr().err
+    assert "older format" in err and "3 message(s) salvaged" in err and err.count("\n") == 1, err
+    assert {q["query"]["requestId"] for q in space.requests()} == {"cm-old0"}, "the same requestIds (merged into the first)"
