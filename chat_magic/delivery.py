@@ -159,7 +159,7 @@ class _Lane:
     def __init__(self, d: Dispatcher, space_key: str) -> None:
         self.d = d
         self.space_key = space_key
-        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: wake up (stopping)
         self.busy = False
         self.session: Any = None
         self.thread = threading.Thread(target=self._run, name="chat_magic-lane", daemon=True)
@@ -179,6 +179,8 @@ class _Lane:
             except queue.Empty:
                 if self.d._retire(self):
                     return
+                continue
+            if job is None:
                 continue
             try:
                 self.d._deliver(job, self)
@@ -346,6 +348,8 @@ class Dispatcher:
             self._thread.join(timeout)  # first: it may hand one more job to a lane
         with self._lock:
             lanes = [lane.thread for lane in self._lanes.values()]
+            for lane in self._lanes.values():
+                lane.jobs.put(None)  # an idle lane ends now, a busy one after its request
         for t in lanes:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
@@ -399,7 +403,7 @@ class Dispatcher:
     def _retire(self, lane: _Lane) -> bool:
         """Whether an idle lane may end (it is forgotten under the lock, so no job is handed to it after)."""
         with self._lock:
-            if lane.busy or not lane.jobs.empty():
+            if lane.busy or any(j is not None for j in list(lane.jobs.queue)):
                 return False
             if self._lanes.get(lane.space_key) is lane:
                 del self._lanes[lane.space_key]

@@ -247,8 +247,10 @@ class Outbox:
         self._local = threading.local()
         self._gen = 0  # bumped when the file is replaced: every thread reconnects
         self._ino: int | None = None
+        self._next_look = 0.0
         self._opened = False
         self._webhooks: dict[int, Webhook] = {}
+        self._dests: dict[str, int] = {}  # webhook digest -> destination id, once committed
         self.owner = _owner_id()
         self.problem: str | None = None  # why the configured file could not be used
         self.path = Path(path)
@@ -272,6 +274,7 @@ class Outbox:
             os.chmod(self.path, 0o600)
         self._gen += 1
         self._webhooks.clear()
+        self._dests.clear()
         conn = self._connect()
         columns = {r[1] for r in conn.execute("PRAGMA table_info(message)")}
         if columns and "dest" not in columns:
@@ -298,8 +301,10 @@ class Outbox:
     def _db(self) -> sqlite3.Connection:
         if not self._opened:
             self._open()
-        elif self._ino is not None and _inode(self.path) != self._ino:
-            self._open()  # another process replaced the file (a recovery): follow it
+        elif self._ino is not None and time.monotonic() >= self._next_look:
+            self._next_look = time.monotonic() + 0.2  # a stat costs as much as an insert: look 5 times a second at most
+            if _inode(self.path) != self._ino:
+                self._open()  # another process replaced the file (a recovery): follow it
         return self._connect()
 
     def _write(self) -> _Tx:
@@ -324,8 +329,8 @@ class Outbox:
             db.execute(f"PRAGMA busy_timeout={int(self.caller_timeout * 1000)}")
             self._local.caller = True
         with _Tx(db):
-            dest = self._dest_id(db, webhook)
-            return [
+            dest = self._dests.get(webhook.id) or self._dest_id(db, webhook)
+            ids = [
                 int(db.execute(
                     "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -333,6 +338,8 @@ class Outbox:
                 ).lastrowid or 0)
                 for body, mergeable in bodies
             ]
+        self._dests[webhook.id] = dest  # committed: no need to look it up again
+        return ids
 
     @staticmethod
     def _dest_id(db: sqlite3.Connection, webhook: Webhook) -> int:

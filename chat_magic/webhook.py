@@ -34,6 +34,7 @@ from .errors import WebhookURLError
 CHAT_HOST = "chat.googleapis.com"
 _PATH = re.compile(r"^/v1/spaces/(?P<space>[A-Za-z0-9_-]+)/messages/?$")
 REDACTED = "…"
+_BLANK_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 MIN_SECRET = 8  # shorter values are test stand-ins ("k"): scrubbing them would mangle ordinary text
 
 
@@ -119,13 +120,14 @@ class Webhook:
     percent-encoded) are equal and have the same :attr:`id`.
     """
 
-    __slots__ = ("space", "base", "_key", "_token")
+    __slots__ = ("space", "base", "_key", "_token", "_digest")
 
     def __init__(self, base: str, space: str, key: Sealed, token: Sealed) -> None:
         self.base = base  # scheme://host[:port]/v1/spaces/X/messages: no secret
         self.space = space
         self._key = key
         self._token = token
+        self._digest = ""
 
     # -- identity ------------------------------------------------------------
 
@@ -145,7 +147,9 @@ class Webhook:
     @property
     def id(self) -> str:
         """A digest of the canonical URL: names one destination without showing it."""
-        return hashlib.sha256(self.reveal_url().encode("utf-8")).hexdigest()[:32]
+        if not self._digest:  # a digest shows nothing of the secrets: it may be kept in the open
+            self._digest = hashlib.sha256(self.reveal_url().encode("utf-8")).hexdigest()[:32]
+        return self._digest
 
     def reveal_url(self) -> str:
         """The canonical URL, secrets included: only for the outbox file (0600) and the request."""
@@ -238,7 +242,7 @@ def parse_webhook_url(url: str) -> Webhook:
 def _parse(raw: Sealed) -> Webhook:
     if not raw.reveal():
         raise WebhookURLError("the webhook URL is empty: copy it from the space's Apps & integrations > Webhooks")
-    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in raw.reveal()):
+    if _BLANK_OR_CONTROL.search(raw.reveal()):
         raise WebhookURLError("the webhook URL has a space or a line break inside: paste exactly one URL, in one piece")
     try:
         parts = urlsplit(raw.reveal())
@@ -281,6 +285,6 @@ def _secrets(raw: Sealed) -> tuple[Sealed, Sealed]:
     missing = [p for p in ("key", "token") if not values.get(p)]
     if missing:
         raise WebhookURLError(f"the webhook URL has no {' and no '.join(missing)}: copy the whole URL from the space's webhook settings")
-    if any(c.isspace() or ord(c) < 32 for p in ("key", "token") for c in values[p]):
+    if _BLANK_OR_CONTROL.search(values["key"]) or _BLANK_OR_CONTROL.search(values["token"]):
         raise WebhookURLError("the webhook URL's key or token has a space or a control character: copy the URL again")
     return Sealed(values.pop("key")), Sealed(values.pop("token"))
