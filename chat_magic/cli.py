@@ -135,10 +135,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     deadline = time.monotonic() + max(0.0, args.timeout)  # --timeout is the whole wait, reading stdin aside
     text = sys.stdin.read() if args.text == "-" else args.text
-    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)
-    problem = delivery.dispatcher().outbox.problem
-    if problem:  # queued in a temporary outbox: say so
-        _err(problem)
+    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)  # a temporary outbox says so itself
     try:
         result = receipt.wait(max(0.0, deadline - time.monotonic()))
     except DeliveryTimeout:
@@ -168,9 +165,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if args.all_hosts:
         return cmd_outbox_all_hosts(args)
     d = delivery.dispatcher()
-    box = d.outbox
-    if box.problem:
-        _err(box.problem)
+    box = d.outbox  # a temporary outbox standing in has said so on stderr
     if args.action == "list":
         states = None if args.all else [PENDING, SENDING, FAILED]
         rows = box.rows(states=states)

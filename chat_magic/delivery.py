@@ -1,11 +1,14 @@
 """The background worker: send what the outbox holds, paced, retried, merged.
 
-One daemon thread per process does all network I/O, so ``send`` only writes
-to the outbox and returns. For each request the worker:
+``send`` only writes to the outbox and returns; background threads do all
+network I/O. One dispatcher thread per process claims work; each space with a
+request in flight has a sender thread of its own (a *lane*), so a space that
+hangs or fails holds back only itself. For each request:
 
-- takes the next message whose space may be posted to now (the outbox keeps
-  one pacing slot per space, shared by every process: at most one request per
-  ``interval`` seconds), merging short plain-text messages waiting behind it;
+- the dispatcher takes the next message whose space may be posted to now and
+  has nothing in flight (the outbox keeps one pacing slot per space, shared
+  by every process: at most one request per ``interval`` seconds), merging
+  short plain-text messages waiting behind it, and hands it to that space's lane;
 - POSTs it with its ``requestId`` (the same on every retry, so a retry after a
   lost reply creates no duplicate) and, with a thread key,
   ``messageReplyOption=REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD``;
@@ -15,6 +18,12 @@ to the outbox and returns. For each request the worker:
 
 Every error text is redacted: ``requests`` puts the whole URL, key and token
 included, into its exception messages.
+
+Storage faults lose nothing while the process lives: a write the worker owes
+after an answer (disk full) is retried until it lands, and ``send(...,
+keep_on_fault=True)`` (what the magics and ``notify_when_done`` use) keeps a
+message the outbox cannot take in memory, says so in one line, and queues it,
+in order, as soon as the outbox works again.
 """
 
 from __future__ import annotations
@@ -23,14 +32,17 @@ import atexit
 import json
 import logging
 import os
+import queue
 import random
+import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import config, hosts, pacing
-from .errors import DeliveryFailed, DeliveryTimeout
+from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact
@@ -39,6 +51,16 @@ log = logging.getLogger("chat_magic")
 log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on stderr from the worker thread
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_LANES = 32  # spaces with a request in flight at once, per process
+LANE_IDLE = 30.0  # seconds a space's sender thread waits for more work before it ends
+
+
+def _say(line: str) -> None:
+    """One visible ``chat_magic: ...`` line on stderr (redacted); never raises."""
+    try:
+        print(f"chat_magic: {redact(line)}", file=sys.stderr, flush=True)
+    except Exception:
+        pass
 
 
 @dataclass
@@ -125,8 +147,65 @@ def _retry_after(resp) -> float | None:
             return None
 
 
+class _Lane:
+    """The sender thread of one space: at most one request in flight per space.
+
+    A space that never answers keeps its own lane busy until the read timeout;
+    every other space has a lane of its own. The lane ends after
+    :data:`LANE_IDLE` seconds without work; its HTTP session (kept-alive
+    connection) goes with it.
+    """
+
+    def __init__(self, d: Dispatcher, space_key: str) -> None:
+        self.d = d
+        self.space_key = space_key
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: wake up (stopping)
+        self.busy = False
+        self.session: Any = None
+        self.thread = threading.Thread(target=self._run, name="chat_magic-lane", daemon=True)
+
+    def http(self) -> Any:
+        if self.session is None:
+            self.session = _new_session()
+        return self.session
+
+    def _run(self) -> None:
+        while True:
+            stopping = self.d._stop.is_set()
+            if stopping and self.d._retire(self):
+                return
+            try:
+                job = self.jobs.get(timeout=0.05 if stopping else LANE_IDLE)
+            except queue.Empty:
+                if self.d._retire(self):
+                    return
+                continue
+            if job is None:
+                continue
+            try:
+                self.d._deliver(job, self)
+            except Exception as e:  # never die: log (redacted) and go on
+                log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
+            finally:
+                with self.d._lock:
+                    self.busy = False
+                self.d._finished()
+                self.d._wake.set()
+
+
+@dataclass
+class _Held:
+    """A message the outbox could not take: kept in memory until it can."""
+
+    webhook: Webhook
+    thread_key: str | None
+    bodies: list[tuple[str, bool]]
+    skip: int  # leading bodies (a session header) that are not the receipt's
+    receipt: Receipt
+
+
 class Dispatcher:
-    """The outbox of one ``CHAT_MAGIC_HOME`` and the thread that empties it."""
+    """The outbox of one ``CHAT_MAGIC_HOME`` and the threads that empty it."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
@@ -135,22 +214,76 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._session = None
+        self._lanes: dict[str, _Lane] = {}
+        self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
+        self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
+        self._drain_lock = threading.Lock()
+        self._held_reason = ""
         self._watchers: list[Receipt] = []
         self.mine: set[int] = set()  # ids this process queued
         self.reported: set[int] = set()  # ids whose failure the caller has already been told
 
     # -- caller side -----------------------------------------------------
 
-    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]]) -> Receipt:
-        thread_key = (payloads[0].get("thread") or {}).get("threadKey")
-        bodies = [(_without_secrets(json.dumps(p, ensure_ascii=False, separators=(",", ":")), webhook), set(p) <= {"text", "thread"})
-                  for p in payloads]
-        ids = self.outbox.enqueue(webhook.url, webhook.space_key, thread_key, bodies)
+    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False) -> Receipt:
+        """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
+
+        With ``keep_on_fault``, an outbox that cannot be written (locked,
+        disk full) does not lose the message: it is kept in memory, in order,
+        and queued by the worker as soon as the outbox works again. Else the
+        caller gets the one-line :class:`OutboxError`.
+        """
+        thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
+        bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted))
+        if self._held:
+            if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
+                self._keep(held)
+                return held.receipt
+            self._drain_held(blocking=False)  # older kept messages first, if the outbox takes them now
+        try:
+            self._queue(held)
+        except OutboxError as e:
+            if not keep_on_fault:
+                raise
+            self._keep(held, e)
+        return held.receipt
+
+    def _queue(self, held: _Held, *, patient: bool = False) -> None:
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient)
         self.mine.update(ids)
+        held.receipt._queued(ids[held.skip:])
         self.ensure_running()
         self._wake.set()
-        return Receipt(self, ids, webhook.redacted)
+
+    def _keep(self, held: _Held, e: OutboxError | None = None) -> None:
+        """Keep a message in memory; the first one of an outage is said in one line."""
+        with self._lock:
+            first = not self._held
+            self._held.append(held)
+            if e is not None:
+                self._held_reason = str(e)
+        if first and e is not None:
+            _say(f"{e}; the message is kept in memory and queued as soon as the outbox works again")
+        self.ensure_running()
+        self._wake.set()
+
+    def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
+        """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
+        if not self._drain_lock.acquire(blocking=blocking):
+            return not self._held
+        try:
+            while self._held:
+                try:
+                    self._queue(self._held[0], patient=patient)
+                except OutboxError as e:
+                    self._held_reason = str(e)
+                    return False
+                with self._lock:
+                    self._held.pop(0)
+            return True
+        finally:
+            self._drain_lock.release()
 
     def ensure_running(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -162,7 +295,7 @@ class Dispatcher:
                 self._thread.start()
 
     def wait_for(self, ids: list[int], timeout: float | None) -> bool:
-        """Wait until every id is sent or failed; return whether they all are."""
+        """Wait until every id is sent or failed (or gone from the outbox); return whether they all are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self.ensure_running()
         while True:
@@ -176,13 +309,30 @@ class Dispatcher:
                 self._changed.wait(0.25 if left is None else min(0.25, left))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until nothing this outbox holds (or this process holds in memory) is waiting.
+
+        False when something is left: not delivered in time, failed, kept in
+        memory, or waiting in the configured outbox while a temporary one
+        stands in (said in one line on stderr).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._drain_held(patient=True):
+            if deadline is not None and time.monotonic() >= deadline:
+                _say(f"{len(self._held)} message(s) still kept in memory: {self._held_reason}")
+                return False
+            time.sleep(0.2)
         ids = self.outbox.unfinished_ids()
-        if not ids:
-            return True
-        self._wake.set()
-        if not self.wait_for(ids, timeout):
+        ok = True
+        if ids:
+            self._wake.set()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = self.wait_for(ids, left) and all(r.state == SENT for r in self.outbox.resolve(ids))
+        stranded = self.outbox.stranded()
+        if stranded:
+            _say(f"{stranded} message(s) still wait in the outbox {self.outbox.configured}, which this process cannot use: "
+                 f"{self.outbox.problem}")
             return False
-        return all(r.state == SENT for r in self.outbox.resolve(ids))
+        return ok
 
     def watch(self, receipt: Receipt) -> None:
         with self._lock:
@@ -190,13 +340,21 @@ class Dispatcher:
         self.ensure_running()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop claiming; give requests in flight up to ``timeout`` seconds to finish and be recorded."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)  # first: it may hand one more job to a lane
+        with self._lock:
+            lanes = [lane.thread for lane in self._lanes.values()]
+            for lane in self._lanes.values():
+                lane.jobs.put(None)  # an idle lane ends now, a busy one after its request
+        for t in lanes:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
-    # -- worker ----------------------------------------------------------
+    # -- dispatcher thread ---------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -210,41 +368,77 @@ class Dispatcher:
                 self._wake.clear()
 
     def _step(self) -> float:
-        """Send one message if one is ready; return how long to sleep (0: go on)."""
+        """Hand one message to its space's lane if one is ready; return how long to sleep (0: go on)."""
+        if not self._settle() or not self._drain_held(patient=True):
+            return 1.0  # the outbox cannot be written yet
+        busy = self._busy()
+        if len(busy) >= MAX_LANES:
+            return settings.idle_poll  # a lane that finishes wakes us
         now = time.time()
-        ready = self.outbox.next_ready(now)
+        ready = self.outbox.next_ready(now, exclude=busy)
         if ready is None:
             return settings.idle_poll
         if ready > 0:
             return min(ready, settings.idle_poll)
-        self._http()  # import requests now, not between taking the pacing slot and sending
-        job = self.outbox.claim(now, interval=settings.interval, lease=settings.lease)
+        _import_requests()  # now, not between taking the pacing slot and sending
+        job = self.outbox.claim(now, interval=settings.interval, lease=settings.lease, exclude=busy)
         if job is None:
             return 0.05
-        self._deliver(job)
-        self._finished()
+        self._hand(job)
         return 0.0
 
-    def _http(self):
-        if self._session is None:
-            import requests
+    def _busy(self) -> set[str]:
+        with self._lock:
+            return {k for k, lane in self._lanes.items() if lane.busy}
 
-            _guard_urllib3_logs()
+    def _hand(self, job: Job) -> None:
+        with self._lock:
+            lane = self._lanes.get(job.space_key)
+            if lane is None:
+                lane = self._lanes[job.space_key] = _Lane(self, job.space_key)
+                lane.thread.start()
+            lane.busy = True
+            lane.jobs.put(job)
 
-            self._session = requests.Session()
-            self._session.headers["Content-Type"] = "application/json; charset=UTF-8"
-            self._session.headers["User-Agent"] = "chat_magic"
-        return self._session
+    def _retire(self, lane: _Lane) -> bool:
+        """Whether an idle lane may end (it is forgotten under the lock, so no job is handed to it after)."""
+        with self._lock:
+            if lane.busy or any(j is not None for j in list(lane.jobs.queue)):
+                return False
+            if self._lanes.get(lane.space_key) is lane:
+                del self._lanes[lane.space_key]
+            return True
 
-    def _deliver(self, job: Job) -> None:
+    def _settle(self) -> bool:
+        """Make the outbox writes owed since a storage fault, oldest first; return whether none is left."""
+        while self._owed:
+            try:
+                self._owed[0]()
+            except OutboxError:
+                return False
+            self._owed.pop(0)
+            self._finished()
+        return True
+
+    def _record(self, write: Callable[[], None]) -> None:
+        """Write an outcome to the outbox; if it cannot be written now, owe it (never lose a delivery)."""
+        try:
+            write()
+        except OutboxError as e:
+            log.warning("chat_magic: %s; will record the outcome when the outbox works again", e)
+            self._owed.append(write)
+
+    # -- a lane ----------------------------------------------------------
+
+    def _deliver(self, job: Job, lane: _Lane) -> None:
         import requests
 
-        webhook_url = _request_url(job)
+        webhook = self.outbox.webhook(job.dest)
         log.debug("chat_magic: POST message %s to %s (attempt %d, carries %d more)",
-                  job.id, redact(webhook_url), job.attempts, job.merged)
+                  job.id, webhook.redacted, job.attempts, job.merged)
         try:
-            resp = self._http().post(
-                webhook_url,
+            resp = lane.http().post(
+                webhook.request_url(request_id=job.request_id, threaded=bool(job.thread_key)),
                 data=job.payload.encode("utf-8"),
                 timeout=(settings.connect_timeout, settings.read_timeout),
                 allow_redirects=False,
@@ -258,29 +452,31 @@ class Dispatcher:
                 body = resp.json()
             except ValueError:
                 body = {}
-            self.outbox.ack(job, body.get("name"), (body.get("thread") or {}).get("name"),
-                            space_free_at=time.time() + settings.gap_after_answer)
-            log.debug("chat_magic: message %s delivered as %s", job.id, body.get("name"))
+            name, thread = body.get("name"), (body.get("thread") or {}).get("name")
+            free = time.time() + settings.gap_after_answer
+            self._record(lambda: self.outbox.ack(job, name, thread, space_free_at=free))
+            log.debug("chat_magic: message %s delivered as %s", job.id, name)
             return
         status, message = _parse_error(resp)
         if code in RETRY_STATUS:
             self._transient(job, code, status, f"{code} {status}: {redact(message)}".strip(), _retry_after(resp))
             return
         reason = explain(code, status, message)
-        self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=time.time() + settings.gap_after_answer)
+        free = time.time() + settings.gap_after_answer
+        self._record(lambda: self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=free))
         log.warning("chat_magic: message not delivered: %s", reason)
 
     def _transient(self, job: Job, code: int, status: str, error: str, retry_after: float | None = None) -> None:
-        created = self.outbox.rows([job.id])[0].created_at
-        if time.time() - created > settings.give_up_after:
+        if time.time() - job.created_at > settings.give_up_after:
             reason = f"gave up after {job.attempts} attempts: {error}"
-            self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=time.time() + settings.gap_after_answer)
+            free = time.time() + settings.gap_after_answer
+            self._record(lambda: self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=free))
             log.warning("chat_magic: message not delivered: %s", reason)
             return
         delay = backoff(job.attempts, retry_after)
         log.info("chat_magic: %s; retrying in %.1f s", error, delay)
-        hold = max(settings.gap_after_answer, delay if code == 429 else 0.0)
-        self.outbox.retry_later(job, delay, code=code, status=status, error=error, space_free_at=time.time() + hold)
+        free = time.time() + max(settings.gap_after_answer, delay if code == 429 else 0.0)
+        self._record(lambda: self.outbox.retry_later(job, delay, code=code, status=status, error=error, space_free_at=free))
 
     def _finished(self) -> None:
         with self._changed:
@@ -291,12 +487,38 @@ class Dispatcher:
             watchers, self._watchers = self._watchers, []
         keep = []
         for r in watchers:
-            if r.done():
+            try:
+                done = r.done()
+            except OutboxError:
+                done = False
+            if done:
                 r._fire()
             else:
                 keep.append(r)
         with self._lock:
             self._watchers.extend(keep)
+
+
+_requests_ready = False
+
+
+def _import_requests() -> None:
+    global _requests_ready
+    if not _requests_ready:
+        import requests  # noqa: F401
+
+        _guard_urllib3_logs()
+        _requests_ready = True
+
+
+def _new_session() -> Any:
+    import requests
+
+    _import_requests()
+    session = requests.Session()
+    session.headers["Content-Type"] = "application/json; charset=UTF-8"
+    session.headers["User-Agent"] = "chat_magic"
+    return session
 
 
 class RedactingFilter(logging.Filter):
@@ -323,12 +545,6 @@ def _guard_urllib3_logs() -> None:
             logger.addFilter(_redacting_filter)
 
 
-def _request_url(job: Job) -> str:
-    from .webhook import parse_webhook_url
-
-    return parse_webhook_url(job.url).request_url(request_id=job.request_id, threaded=bool(job.thread_key))
-
-
 def _describe(e: BaseException) -> str:
     """A short, redacted description of a network error."""
     import requests
@@ -347,23 +563,42 @@ def _describe(e: BaseException) -> str:
 
 
 class Receipt:
-    """The handle ``send`` returns at once. Its repr is redacted."""
+    """The handle ``send`` returns at once. Its repr is redacted.
+
+    ``ids`` are the message's outbox ids: empty while the message is kept in
+    memory because the outbox could not take it yet (``keep_on_fault``).
+    """
 
     def __init__(self, dispatcher: Dispatcher, ids: list[int], destination: str) -> None:
         self._d = dispatcher
         self.ids = tuple(ids)
+        self._held = not ids
         self.destination = destination
         self._callbacks: list[Callable[[Receipt], None]] = []
         self._fired = False
 
+    def _queued(self, ids: list[int]) -> None:
+        self.ids, self._held = tuple(ids), False
+
     def __repr__(self) -> str:
-        return f"<Receipt {list(self.ids)} {self.status} to {self.destination}>"
+        try:
+            status = self.status
+        except OutboxError:
+            status = "unknown (outbox unreadable)"
+        return f"<Receipt {list(self.ids)} {status} to {self.destination}>"
+
+    def _rows(self) -> tuple[list[Any], int]:
+        """The rows of this message's parts, and how many parts are no longer in the outbox."""
+        rows = self._d.outbox.resolve(self.ids)
+        return rows, len(self.ids) - len(rows)
 
     @property
     def status(self) -> str:
-        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed)."""
-        rows = self._d.outbox.resolve(self.ids)
-        if any(r.state == FAILED for r in rows):
+        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed or was dropped)."""
+        if self._held:
+            return "pending"
+        rows, gone = self._rows()
+        if gone or any(r.state == FAILED for r in rows):
             return "failed"
         if rows and all(r.state == SENT for r in rows):
             return "sent"
@@ -375,10 +610,22 @@ class Receipt:
     @property
     def error(self) -> str | None:
         """The one-line reason when delivery failed, else the last transient error, else None."""
-        for r in self._d.outbox.resolve(self.ids):
+        if self._held:
+            return f"kept in memory: {self._d._held_reason}" if self._d._held_reason else None
+        rows, gone = self._rows()
+        for r in rows:
+            if r.state == FAILED and r.error:
+                return r.error
+        if gone:
+            return self._gone_text()
+        for r in rows:
             if r.error:
                 return r.error
         return None
+
+    def _gone_text(self) -> str:
+        return (f"message {self.ids[0]} is no longer in the outbox {self._d.outbox.path}: it was dropped "
+                "(chat-magic outbox drop) or lost with a damaged outbox")
 
     def results(self) -> list[Delivered]:
         return [Delivered(r.name, r.thread_name) for r in self._d.outbox.resolve(self.ids)]
@@ -386,19 +633,31 @@ class Receipt:
     def wait(self, timeout: float | None = 30.0) -> Delivered:
         """Block until delivered and return the message's ``name`` and ``thread.name``.
 
-        Raises :class:`DeliveryFailed` when the space refused it and
-        :class:`DeliveryTimeout` when it is still queued after ``timeout`` seconds
-        (it stays queued and will still be delivered).
+        Raises :class:`DeliveryFailed` when the space refused it (or it was
+        dropped from the outbox) and :class:`DeliveryTimeout` when it is still
+        queued after ``timeout`` seconds (it stays queued and will still be
+        delivered); an :class:`OutboxError` when the outbox cannot be read.
         """
-        if not self._d.wait_for(list(self.ids), timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._held:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self._d._held_reason})")
+            self._d._drain_held(patient=True)
+            if self._held:
+                time.sleep(0.1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._d.wait_for(list(self.ids), left):
             last = self.error
             more = f"; last error: {last}" if last else ""
             raise DeliveryTimeout(f"not delivered within {timeout:g} s (still queued, will retry){more}")
-        rows = self._d.outbox.resolve(self.ids)
+        rows, gone = self._rows()
         for r in rows:
             if r.state == FAILED:
                 self.mark_reported()
                 raise DeliveryFailed(r.error or "delivery failed", code=r.error_code or 0, status=r.error_status or "")
+        if gone:
+            self.mark_reported()
+            raise DeliveryFailed(self._gone_text())
         return Delivered(rows[0].name, rows[0].thread_name)
 
     def mark_reported(self) -> None:
@@ -448,8 +707,15 @@ def dispatcher() -> Dispatcher:
 
 
 def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
-    """A dispatcher for the outbox file ``path``, paced through Redis when one is configured."""
-    d = Dispatcher(Outbox(path))
+    """A dispatcher for the outbox file ``path``, paced through Redis when one is configured.
+
+    Raises :class:`OutboxError` when not even a temporary outbox can be made.
+    """
+    try:
+        box = Outbox(path)
+    except (sqlite3.Error, OSError) as e:
+        raise OutboxError(f"cannot open an outbox ({path}, nor a temporary one): {e}") from None
+    d = Dispatcher(box)
     d.outbox.cluster = pacing.cluster_slot()
     return d
 
@@ -488,30 +754,20 @@ def send(
     cards: list[dict[str, Any]] | None = None,
     fallback_text: str | None = None,
     truncate: bool = False,
+    keep_on_fault: bool = False,
+    header: str | None = None,
 ) -> Receipt:
-    payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text)
-    webhook = config.resolve(to)
-    return dispatcher().submit(webhook, payloads)
+    """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
-
-def _without_secrets(body: str, webhook: Webhook) -> str:
-    """A serialized payload with the webhook's own key and token replaced by ``…``.
-
-    A job's output or exception may carry the URL it was given (``env``, a
-    failed request's message): posting it would hand the webhook to everyone
-    in the space. Values shorter than 8 characters are not real secrets and
-    are left alone, so a test key such as ``k`` does not mangle the text.
-    Key and token are URL-safe, so JSON never escapes them: replacing them in
-    the serialized body is exact.
+    ``header``: a text queued just before the message, in the same
+    transaction (a session's announcement): both or neither. The receipt is
+    the message's. ``keep_on_fault``: see :meth:`Dispatcher.submit`; front ends
+    that must never lose a notice (the magics, ``notify_when_done``) set it.
     """
-    from urllib.parse import quote
-
-    from .webhook import REDACTED
-
-    for s in sorted({v for s in (webhook.key, webhook.token) for v in (s, quote(s, safe="")) if len(v) >= 8}, key=len, reverse=True):
-        if s in body:
-            body = body.replace(s, REDACTED)
-    return body
+    webhook = config.resolve(to)
+    payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
+    lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
+    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
 
 
 def flush(timeout: float | None = 30.0) -> bool:
@@ -531,13 +787,14 @@ def shutdown(timeout: float = 5.0) -> None:
 def _at_exit() -> None:
     """A bounded last chance for what this process queued; the rest stays in the outbox.
 
-    Says in one line on stderr what was not delivered, unless the caller was told already.
+    Says in one line on stderr what was not delivered, unless the caller was
+    told already, and loudly what could not even be queued.
     """
-    import sys
-
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
     for d in list(_dispatchers.values()):
         try:
+            if not d._drain_held():
+                _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
             left = deadline - time.monotonic()
             if mine and left > 0:
@@ -548,12 +805,12 @@ def _at_exit() -> None:
             failed = [r for r in rows if r.state == FAILED]
             waiting = [r for r in rows if r.state not in (SENT, FAILED)]
             if failed:
-                print(f"chat_magic: {len(failed)} message(s) not delivered: {failed[0].error} (see: chat-magic outbox list)", file=sys.stderr)
+                _say(f"{len(failed)} message(s) not delivered: {failed[0].error} (see: chat-magic outbox list)")
             if waiting and d.outbox.problem:  # a temporary outbox: say where it is
                 home = d.outbox.path.parent
-                print(f"chat_magic: {len(waiting)} message(s) still queued in the temporary outbox {d.outbox.path}; "
-                      f"deliver them with: CHAT_MAGIC_HOME={home} chat-magic outbox flush", file=sys.stderr)
+                _say(f"{len(waiting)} message(s) still queued in the temporary outbox {d.outbox.path}; "
+                     f"deliver them with: CHAT_MAGIC_HOME={home} chat-magic outbox flush")
             elif waiting:
-                print(f"chat_magic: {len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them", file=sys.stderr)
-        except Exception:
-            pass
+                _say(f"{len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them")
+        except Exception as e:
+            _say(f"could not check what is left in the outbox: {type(e).__name__}: {e}")

@@ -40,7 +40,7 @@ from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
 from .report import Report
 from .session import current_session
-from .webhook import Webhook, redact, scrubber
+from .webhook import Webhook, redact
 
 __all__ = ["ChatMagics", "NestedRun", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -462,7 +462,7 @@ class ChatMagics(Magics):
     def _post(self, report: Report, webhook: Webhook) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            _tell_if_refused(self._session().send(to=webhook, **report.payload_kwargs(cards=self.cards)))
+            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards)))
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -482,7 +482,6 @@ class ChatMagics(Magics):
         max_lines: int,
         with_output: bool = True,
     ) -> Report:
-        scrub = scrubber(webhook)
         output, cut = "", 0
         if with_output and capture is not None:
             output, cut = capture.tail.text(), capture.tail.dropped
@@ -491,13 +490,13 @@ class ChatMagics(Magics):
                 if shown:
                     label = f"Out[{number}]: " if number is not None else "Out: "
                     output += ("" if not output or output.endswith("\n") else "\n") + label + shown
-            output = strip_ansi(scrub(output))  # scrubbed whole, before the tail is cut
+            output = webhook.scrub(strip_ansi(output), cut_before=cut > 0)  # the whole text, before tail() cuts it
             output, more = tail(output, self.max_chars, None)
             cut += more
         return Report.from_outcome(
             title or (f"Cell [{number}]" if number is not None else "Cell"),
             error,
-            scrub=scrub,
+            scrub=webhook.scrub,
             shell=self.shell,
             with_traceback=with_output,
             duration=duration,
@@ -629,7 +628,7 @@ class ChatMagics(Magics):
         if mention:
             text = f"{rules.mention_tag(mention)} {text}"
         try:
-            _tell_if_refused(self._session().send(text, to=webhook))
+            _tell_if_refused(self._session().send(text, to=webhook, keep_on_fault=True))
         except (ConfigError, MessageError) as e:
             raise _usage(f"{magic}: {e}") from None
         except (ChatMagicError, OSError) as e:
@@ -711,7 +710,7 @@ class ChatMagics(Magics):
         self._runall = RunAll(self.shell, lambda report: self._post(report, webhook), quiet=quiet,
                               threshold=self.autonotify_threshold if args.threshold is None else args.threshold,
                               mention=mention, details=lambda: origin_details(self._session()),
-                              only_failures=args.on_error, scrub=scrubber(webhook)).start()
+                              only_failures=args.on_error, scrub=webhook.scrub).start()
         print(f"chat_magic: auto-notify is on: one summary per run of cells "
               f"(a run ends {quiet:g} s after its last cell, or when the kernel stops)")
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import MessageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .webhook import Webhook
 
 MAX_TEXT = 4096
 MAX_BYTES = 32_000
@@ -159,6 +162,38 @@ def payload_size(payload: dict[str, Any]) -> int:
     return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
 
 
+def _scrub_tree(value: Any, scrub: Callable[[str], str]) -> Any:
+    """Every string in a JSON-like tree (a card) scrubbed."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, list):
+        return [_scrub_tree(v, scrub) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrub_tree(v, scrub) for k, v in value.items()}
+    return value
+
+
+def _fit_texts(texts: list[str], envelope: dict[str, Any], *, truncate: bool) -> list[str]:
+    """Each text re-cut until its whole message (``envelope`` included) is within :data:`MAX_BYTES`.
+
+    4,096 characters of emoji plus a long thread key pass the character limit
+    and not the byte limit: the real envelope decides.
+    """
+    out: list[str] = []
+    for t in texts:
+        size = payload_size({"text": t, **envelope})
+        if size <= MAX_BYTES:
+            out.append(t)
+            continue
+        room = MAX_BYTES - payload_size({"text": "", **envelope})
+        if room < 64:
+            raise MessageError("the thread key leaves no room for text in a 32,000-byte message: use a shorter thread key")
+        limit = max(16, len(t) * room // size - 16)
+        smaller = [truncate_text(t, limit)] if truncate else split_text(t, limit)
+        out.extend(_fit_texts(smaller, envelope, truncate=truncate))
+    return out
+
+
 def build_payloads(
     text: str | None,
     *,
@@ -166,28 +201,37 @@ def build_payloads(
     thread_key: str | None = None,
     truncate: bool = False,
     fallback_text: str | None = None,
+    webhook: Webhook | None = None,
 ) -> list[dict[str, Any]]:
     """The Message bodies to POST for one ``send``: one, or several in order when split.
 
-    Raises :class:`MessageError` for an empty message or cards over the size limit.
+    Built once, at one boundary, with the real envelope (the thread key):
+    ``webhook``'s own key and token are scrubbed from the whole text, the
+    fallback and every string of the cards *before* anything is cut, and every
+    body is checked against both limits (4,096 characters, 32,000 bytes).
+    ``cards`` that can shrink themselves (a ``refit(envelope)`` attribute, as
+    :meth:`Report.payload_kwargs` gives) are rebuilt smaller when the envelope
+    leaves less room than they assumed.
+
+    Raises :class:`MessageError` for an empty message or one that cannot fit.
     """
+    scrub: Callable[[str], str] = webhook.scrub if webhook is not None else (lambda s: s)
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", errors="replace")
     # terminal colour codes and control characters mean nothing in Chat
-    text = "" if text is None else strip_ansi(valid_unicode(str(text)))
+    text = "" if text is None else scrub(strip_ansi(valid_unicode(str(text))))
     if isinstance(thread_key, str):
         thread_key = valid_unicode(thread_key)
     if fallback_text:
-        fallback_text = valid_unicode(str(fallback_text))
+        fallback_text = scrub(valid_unicode(str(fallback_text)))
+    refit = getattr(cards, "refit", None)
     if cards:
-        raw = json.dumps(cards, ensure_ascii=False)
-        if valid_unicode(raw) is not raw:
-            cards = json.loads(valid_unicode(raw))
+        cards = _clean_cards(cards, scrub)
     if not text.strip() and not cards:
         raise MessageError("the message is empty: give some text or a card")
     if thread_key is not None and len(thread_key) > 4000:
         raise MessageError("a thread key is at most 4,000 characters")
-    thread = {"threadKey": thread_key} if thread_key else None
+    envelope: dict[str, Any] = {"thread": {"threadKey": thread_key}} if thread_key else {}
 
     if cards:
         payload: dict[str, Any] = {"cardsV2": cards}
@@ -195,26 +239,30 @@ def build_payloads(
             payload["text"] = truncate_text(text)
         if fallback_text:
             payload["fallbackText"] = truncate_text(fallback_text, 1000)
-        if thread:
-            payload["thread"] = thread
+        payload.update(envelope)
+        if payload_size(payload) > MAX_BYTES and callable(refit):
+            payload["cardsV2"] = _clean_cards(refit({k: v for k, v in payload.items() if k != "cardsV2"}), scrub)
         if payload_size(payload) > MAX_BYTES:
             raise MessageError(f"the cards are {payload_size(payload):,} bytes; a Chat message is at most {MAX_BYTES:,}: shorten the card text")
         return [payload]
 
     # (the length check first spares splitting a text that cannot fit anyway)
     texts = [truncate_text(text)] if truncate else [] if len(text) > MAX_PARTS * MAX_TEXT else split_text(text)
+    if texts:
+        texts = _fit_texts(texts, envelope, truncate=truncate)
     if not texts or len(texts) > MAX_PARTS:
         raise MessageError(
             f"the text is {len(text):,} characters, more than {MAX_PARTS} messages of up to {MAX_TEXT:,}: "
             "pass truncate=True (--truncate) to send the start with a note, or send less"
         )
-    out = []
-    for t in texts:
-        p: dict[str, Any] = {"text": t}
-        if thread:
-            p["thread"] = thread
-        out.append(p)
-    return out
+    return [{"text": t, **envelope} for t in texts]
+
+
+def _clean_cards(cards: list[dict[str, Any]], scrub: Callable[[str], str]) -> list[dict[str, Any]]:
+    raw = json.dumps(cards, ensure_ascii=False)
+    if valid_unicode(raw) is not raw:
+        cards = json.loads(valid_unicode(raw))
+    return _scrub_tree(list(cards), scrub)
 
 
 def merge_texts(texts: list[str]) -> str:

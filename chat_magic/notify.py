@@ -55,7 +55,6 @@ from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .metrics import MetricHistory
 from .report import exception_summary
-from .webhook import scrubber
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -133,7 +132,7 @@ class _Run:
         try:
             if not _ranks.should_post(kind, self.owner.ranks, self.rank):
                 return None
-            return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, **payload)
+            return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, keep_on_fault=True, **payload)
         except Exception as e:
             _warn(f"could not post the {what} of {self.label!r}: {e}")
             return None
@@ -264,7 +263,7 @@ class notify_when_done:
         report = Report.from_outcome(
             run.title,
             exc,
-            scrub=scrubber(self.webhook),
+            scrub=self.webhook.scrub if self.webhook else None,
             shell=_shell(),
             duration=time.monotonic() - run.t0,
             details=run.details(),

@@ -39,7 +39,7 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import config
 
@@ -180,7 +180,7 @@ class RedisSlot:
                 out[space] = shared
         return out
 
-    def claim(self, outbox: Outbox, now: float, *, interval: float, lease: float, space_key: str | None = None) -> Job | None:
+    def claim(self, outbox: Outbox, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Job | None:
         """Claim the next message whose space both slots let through now.
 
         The Redis slot is taken *before* the SQLite transaction, so the outbox's
@@ -188,12 +188,12 @@ class RedisSlot:
         space with nothing left to claim (another process of this host took it)
         is released at once.
         """
-        for space, wait in outbox.ready_spaces(now).items():
-            if wait > 0 or (space_key is not None and space != space_key):
+        for space, wait in outbox.ready_spaces(now, exclude=exclude).items():
+            if wait > 0:
                 continue
             got = self.take(space, interval)
             if got is None:  # Redis does not answer: this host paces alone
-                return outbox.claim_local(now, interval=interval, lease=lease, space_key=space_key)
+                return outbox.claim_local(now, interval=interval, lease=lease, exclude=exclude)
             if got > 0:
                 continue
             job = outbox.claim_local(now, interval=interval, lease=lease, space_key=space)

@@ -17,7 +17,7 @@ import signal as _signal
 import traceback as _traceback
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 from . import ranks as _ranks
 from . import metrics as _metrics
@@ -313,12 +313,20 @@ class Report:
         kwargs: dict[str, Any] = {"fallback_text": fallback}
         if self.mention:
             kwargs["text"] = f"{self._mention_tag()}{neutralize(_clip(self.headline, 300))}"
-        def fits(card: dict[str, Any]) -> bool:
-            body = {"cardsV2": [card], "text": kwargs.get("text", ""), "fallbackText": fallback, "thread": {"threadKey": "x" * 100}}
-            return payload_size(body) <= MAX_BYTES - 500
+        guess = {k: v for k, v in (("text", kwargs.get("text", "")), ("fallbackText", fallback)) if v}
+        guess["thread"] = {"threadKey": "x" * 100}  # refit() redoes this with the real envelope
+        kwargs["cards"] = Cards([self._fitted_card(guess)], refit=lambda envelope: [self._fitted_card(envelope)])
+        return kwargs
 
-        # keep within Chat's 32,000 bytes: shorten the output sections until it fits,
-        # then (huge or countless details) the detail rows
+    def _fitted_card(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """The richest card that, with ``envelope`` (text, fallback, thread), fits Chat's 32,000 bytes.
+
+        Shortens the output sections until it fits, then (huge or countless
+        details) the detail rows.
+        """
+        def fits(card: dict[str, Any]) -> bool:
+            return payload_size({"cardsV2": [card], **envelope}) <= MAX_BYTES - 200
+
         for max_details, detail_chars in ((MAX_DETAILS, 1000), (MAX_DETAILS, 200), (40, 80), (10, 40)):
             budget = 6000
             card = self.card(max_details=max_details, detail_chars=detail_chars, output_chars=budget)
@@ -327,5 +335,12 @@ class Report:
                 card = self.card(max_details=max_details, detail_chars=detail_chars, output_chars=budget)
             if fits(card):
                 break
-        kwargs["cards"] = [card]
-        return kwargs
+        return card
+
+
+class Cards(list):
+    """A list of cards that can rebuild itself for the real envelope (see ``message.build_payloads``)."""
+
+    def __init__(self, cards: list[dict[str, Any]], *, refit: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
+        super().__init__(cards)
+        self.refit = refit

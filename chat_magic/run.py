@@ -247,7 +247,8 @@ class _Job:
         _ranks.policy(None)
         self.mention = rules.validate_mention(args.mention, option="--mention")
         thread = rules.validate_thread_key(args.thread, option="--thread")
-        short = shlex.join([os.path.basename(command[0]) or command[0], *command[1:]])
+        # scrubbed whole, before any shortening: no piece of a secret in a label
+        short = self.webhook.scrub(shlex.join([os.path.basename(command[0]) or command[0], *command[1:]]))
         label = args.label or shorten(short)
         self.title = f"{label} ({self.rank.describe()})" if self.rank.distributed else label
         self.session = Session(thread_key=thread)
@@ -255,7 +256,7 @@ class _Job:
         self.session.announce = False  # each notice says which command and host: no header message before it
         if not thread and not os.environ.get("CHAT_MAGIC_THREAD_KEY"):
             self.session.new_thread()  # a key made from the command, not from "chat-magic"
-        self.details = {"Command": shorten(shlex.join(command), 500), "Host": self.session.host}
+        self.details = {"Command": shorten(self.webhook.scrub(shlex.join(command)), 500), "Host": self.session.host}
         if self.rank.distributed:
             self.details["Rank"] = self.rank.describe()
         self.receipts: list[Any] = []
@@ -264,7 +265,8 @@ class _Job:
         """Queue ``report`` if this rank posts its kind; a problem is one line, never an exception."""
         try:
             if _ranks.should_post(report.kind, None, self.rank):
-                self.receipts.append(self.session.send(to=self.webhook, **report.payload_kwargs(cards=self.args.cards)))
+                self.receipts.append(self.session.send(to=self.webhook, keep_on_fault=True,
+                                                       **report.payload_kwargs(cards=self.args.cards)))
         except Exception as e:
             _say(f"notice not posted: {e if isinstance(e, ChatMagicError) else f'{type(e).__name__}: {e}'}")
 
@@ -275,14 +277,14 @@ class _Job:
 
     def post_end(self, ended: _Ended) -> None:
         from .report import FAILED, OK, Report
-        from .webhook import scrubber
 
         details = dict(self.details)
         if ended.fwd.received and ended.returncode >= 0:
             details["Signal"] = _signals_received(ended.fwd)
         report = Report.from_outcome(
-            self.title, exit_code=ended.returncode, reason=ended.reason(), scrub=scrubber(self.webhook),
-            duration=ended.duration, output=ended.tail.text(), details=details, mention=self.mention, max_lines=30,
+            self.title, exit_code=ended.returncode, reason=ended.reason(), scrub=self.webhook.scrub,
+            duration=ended.duration, output=self.webhook.scrub(ended.tail.text(), cut_before=True),  # the tail starts mid-stream
+            details=details, mention=self.mention, max_lines=30,
         )
         if report.status == OK:
             report.details["Exit code"] = "0"

@@ -153,26 +153,27 @@ class Session:
     def send(self, text: str | None = None, *, to: Any = None, thread_key: str | None = None, **kwargs: Any):
         """``chat_magic.send`` into this session's thread, announcing the session first.
 
-        ``thread_key`` overrides the session's key for this one message.
+        The announcement (the first message into each space's thread) and the
+        message are built first and queued in one transaction: both or
+        neither, so a message that cannot be sent leaves no orphan header.
+        ``thread_key`` overrides the session's key for this one message (no
+        announcement).
         """
         from . import config
         from .delivery import send
-        from .message import build_payloads
 
-        build_payloads(text, cards=kwargs.get("cards"))  # a bad message fails before the announcement
         webhook = config.resolve(to)
         key = thread_key or self.thread_key
         with self._lock:
-            first = (webhook.space_key, key) not in self._announced
+            announce = self.announce and thread_key is None and (webhook.space_key, key) not in self._announced
             self._announced.add((webhook.space_key, key))
-        if first and thread_key is None and self.announce:
-            try:
-                send(self.header(), to=webhook, thread_key=key)
-            except Exception:
+        try:
+            return send(text, to=webhook, thread_key=key, header=self.header() if announce else None, **kwargs)
+        except Exception:
+            if announce:
                 with self._lock:
                     self._announced.discard((webhook.space_key, key))
-                raise
-        return send(text, to=webhook, thread_key=key, **kwargs)
+            raise
 
 
 _current: Session | None = None

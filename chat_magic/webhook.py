@@ -1,35 +1,217 @@
-"""Webhook URLs: parse, check, build request URLs, and redact secrets.
+"""Webhook URLs: parsed once into a value that cannot show its secrets.
 
 A Google Chat incoming webhook URL carries two secrets in its query string,
-``key`` and ``token``. Anyone holding them can post into the space, so no
-repr, log line, warning or exception of chat_magic ever shows them: everything
-that may print a URL goes through :func:`redact`.
+``key`` and ``token``. Anyone holding them can post into the space, so:
+
+- :func:`parse_webhook_url` turns the string into a :class:`Webhook` at once:
+  parameter names percent-decoded (``%6Bey=`` is ``key=``), a repeated
+  parameter refused, a ``#fragment`` and unknown parameters dropped. The raw
+  string is not kept: the value holds the canonical parts only.
+- The key and token live in :class:`Sealed` holders. Their ``repr`` is ``…``
+  and they are read only by calling :meth:`Sealed.reveal`, so neither a repr,
+  nor an f-string, nor IPython's ``%xmode Verbose`` (which prints variables and
+  attribute values of every frame, but never calls anything) can show them.
+- Error messages never echo the URL: at most its scheme and host.
+- :meth:`Webhook.scrub` removes the webhook's own key and token from any text,
+  in any spelling the URL parser accepts (raw, percent-encoded, mixed), and
+  fragments left at the edge of a text that was cut before it got here.
+  Scrub a whole text *before* splitting, tailing or shortening it.
+- :func:`redact` is the fallback for texts that may hold *some* URL: it
+  blanks every ``key=``/``token=`` value (names percent-encoded too).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass, field
-from typing import Callable
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from functools import lru_cache
+from typing import Any, Callable
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .errors import WebhookURLError
 
 CHAT_HOST = "chat.googleapis.com"
 _PATH = re.compile(r"^/v1/spaces/(?P<space>[A-Za-z0-9_-]+)/messages/?$")
-# key=..., token=... in any text (URLs inside exception messages included),
-# also percent-encoded forms such as key%3D...
-_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&;\s\"'(]|%26|%3F)(?:key|token)(?:=|%3D))[^&\s\"'<>)#]+")
 REDACTED = "…"
+_BLANK_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+MIN_SECRET = 8  # shorter values are test stand-ins ("k"): scrubbing them would mangle ordinary text
+
+
+def _spelled(word: str) -> str:
+    """A regex for ``word`` with any of its letters percent-encoded (``%6Bey`` for ``key``)."""
+    return "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in word)
+
+
+# key=..., token=... in any text, names and "=" possibly percent-encoded, also after an encoded ?/&
+_SECRET_PARAM = re.compile(
+    rf"(?i)((?:^|[?&;\s\"'(/]|%26|%3F)(?:{_spelled('key')}|{_spelled('token')})(?:=|%3D))[^&\s\"<>#]+"
+)
 
 
 def redact(text: object) -> str:
-    """Return ``str(text)`` with every ``key=`` and ``token=`` value replaced by ``…``.
+    """``str(text)`` with every ``key=`` and ``token=`` value replaced by ``…``.
 
-    Safe on any text: URLs, exception messages, log lines.
+    For texts that may hold any webhook URL (exception messages, log lines).
+    A text that may hold a *known* webhook's secrets goes through
+    :meth:`Webhook.scrub` first.
     """
     return _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, str(text))
+
+
+class Sealed:
+    """A secret string that never shows itself.
+
+    ``repr``/``str`` are ``…``; :meth:`reveal` returns the value. The value sits
+    in a closure, not an attribute, so debuggers and verbose tracebacks that
+    evaluate attributes (but never call) cannot print it.
+    """
+
+    __slots__ = ("_get",)
+
+    def __init__(self, value: str) -> None:
+        self._get: Callable[[], str] = lambda: value
+
+    def reveal(self) -> str:
+        return self._get()
+
+    def __repr__(self) -> str:
+        return "Sealed(…)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sealed) and self.reveal() == other.reveal()
+
+    def __hash__(self) -> int:
+        return hash(self.reveal())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # multiprocessing may pickle a notify_when_done
+        return (Sealed, (self.reveal(),))
+
+
+@lru_cache(maxsize=64)
+def _secret_pattern(value: str) -> re.Pattern[str]:
+    """Matches ``value`` with any of its characters percent-encoded (either case), ``/`` also as ``\\/``."""
+    parts = []
+    for c in value:
+        alts = [re.escape(c), f"%{ord(c):02x}", f"%{ord(c):02X}"] if ord(c) < 128 else [re.escape(c)]
+        if c == "/":
+            alts.append(r"\\/")
+        if c == " ":
+            alts.append(r"\+")
+        parts.append("(?:" + "|".join(alts) + ")")
+    return re.compile("".join(parts))
+
+
+def _spellings(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((value, quote(value, safe=""), quote(value, safe="").lower())))
+
+
+_EDGE_HEAD = re.compile(r"[^&\s\"'<>()#?]+")
+_EDGE_TAIL = re.compile(r"[^&\s\"'<>()#?=]+$")
+
+
+class Webhook:
+    """A checked webhook: where to post, and the two secrets, sealed.
+
+    ``repr``/``str`` show ``scheme://host/v1/spaces/ID/messages?key=…&token=…``.
+    Two spellings of one webhook (parameters in another order, names
+    percent-encoded) are equal and have the same :attr:`id`.
+    """
+
+    __slots__ = ("space", "base", "_key", "_token", "_digest")
+
+    def __init__(self, base: str, space: str, key: Sealed, token: Sealed) -> None:
+        self.base = base  # scheme://host[:port]/v1/spaces/X/messages: no secret
+        self.space = space
+        self._key = key
+        self._token = token
+        self._digest = ""
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        return self._key.reveal()
+
+    @property
+    def token(self) -> str:
+        return self._token.reveal()
+
+    @property
+    def space_key(self) -> str:
+        """Identifies the space for pacing: the quota is per space, whatever the webhook."""
+        return f"{urlsplit(self.base).netloc}/{self.space}"
+
+    @property
+    def id(self) -> str:
+        """A digest of the canonical URL: names one destination without showing it."""
+        if not self._digest:  # a digest shows nothing of the secrets: it may be kept in the open
+            self._digest = hashlib.sha256(self.reveal_url().encode("utf-8")).hexdigest()[:32]
+        return self._digest
+
+    def reveal_url(self) -> str:
+        """The canonical URL, secrets included: only for the outbox file (0600) and the request."""
+        return f"{self.base}?{urlencode({'key': self._key.reveal(), 'token': self._token.reveal()}, quote_via=quote)}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Webhook) and (self.base, self._key, self._token) == (other.base, other._key, other._token)
+
+    def __hash__(self) -> int:
+        return hash((self.base, self._key, self._token))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Webhook, (self.base, self.space, self._key, self._token))
+
+    @property
+    def redacted(self) -> str:
+        return f"{self.base}?key={REDACTED}&token={REDACTED}"
+
+    def __str__(self) -> str:
+        return self.redacted
+
+    def __repr__(self) -> str:
+        return f"Webhook({self.redacted!r})"
+
+    def request_url(self, *, request_id: str | None = None, threaded: bool = False) -> str:
+        """The URL to POST to: key and token, plus requestId and messageReplyOption."""
+        params = {"key": self._key.reveal(), "token": self._token.reveal()}
+        if threaded:
+            params["messageReplyOption"] = "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"
+        if request_id:
+            params["requestId"] = request_id
+        return f"{self.base}?{urlencode(params, quote_via=quote)}"
+
+    # -- scrubbing -----------------------------------------------------------
+
+    def scrub(self, text: str, *, cut_before: bool = False, cut_after: bool = False) -> str:
+        """``text`` without this webhook's key and token (other text is left as it is).
+
+        Any spelling the URL parser would accept is found (each character raw
+        or ``%XX``). Call it on the whole text *before* any cut. For a text
+        that was already cut by someone else (a bounded output buffer), say so:
+        ``cut_before`` blanks a leading fragment that ends a secret,
+        ``cut_after`` a trailing one that starts a secret.
+        """
+        for sealed in (self._key, self._token):
+            if len(sealed.reveal()) >= MIN_SECRET:
+                text = _secret_pattern(sealed.reveal()).sub(REDACTED, text)
+                if cut_before:
+                    text = _blank_edge(text, _EDGE_HEAD.match(text), _spellings(sealed.reveal()), str.endswith)
+                if cut_after:
+                    text = _blank_edge(text, _EDGE_TAIL.search(text), _spellings(sealed.reveal()), str.startswith)
+        return text
+
+
+def _blank_edge(text: str, m: re.Match[str] | None, spellings: tuple[str, ...], fits: Callable[[str, str], bool]) -> str:
+    """Replace the run ``m`` at an edge of ``text`` with ``…`` when it is a piece of a secret."""
+    if m is None or not m.group(0):
+        return text
+    frag = m.group(0)
+    if any(fits(s, frag) or fits(s.lower(), frag.lower()) for s in spellings):
+        return text[: m.start()] + REDACTED + text[m.end():]
+    return text
 
 
 def is_loopback(host: str) -> bool:
@@ -42,103 +224,67 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Webhook:
-    """A checked webhook URL. Its repr and str are redacted."""
-
-    url: str = field(repr=False)
-    space: str
-    base: str = field(repr=False)  # scheme://host[:port]/v1/spaces/X/messages, no query
-    key: str = field(repr=False)
-    token: str = field(repr=False)
-
-    @property
-    def space_key(self) -> str:
-        """Identifies the space for pacing: the quota is per space."""
-        return f"{urlsplit(self.base).netloc}/{self.space}"
-
-    @property
-    def redacted(self) -> str:
-        return redact(self.url)
-
-    def __str__(self) -> str:
-        return self.redacted
-
-    def __repr__(self) -> str:
-        return f"Webhook({self.redacted!r})"
-
-    def request_url(self, *, request_id: str | None = None, threaded: bool = False) -> str:
-        """The URL to POST to: key and token, plus requestId and messageReplyOption."""
-        params = {"key": self.key, "token": self.token}
-        if threaded:
-            params["messageReplyOption"] = "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"
-        if request_id:
-            params["requestId"] = request_id
-        return f"{self.base}?{urlencode(params, quote_via=quote)}"
-
-
 def parse_webhook_url(url: str) -> Webhook:
     """Check a webhook URL and return a :class:`Webhook`.
 
     Accepts ``https://chat.googleapis.com/v1/spaces/ID/messages?key=K&token=T``,
     and plain ``http`` only for loopback hosts (the local emulator). Raises
     :class:`WebhookURLError` with one line saying what is wrong; the message
-    never contains the key or the token.
+    never contains the key or the token, nor any part of the query.
     """
     if not isinstance(url, str):
         raise WebhookURLError(f"a webhook URL must be a string, not {type(url).__name__}")
-    url = url.strip()
-    if not url:
+    sealed = Sealed(url.strip())
+    del url  # from here on, a verbose traceback shows this frame's arguments as unresolvable, not the URL
+    return _parse(sealed)
+
+
+def _parse(raw: Sealed) -> Webhook:
+    if not raw.reveal():
         raise WebhookURLError("the webhook URL is empty: copy it from the space's Apps & integrations > Webhooks")
-    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in url):  # not shown: redaction stops at a space
+    if _BLANK_OR_CONTROL.search(raw.reveal()):
         raise WebhookURLError("the webhook URL has a space or a line break inside: paste exactly one URL, in one piece")
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
+        parts = urlsplit(raw.reveal())
+        host, port = parts.hostname or "", parts.port
     except ValueError:
-        raise WebhookURLError(f"not a valid URL: {redact(url)}") from None
-    shown = redact(url)
+        raise WebhookURLError("not a valid URL (a bad port or a broken [IPv6] host): copy the webhook URL again") from None
     if parts.scheme not in ("https", "http"):
-        raise WebhookURLError(f"a webhook URL starts with https://{CHAT_HOST}/, got {shown}")
+        raise WebhookURLError(f"a webhook URL starts with https://{CHAT_HOST}/: copy the whole URL from the space's webhook settings")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookURLError("a webhook URL carries no user name or password: copy the URL again from the space's webhook settings")
     if not host:
-        raise WebhookURLError(f"the webhook URL has no host: {shown}")
+        raise WebhookURLError(f"the webhook URL has no host: it starts with https://{CHAT_HOST}/")
     loopback = is_loopback(host)
     if parts.scheme == "http" and not loopback:
-        raise WebhookURLError(f"plain http is only accepted for a local emulator; use https://{CHAT_HOST}/...: {shown}")
-    if not loopback and host.lower() != CHAT_HOST:
-        raise WebhookURLError(f"a Google Chat webhook URL points at {CHAT_HOST}, not {host}: {shown}")
-    if parts.username or parts.password:
-        raise WebhookURLError(f"a webhook URL carries no user name or password: {shown}")
+        raise WebhookURLError(f"plain http is only accepted for a local emulator; use https://{CHAT_HOST}/...")
+    if not loopback and host != CHAT_HOST:
+        raise WebhookURLError(f"a Google Chat webhook URL points at {CHAT_HOST}, not {_shown_host(host)}")
     m = _PATH.match(parts.path)
     if not m:
-        raise WebhookURLError(f"the path must be /v1/spaces/SPACE_ID/messages: {shown}")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    missing = [p for p in ("key", "token") if not (query.get(p) or [""])[0]]
-    if missing:
-        raise WebhookURLError(f"the webhook URL has no {' and no '.join(missing)}: copy the whole URL from the space's webhook settings")
-    if len(query["key"]) > 1 or len(query["token"]) > 1:
-        raise WebhookURLError(f"the webhook URL repeats key or token: {shown}")
+        raise WebhookURLError("the path must be /v1/spaces/SPACE_ID/messages: copy the whole URL from the space's webhook settings")
+    key, token = _secrets(raw)
     netloc = host if ":" not in host else f"[{host}]"
     if port is not None:
         netloc = f"{netloc}:{port}"
-    base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
-    return Webhook(url=url, space=m.group("space"), base=base, key=query["key"][0], token=query["token"][0])
+    return Webhook(f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}", m.group("space"), key, token)
 
 
-def scrubber(webhook: Webhook | None) -> Callable[[str], str]:
-    """A function that replaces this webhook's own key and token in a text.
+def _shown_host(host: str) -> str:
+    """A host as an error may show it: DNS characters only, never a whole query."""
+    return host if re.fullmatch(r"[a-z0-9.:\[\]-]{1,253}", host) else "another host"
 
-    Front ends apply it to a whole output or traceback *before* cutting a
-    tail or a part from it, so no cut can leave a fragment of a secret.
-    Values shorter than 4 characters are not real secrets and are left alone.
-    """
-    secrets = sorted((s for s in (getattr(webhook, "key", ""), getattr(webhook, "token", "")) if s and len(s) >= 4),
-                     key=len, reverse=True)
 
-    def scrub(text: str) -> str:
-        for s in secrets:
-            text = text.replace(s, REDACTED)
-        return text
-
-    return scrub
+def _secrets(raw: Sealed) -> tuple[Sealed, Sealed]:
+    """Key and token from the query: names percent-decoded, each given exactly once; the fragment dropped."""
+    pairs = parse_qsl(urlsplit(raw.reveal()).query, keep_blank_values=True)
+    names = [n for n, _ in pairs]
+    if len(names) != len(set(names)):
+        raise WebhookURLError("the webhook URL repeats a parameter: copy it again from the space's webhook settings")
+    values = dict(pairs)
+    missing = [p for p in ("key", "token") if not values.get(p)]
+    if missing:
+        raise WebhookURLError(f"the webhook URL has no {' and no '.join(missing)}: copy the whole URL from the space's webhook settings")
+    if _BLANK_OR_CONTROL.search(values["key"]) or _BLANK_OR_CONTROL.search(values["token"]):
+        raise WebhookURLError("the webhook URL's key or token has a space or a control character: copy the URL again")
+    return Sealed(values.pop("key")), Sealed(values.pop("token"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -221,12 +220,15 @@ def test_outbox_file_is_private(space):
     assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
 
 
-def test_corrupted_outbox_falls_back_and_loses_nothing(space, outbox_home, caplog):
+def test_corrupted_outbox_is_moved_aside_and_replaced(space, outbox_home, capfd):
     outbox_home.mkdir(parents=True, exist_ok=True)
-    outbox_path(outbox_home).write_bytes(b"this is not a database" * 100)
-    with caplog.at_level(logging.WARNING, logger="chat_magic"):
-        r = chat_magic.send("still delivered")
-    assert "unusable" in caplog.text and "CHAT_MAGIC_HOME" in caplog.text
+    path = outbox_path(outbox_home)
+    path.write_bytes(b"this is not a database" * 100)
+    r = chat_magic.send("still delivered")
+    err = capfd.readouterr().err
+    assert "moved aside" in err and err.count("\n") == 1, err
+    assert delivery.dispatcher().outbox.path == path, "the configured outbox, made anew"
+    assert [p.name.startswith(path.name + ".corrupt-") for p in outbox_home.iterdir()].count(True) == 1
     r.wait(10)
     assert space.texts() == ["still delivered"]
 

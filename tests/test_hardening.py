@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import KEY, TOKEN, assert_no_secret, validate_message
 
 import chat_magic
 from chat_magic import delivery
@@ -44,7 +45,6 @@ from chat_magic.hosts import outbox_path
 from chat_magic.message import FENCE, MAX_PARTS, MAX_TEXT, ZWSP, code_block, split_text
 from chat_magic.outbox import Outbox
 from chat_magic.report import Report
-from conftest import KEY, TOKEN, assert_no_secret, validate_message
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fast_backoff")]
 
@@ -597,7 +597,7 @@ def test_empty_messages_through_the_cli_exit_2(outbox_home):
 
 
 @pytest.mark.parametrize("damage", ["truncated database", "a folder in its place"])
-def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, damage):
+def test_unusable_outbox_is_replaced_or_stood_in_for_and_says_so(space, outbox_home, capfd, damage):
     outbox_home.mkdir(parents=True, exist_ok=True)
     path = outbox_path(outbox_home)
     if damage == "a folder in its place":
@@ -606,14 +606,20 @@ def test_unusable_outbox_falls_back_and_delivers(space, outbox_home, caplog, dam
         Outbox(path).close()
         data = path.read_bytes()
         path.write_bytes(data[:100] + b"\x00garbage" * 64)
-    with caplog.at_level("WARNING", logger="chat_magic"):
-        r = chat_magic.send("still delivered")
-    assert "unusable" in caplog.text and "CHAT_MAGIC_HOME" in caplog.text
+    capfd.readouterr()
+    r = chat_magic.send("still delivered")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chat_magic: "), err  # one visible line, not only a log record
+    if damage == "a folder in its place":
+        assert "unusable" in err and "CHAT_MAGIC_HOME" in err and "temporary outbox" in err
+    else:
+        assert "damaged" in err and "moved aside" in err
+        assert delivery.dispatcher().outbox.path == path, "a new outbox where it belongs, not a temporary one"
     r.wait(10)
     assert space.texts() == ["still delivered"]
 
 
-def test_cli_send_with_an_unusable_outbox_says_so_and_delivers(space, outbox_home):
+def test_cli_send_with_a_damaged_outbox_says_so_and_delivers(space, outbox_home):
     outbox_home.mkdir(parents=True, exist_ok=True)
     outbox_path(outbox_home).write_bytes(b"not a database at all " * 50)
     out = cli("send", "from the CLI", env=dict(os.environ))
@@ -621,8 +627,8 @@ def test_cli_send_with_an_unusable_outbox_says_so_and_delivers(space, outbox_hom
     assert space.texts() == ["from the CLI"]
     assert "Traceback" not in out.stderr
     assert_no_secret(out.stdout, out.stderr)
-    # the message sat in a temporary outbox: the user must hear that the configured one is broken
-    assert "unusable" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    # the user must hear that the configured outbox was broken, and where it went
+    assert "moved aside" in out.stderr and "corrupt-" in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
 LOCKER = textwrap.dedent("""
@@ -730,3 +736,434 @@ def test_broken_config_files_through_the_cli(outbox_home, tmp_path):
         assert out.returncode == 2, (name, out.stderr)
         assert out.stderr.count("\n") == 1 and word in out.stderr and "Traceback" not in out.stderr, (name, out.stderr)
         assert_no_secret(out.stdout, out.stderr)
+
+
+# --------------------------------------------------------------------------- the edges (issue 10)
+#
+# Each test below is a real reproduction: a locked, damaged or read-only outbox file, a full
+# filesystem (a real tmpfs), a server that never answers, a zombie process.
+
+
+def _mount(target: Path, *args: str) -> None:
+    out = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a filesystem here (needs root): {out.stderr.strip()}")
+
+
+class Disk:
+    """A real, small filesystem (tmpfs) that can be filled up and freed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError as e:
+                    assert e.errno == 28, e  # ENOSPC: the disk is full
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """CHAT_MAGIC_HOME on a real 4 MB tmpfs."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    _mount(mnt, "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs")
+    monkeypatch.setenv("CHAT_MAGIC_HOME", str(mnt / "home"))
+    try:
+        yield Disk(mnt)
+    finally:
+        delivery.shutdown()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def ip(outbox_home):
+    """A real IPython InteractiveShell with chat_magic loaded."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        shell = InteractiveShell.instance()
+    else:
+        cfg = Config()
+        cfg.HistoryManager.hist_file = ":memory:"
+        shell = InteractiveShell.instance(config=cfg)
+    shell.run_cell("%load_ext chat_magic")
+    yield shell
+    shell.run_cell("%unload_ext chat_magic")
+
+
+def _states(ids) -> list[str]:
+    return [r.state for r in delivery.dispatcher().outbox.resolve(ids)]
+
+
+def _card_titles(messages: list[dict]) -> list[str]:
+    return [m["cardsV2"][0]["card"]["header"]["title"] for m in messages if m.get("cardsV2")]
+
+
+@pytest.mark.parametrize("fault", ["lock", "disk full"])
+def test_notices_are_kept_in_memory_while_the_outbox_cannot_be_written(space, ip, capfd, tmp_path, monkeypatch, fault):
+    """%%chat and notify_when_done on an outbox locked past the caller's 2 s, or on a full disk: one line, nothing lost."""
+    if fault == "disk full":
+        mnt = tmp_path / "disk"
+        mnt.mkdir()
+        _mount(mnt, "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs")
+        monkeypatch.setenv("CHAT_MAGIC_HOME", str(mnt / "home"))
+        disk = Disk(mnt)
+    try:
+        chat_magic.send("before", thread_key="edge").wait(10)
+        capfd.readouterr()
+        if fault == "lock":
+            locker = _lock(delivery.dispatcher().outbox.path, 5.0)
+        else:
+            disk.fill()
+        try:
+            ip.run_cell("%%chat --title kept-cell\nprint('cell output')")
+            with chat_magic.notify_when_done("kept-block"):
+                pass
+            err = capfd.readouterr().err
+            lines = [ln for ln in err.splitlines() if ln.startswith("chat_magic:")]
+            assert len(lines) == 1 and "kept in memory" in lines[0], err
+            assert "Traceback" not in err
+            assert_no_secret(err)
+        finally:
+            if fault == "lock":
+                assert locker.wait(30) == 0
+            else:
+                disk.free()
+        wait_until(lambda: len(_card_titles(space.messages())) >= 2, 30, "both notices after the outbox works again")
+        assert chat_magic.flush(30)
+        titles = _card_titles(space.messages())
+        assert [t.split(" ", 1)[1].split()[0] for t in titles] == ["kept-cell", "kept-block"], titles
+    finally:
+        if fault == "disk full":
+            delivery.shutdown()
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_after_the_answer_does_not_leave_a_delivered_message_sending(space, small_disk):
+    """The space answers 200 while the disk is full: the outcome is recorded as soon as there is room again."""
+    chat_magic.send("warm", thread_key="full").wait(10)
+    box = delivery.dispatcher().outbox.path
+    space.emu.latency = 1.5
+    try:
+        r = chat_magic.send("answered while the disk is full", thread_key="full")
+        wait_until(lambda: any(x["state"] == "sending" for x in _rows(box)), 10, "the request in flight")
+        small_disk.fill()
+        space.wait_for(2, timeout=10)
+        wait_until(lambda: any(q.get("status") == 200 and "disk is full" in q.get("body", "") for q in space.requests()),
+                   10, "the answer")
+    finally:
+        space.emu.latency = 0.0
+    assert _states(r.ids) == ["sending"], "nothing could be written yet"
+    small_disk.free()
+    wait_until(lambda: r.status == "sent", 10, "the delivery to be recorded (it was stuck as sending until the lease ran out)")
+    assert items(space.messages()) == ["warm", "answered while the disk is full"]
+    assert sum(1 for q in space.requests() if "answered while" in q.get("body", "")) == 1, "not sent twice"
+
+
+def test_caller_on_a_full_disk_gets_one_line_outbox_error(space, small_disk):
+    chat_magic.send("warm").wait(10)
+    small_disk.fill()
+    try:
+        with pytest.raises(OutboxError) as e:
+            chat_magic.send("no room")
+    finally:
+        small_disk.free()
+    one_line(str(e.value))
+    assert "full" in str(e.value) and str(delivery.dispatcher().outbox.path) in str(e.value)
+    assert isinstance(e.value, chat_magic.ChatMagicError)
+
+
+def _checkpoint(path: Path) -> None:
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        db.close()
+
+
+def _damage_pages_holding(path: Path, markers: list[str], page: int = 4096) -> bytes:
+    """Write garbage over the pages that hold these markers; return what those pages held."""
+    data = path.read_bytes()
+    pages = {data.index(m.encode()) // page for m in markers}
+    assert 0 not in pages
+    with open(path, "r+b") as f:
+        for p in pages:
+            f.seek(p * page)
+            f.write(os.urandom(page))
+    return b"".join(data[p * page:(p + 1) * page] for p in pages)
+
+
+def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_home, capfd, monkeypatch):
+    """Garbage over a checkpointed outbox holding 20 waiting messages, while the process uses it."""
+    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    filler = "·" * 600
+    space.emu.set_down(True)
+    try:
+        receipts = [chat_magic.send(f"waiting {i:02d} {filler}", thread_key=f"t{i:02d}") for i in range(20)]
+        wait_until(lambda: receipts[0].error is not None, 10, "a first, failed attempt")
+    finally:
+        space.emu.set_down(False)
+    box = delivery.dispatcher().outbox.path
+    _checkpoint(box)
+    damaged_markers = [f"waiting {i:02d} " for i in (7, 13)]
+    gone = _damage_pages_holding(box, damaged_markers)
+    lost = {i for i in range(20) if f"waiting {i:02d} ".encode() in gone}
+    db = sqlite3.connect(box, timeout=10)  # another process writes: every connection drops its cached pages
+    db.execute("UPDATE pacing SET next_slot = next_slot")
+    db.commit()
+    db.close()
+    capfd.readouterr()
+
+    statuses = [r.status for r in receipts]  # was: a raw sqlite3.DatabaseError
+    err = capfd.readouterr().err
+    assert "moved aside" in err and "salvaged" in err and err.count("\n") == 1, err
+    aside = [p for p in outbox_home.iterdir() if p.name.startswith(outbox_path(outbox_home).name + ".corrupt-") and not p.name.endswith("-wal")]
+    assert len(aside) == 1
+    assert 7 in lost and 13 in lost and len(lost) <= 6
+    for i, (r, s) in enumerate(zip(receipts, statuses)):
+        assert s == ("failed" if i in lost else "pending"), (i, s, lost, statuses, err)
+        if i in lost:
+            assert "no longer in the outbox" in r.error
+            with pytest.raises(DeliveryFailed, match="no longer in the outbox"):
+                r.wait(1)
+    monkeypatch.setattr(delivery.settings, "backoff_base", 0.2)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 0.8)
+    assert chat_magic.flush(60)
+    got = [m["text"].split(" ")[1] for m in space.messages()]
+    assert got == [f"{i:02d}" for i in range(20) if i not in lost], "every readable message, once, in order"
+    assert f"{20 - len(lost)} message(s) salvaged" in err
+
+
+QUEUER = textwrap.dedent("""
+    import sys, chat_magic
+    from chat_magic import delivery
+    delivery.settings.exit_timeout = 0
+    delivery.settings.backoff_base = delivery.settings.backoff_cap = 600
+    for i in range(int(sys.argv[1])):
+        chat_magic.send(f"queued {i:02d} " + "·" * 600, thread_key=f"q{i:02d}")
+    sys.exit(0)
+""")
+
+
+def test_damaged_outbox_found_by_the_next_process(space, outbox_home):
+    """A CLI flush opens a damaged file: moved aside, salvaged, delivered, said on stderr; no raw DatabaseError."""
+    space.emu.set_down(True)
+    try:
+        subprocess.run([sys.executable, "-c", QUEUER, "12"], env=dict(os.environ), check=True, timeout=60)
+    finally:
+        space.emu.set_down(False)
+    box = outbox_path(outbox_home)
+    _checkpoint(box)
+    _damage_pages_holding(box, ["queued 05 "])
+    out = cli("outbox", "flush", "--timeout", "40", env=dict(os.environ))
+    assert "Traceback" not in out.stderr and "DatabaseError" not in out.stderr, out.stderr
+    assert "moved aside" in out.stderr and "salvaged" in out.stderr
+    assert out.returncode == 0, out.stderr
+    got = [m["text"].split(" ")[1] for m in space.messages()]
+    assert "05" not in got and len(got) >= 9 and got == sorted(got)
+
+
+def test_temporary_outbox_is_loud_and_flush_reports_what_waits_in_the_real_one(space, outbox_home, tmp_path, capfd):
+    """The configured outbox holds 3 waiting messages but sits on a read-only filesystem."""
+    space.emu.set_down(True)
+    try:
+        subprocess.run([sys.executable, "-c", QUEUER, "3"], env=dict(os.environ), check=True, timeout=60)
+    finally:
+        space.emu.set_down(False)
+    _checkpoint(outbox_path(outbox_home))
+    _mount(outbox_home, "--bind", str(outbox_home))
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(outbox_home)], check=True)
+        capfd.readouterr()
+        r = chat_magic.send("through a temporary outbox")
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and "unusable" in err and "temporary outbox" in err, err
+        r.wait(10)
+        assert not chat_magic.flush(5), "3 older messages still wait in the real outbox"
+        err = capfd.readouterr().err
+        assert "3 message(s) still wait in the outbox" in err and err.count("\n") == 1, err
+        out = cli("outbox", "flush", "--timeout", "5", env=dict(os.environ))
+        assert out.returncode == 1, out.stderr
+        assert "3 message(s) still wait" in out.stderr and "temporary outbox" in out.stderr
+        assert_no_secret(out.stdout, out.stderr, err)
+    finally:
+        delivery.shutdown()
+        subprocess.run(["umount", "-l", str(outbox_home)], capture_output=True)
+
+
+def test_wait_after_outbox_drop_is_a_clear_error(outbox_home, monkeypatch):
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", f"http://127.0.0.1:1/v1/spaces/D/messages?key={KEY}&token={TOKEN}")
+    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    r = chat_magic.send("to be dropped")
+    wait_until(lambda: r.error is not None, 10, "a failed attempt")
+    out = cli("outbox", "drop", str(r.ids[0]), env=dict(os.environ))
+    assert out.returncode == 0 and "1 message(s) dropped" in out.stdout, out.stderr
+    with pytest.raises(DeliveryFailed) as e:
+        r.wait(5)  # was: IndexError
+    one_line(str(e.value))
+    assert "dropped" in str(e.value)
+    assert r.status == "failed"
+
+
+class BlackHole:
+    """A server that accepts connections and never answers: a hung webhook."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/spaces/HUNG/messages?key={KEY}&token={TOKEN}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_hung_space_does_not_delay_the_others(space, outbox_home):
+    hole = BlackHole()
+    try:
+        hung = chat_magic.send("into the void", to=hole.url())
+        wait_until(lambda: _states(hung.ids) == ["sending"], 10, "the hung request in flight")
+        t0 = time.monotonic()
+        kw = Report("healthy job", status="ok", duration=1.0, output="fine").payload_kwargs()
+        receipts = [chat_magic.send(thread_key="healthy", **kw) for _ in range(3)]
+        receipts.append(chat_magic.send("healthy text", thread_key="healthy"))
+        for r in receipts:
+            r.wait(15)  # was: held back by the read timeout (20 s) of the hung request
+        took = time.monotonic() - t0
+        assert _states(hung.ids) == ["sending"], "the hung request was still in flight all along"
+        assert took < 10, f"the healthy space waited {took:.1f} s"
+        reqs = space.requests()
+        times = [q["time"] for q in reqs]
+        assert min(b - a for a, b in zip(times, times[1:])) > 0.9, "still paced: 1 request/s per space"
+        assert len({q["query"]["requestId"] for q in reqs}) == len(reqs) == 4
+        assert [bool(m.get("cardsV2")) for m in space.messages()] == [True, True, True, False]
+    finally:
+        hole.close()
+
+
+def test_two_spellings_of_one_webhook_keep_the_thread_in_order(space, outbox_home, emulator):
+    base = emulator.webhook_url(space=space.name, key=KEY, token=TOKEN).split("?")[0]
+    spellings = [f"{base}?key={KEY}&token={TOKEN}", f"{base}?token={TOKEN}&key={KEY}", f"{base}?%6Bey={KEY}&%74oken={TOKEN}"]
+    space.emu.set_down(True)  # everything waits together: the merge decides the order
+    try:
+        receipts = [chat_magic.send(f"step {i}", to=spellings[i % 3], thread_key="spelled") for i in range(9)]
+        wait_until(lambda: receipts[0].error is not None, 10, "a failed attempt")
+    finally:
+        space.emu.set_down(False)
+    assert chat_magic.flush(30)
+    assert items(space.messages()) == [f"step {i}" for i in range(9)]
+    assert len(space.emu.threads(space=space.name)) == 1
+
+
+def test_a_text_over_32000_bytes_with_a_long_thread_key_is_split_by_bytes(space):
+    key = "🧵" * 4000  # 4,000 characters, 16,000 bytes
+    text = "😀" * 4096
+    r = chat_magic.send(text, thread_key=key)
+    r.wait(20)  # was: 400 "Message is too large"
+    msgs = space.messages()
+    assert len(msgs) >= 2 and "".join(items(msgs)) == text  # parts that fit together may be merged
+    for q in space.requests():
+        assert q["status"] == 200 and len(q["body"].encode()) <= 32_000
+
+
+def test_a_big_card_in_a_long_thread_key_session_fits_and_leaves_no_orphan_header(space):
+    from chat_magic.session import Session
+
+    sess = Session(thread_key="🧵" * 4000)
+    rep = Report("long key job", status="failed", error="ValueError: x", output="o" * 40_000, traceback="r" * 40_000,
+                 details={f"detail {i}": "v" * 900 for i in range(30)})
+    r = sess.send(**rep.payload_kwargs())  # was: MessageError after the header had been queued
+    r.wait(20)
+    msgs = space.messages()
+    assert len(msgs) == 2 and not msgs[0].get("cardsV2") and msgs[1].get("cardsV2")
+    assert all(q["status"] == 200 and len(q["body"].encode()) <= 32_000 for q in space.requests())
+
+
+def test_a_message_that_cannot_fit_queues_no_header(space):
+    from chat_magic.session import Session
+
+    sess = Session(thread_key="🧵" * 4000)
+    card = {"cardId": "c", "card": {"sections": [{"widgets": [{"textParagraph": {"text": "x" * 40_000}}]}]}}
+    with pytest.raises(MessageError):
+        sess.send(cards=[card])
+    assert delivery.dispatcher().outbox.counts() == {}, "no orphan header"
+
+
+ZOMBIE_SENDER = textwrap.dedent("""
+    import sys, time, chat_magic
+    from chat_magic import delivery
+    delivery.settings.exit_timeout = 0
+    chat_magic.send("from the zombie", thread_key="z")
+    print("queued", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_zombie_sender_is_recognised_at_once(space, outbox_home):
+    """Killed, not yet reaped: kill(pid, 0) still succeeds. Its space must not wait out the 35 s lease."""
+    box = outbox_path(outbox_home)
+    space.emu.latency = 3.0
+    try:
+        p = subprocess.Popen([sys.executable, "-c", ZOMBIE_SENDER], env=dict(os.environ), stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "queued"
+        wait_until(lambda: any(r["state"] == "sending" for r in _rows(box)), 20, "a request in flight")
+        os.kill(p.pid, signal.SIGKILL)
+        wait_until(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10, "a zombie")
+    finally:
+        space.emu.latency = 0.0
+    try:
+        t0 = time.monotonic()
+        assert chat_magic.flush(20)
+        assert time.monotonic() - t0 < 15, "taken back at once, not after the lease"
+        assert items(space.messages()) == ["from the zombie"]
+    finally:
+        p.wait(10)
+
+
+OLD_SCHEMA = """
+CREATE TABLE message (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
+    space_key TEXT NOT NULL, thread_key TEXT, payload TEXT NOT NULL, mergeable INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, owner TEXT, lease_until REAL, merged_into INTEGER, name TEXT, thread_name TEXT,
+    error_code INTEGER, error_status TEXT, error TEXT);
+CREATE TABLE pacing (space_key TEXT PRIMARY KEY, next_slot REAL NOT NULL);
+"""
+
+
+def test_an_outbox_of_the_older_format_is_carried_over(space, outbox_home, capfd):
+    """An outbox written before destinations were stored once (the URL on every row): nothing waiting is lost."""
+    outbox_home.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(outbox_path(outbox_home))
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    for i in range(3):
+        body = json.dumps({"text": f"old {i}", "thread": {"threadKey": "old"}})
+        db.execute("INSERT INTO message (request_id, url, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
+                   " VALUES (?,?,?,?,?,1,'pending',?,?,?)", (f"cm-old{i}", space.url, "x", "old", body, now, now, now))
+    db.commit()
+    db.close()
+    assert chat_magic.flush(20)
+    assert items(space.messages()) == ["old 0", "old 1", "old 2"]
+    err = capfd.readouterr().err
+    assert "older format" in err and "3 message(s) salvaged" in err and err.count("\n") == 1, err
+    assert {q["query"]["requestId"] for q in space.requests()} == {"cm-old0"}, "the same requestIds (merged into the first)"

@@ -35,15 +35,16 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from conftest import KEY, TOKEN
 
 import chat_magic
 from chat_magic import delivery
 from chat_magic.emulator import render_page
 from chat_magic.hosts import outbox_path
 from chat_magic.webhook import parse_webhook_url
-from conftest import KEY, TOKEN
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -387,3 +388,174 @@ def test_config_readable_by_others_warns_in_the_cli(space, tmp_path):
     for n in NEEDLES:
         assert n not in out.stdout + out.stderr
     assert space.texts() == ["from an open config"]
+
+
+# --------------------------------------------------------------------------- odd URLs, verbose tracebacks, cuts (issue 10)
+
+def _encodings(secret: str) -> list[str]:
+    """The secret as the URL parser would accept it: raw, percent-encoded (both cases), and its tail."""
+    enc = "".join(f"%{ord(c):02X}" for c in secret)
+    return [secret, enc, enc.lower(), quote(secret, safe=""), secret[-12:]]
+
+
+ODD_NEEDLES = tuple(n for s in (KEY, TOKEN) for n in _encodings(s))
+
+
+def _leaks(text: str, needles: tuple[str, ...] = ODD_NEEDLES) -> list[str]:
+    return [n for n in needles if n in text]
+
+
+def _shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        return InteractiveShell.instance()
+    cfg = Config()
+    cfg.HistoryManager.hist_file = ":memory:"
+    return InteractiveShell.instance(config=cfg)
+
+
+def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, evidence, monkeypatch):
+    """``?%6Bey=KEY&%74oken=TOKEN#key=KEY`` is one canonical webhook; nothing shows its secrets in any encoding."""
+    ev = evidence
+    base = space.url.split("?")[0]
+    odd = f"{base}?%6Bey={KEY}&%74oken={TOKEN}#key={KEY}&token={TOKEN}"
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", odd)
+    hook = parse_webhook_url(odd)
+    r = chat_magic.send("through an odd spelling", thread_key="odd")
+    r.wait(20)
+    n = chat_magic.notify_when_done("odd job")
+    with n:
+        pass
+    n.receipt.wait(20)
+    for what, value in (("Webhook repr", repr(hook)), ("Webhook str", str(hook)), ("Receipt", repr(r)),
+                        ("notify repr", repr(n)), ("destination", r.destination)):
+        ev.add(what, value)
+    ip = _shell()
+    ip.user_ns["r"], ip.user_ns["hook"] = r, hook
+    for cell in ("r", "hook", "print(r, hook)", "[hook]", "{'h': hook}"):
+        result = ip.run_cell(cell, store_history=True)
+        ev.add(f"Out[] {cell}", repr(result.result))
+    # quotes and parentheses inside the values, and the non-loopback http refusal, in any encoding
+    for key, token in ((f"q'{KEY}", f"p){TOKEN}"), (KEY, TOKEN)):
+        for url in (f"http://chat.googleapis.com/v1/spaces/S/messages?%6Bey={quote(key)}&%74oken={quote(token)}",
+                    f"http://10.0.0.1/v1/spaces/S/messages?key={key}&token={token}#{key}",
+                    f"https://chat.googleapis.com/v1/spaces/S/messages?%6Bey={key}&%6Bey={key}&token={token}",
+                    f"http://127.0.0.1:1/v1/spaces/S/messages?key={key}&token={token}&x=')"):
+            try:
+                w = parse_webhook_url(url)
+            except chat_magic.WebhookURLError as e:
+                ev.exception("refused odd URL", e)
+                assert "\n" not in str(e)
+            else:
+                ev.add("odd Webhook", repr(w) + str(w) + w.redacted)
+    out, err = ev._capfd.readouterr()
+    ev.add("stdout", out)
+    ev.add("stderr", err)
+    leaks = [(where, _leaks(text)) for where, text in ev.items if _leaks(text)]
+    assert not leaks, leaks
+    posted = json.dumps(space.messages(), ensure_ascii=False)
+    assert "through an odd spelling" in posted and not _leaks(posted)
+    ev.finish()
+    assert hook == parse_webhook_url(space.url) and hook.id == parse_webhook_url(space.url).id, "one canonical webhook"
+
+
+def test_verbose_traceback_of_a_locked_outbox_shows_no_secret(space, outbox_home, capfd, monkeypatch, tmp_path):
+    """``%xmode Verbose`` prints every frame's arguments and the values in its line: none may be the URL."""
+    odd = space.url.split("?")[0] + f"?%6Bey={KEY}&%74oken={TOKEN}"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[spaces.team]\nwebhook_url = "{space.url}"\n')
+    cfg.chmod(0o600)
+    monkeypatch.setenv("CHAT_MAGIC_CONFIG", str(cfg))
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", odd)
+    chat_magic.send("opens the outbox").wait(10)
+    path = delivery.dispatcher().outbox.path
+    locker = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n"
+        "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(8); db.execute('COMMIT')\n"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    ip = _shell()
+    try:
+        ip.run_line_magic("xmode", "Verbose")
+        capfd.readouterr()
+        ip.run_cell("import chat_magic\nchat_magic.send('locked out')", store_history=True)
+        ip.run_cell("chat_magic.send('locked out', to='team')", store_history=True)
+        out, err = capfd.readouterr()
+    finally:
+        ip.run_line_magic("xmode", "Context")
+        locker.wait(30)
+    shown = out + err
+    assert shown.count("OutboxError") >= 2 and "locked" in shown, shown[-2000:]
+    assert "webhook" in shown, "the verbose traceback did show variables (else this proves nothing)"
+    assert not _leaks(shown), [(n, shown[shown.find(n) - 200: shown.find(n) + 50]) for n in _leaks(shown)]
+
+
+def _fragments(text: str, min_len: int = 6) -> list[str]:
+    """Pieces (at least ``min_len`` characters) of the key or token found in ``text``."""
+    found = []
+    for s in (KEY, TOKEN):
+        for i in range(len(s) - min_len + 1):
+            if s[i:i + min_len] in text:
+                found.append(s[i:i + min_len])
+    return found
+
+
+def _secret_span(url: str) -> range:
+    """Offsets in ``url`` from the first character of the key to the last of the token."""
+    return range(url.index(KEY) - 1, url.index(TOKEN) + len(TOKEN) + 1)
+
+
+def test_a_cut_at_every_offset_across_key_and_token_leaves_no_fragment(outbox_home, monkeypatch):
+    """Split and truncate, with the cut at each offset from before the key to after the token.
+
+    The messages go to a port where nobody listens; what the outbox stores is what would be posted.
+    """
+    from chat_magic.message import split_text
+
+    url = f"http://127.0.0.1:1/v1/spaces/CUT/messages?key={KEY}&token={TOKEN}"
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", url)
+    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    first = len(split_text("x" * 9000)[0])  # where a text without spaces or line ends is cut
+    sent = 0
+    for offset in _secret_span(url):
+        text = "x" * (first - offset) + url + "y" * 5000
+        for truncate in (False, True):
+            r = chat_magic.send(text, truncate=truncate, thread_key=f"cut-{offset}-{truncate}")
+            assert len(r.ids) >= 2 or truncate
+            sent += 1
+    rows = _outbox_rows(delivery.dispatcher().outbox.path)
+    bodies = [r["payload"] for r in rows if "payload" in r]
+    assert len(bodies) >= sent * 1.5
+    for body in bodies:
+        assert not _fragments(json.loads(body)["text"]), (_fragments(json.loads(body)["text"]), body[:200])
+
+
+def test_chat_output_tail_and_run_labels_cut_across_the_secret_leave_no_fragment(space, outbox_home, monkeypatch):
+    """%%chat's output tail and ``chat-magic run``'s shortened label, cut at every offset across key and token."""
+    from chat_magic import run as run_cli
+
+    url = space.url
+    ip = _shell()
+    ip.run_cell("%load_ext chat_magic")
+    try:
+        ip.run_cell("%config ChatMagics.max_chars = 3000")
+        ip.run_cell("%config ChatMagics.cards = False")
+        for offset in _secret_span(url):
+            # the tail keeps the last 3,000 characters: make it start at `offset` within the URL
+            pad = 3000 + offset - len(url) - 1
+            ip.run_cell(f"%%chat --title tail-{offset}\nimport os\nprint(os.environ['GOOGLE_CHAT_WEBHOOK_URL'] + 'y' * {pad})")
+    finally:
+        ip.run_cell("%unload_ext chat_magic")
+    for offset in _secret_span(url):
+        # the label is the command line cut at 60 characters
+        pad = max(1, 59 - len("echo  ") - offset)
+        run_cli.main(["--no-cards", "--wait", "0", "--", "echo", "a" * pad, url])
+    box = delivery.dispatcher().outbox.path
+    payloads = [r["payload"] for r in _outbox_rows(box) if "payload" in r]
+    assert len(payloads) >= 2 * len(_secret_span(url))
+    for body in payloads:
+        assert not _fragments(body), (_fragments(body), body[:300])
