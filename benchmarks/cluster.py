@@ -261,7 +261,8 @@ def machine() -> str:
     import os
 
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
     except OSError:
         cpu = ""
     return f"{platform.platform()}; {os.cpu_count()} CPUs ({cpu}); Python {platform.python_version()}"

@@ -22,6 +22,7 @@ from .errors import (
     MessageError,
     NoDestinationError,
     OutboxError,
+    SecretAccessError,
     WebhookURLError,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "NoDestinationError",
     "OutboxError",
     "Receipt",
+    "SecretAccessError",
     "WebhookURLError",
     "__version__",
     "configure",

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, NoDestinationError
+from .errors import ConfigError, NoDestinationError, SecretAccessError
 from .webhook import Webhook, parse_webhook_url, redact
 
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
@@ -57,16 +57,6 @@ _warned_modes: set[str] = set()
 SECRET_TTL = 60.0  # seconds a hosted secret (or its absence) is remembered: each look-up is a round trip
 _secrets: dict[tuple[str, str], tuple[float, str | None]] = {}
 
-
-class SecretAccessError(ConfigError):
-    """A hosted notebook's secret exists but this notebook may not read it.
-
-    In a notebook it shows as its one line, without a traceback
-    (IPython's ``_render_traceback_`` hook).
-    """
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
 
 
 def config_path() -> Path:
@@ -424,9 +414,9 @@ def write_config(data: dict[str, Any], path: Path | None = None) -> Path:
 def save_space(name: str, webhook: Webhook, *, make_default: bool = False) -> Path:
     """Add (or replace) ``[spaces.NAME]`` with this webhook; return the file written."""
     check_space_name(name)
-    data = {k: v for k, v in load_config().items()}
+    data = dict(load_config().items())
     spaces = dict(data.get("spaces", {}))
-    spaces[name] = {**spaces.get(name, {}), "webhook_url": webhook.url}
+    spaces[name] = {**spaces.get(name, {}), "webhook_url": webhook.reveal_url()}
     data["spaces"] = spaces
     if make_default:
         data["default"] = name
@@ -435,7 +425,7 @@ def save_space(name: str, webhook: Webhook, *, make_default: bool = False) -> Pa
 
 def remove_space(name: str) -> Path:
     """Remove ``[spaces.NAME]`` (and ``default`` if it named it); an unknown name is a NoDestinationError."""
-    data = {k: v for k, v in load_config().items()}
+    data = dict(load_config().items())
     spaces = dict(data.get("spaces", {}))
     if name not in spaces:
         known = ", ".join(sorted(spaces)) or "none"

@@ -38,8 +38,9 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
 from .errors import DeliveryFailed, DeliveryTimeout, OutboxError

@@ -5,7 +5,8 @@ The hierarchy::
     ChatMagicError
     ├── ConfigError            a user's set-up is wrong (ValueError)
     │   ├── WebhookURLError    a webhook URL is malformed or not Google Chat's
-    │   └── NoDestinationError no webhook configured, or an unknown name
+    │   ├── NoDestinationError no webhook configured, or an unknown name
+    │   └── SecretAccessError  a hosted notebook may not read the secret (Colab, Kaggle)
     ├── MessageError           a message cannot be sent as given (ValueError)
     ├── OutboxError            the outbox database cannot be used
     └── DeliveryError          the space did not accept a message
@@ -13,7 +14,10 @@ The hierarchy::
         └── DeliveryTimeout    not delivered within the time asked for
 
 Every message is one line, says what is wrong and how to fix it, and never
-contains a webhook's ``key`` or ``token``.
+contains a webhook's ``key`` or ``token``. In IPython and Jupyter each shows
+as that one line, without a traceback (IPython's ``_render_traceback_``
+hook): a set-up mistake is not a bug, and a verbose traceback's frame locals
+could hold a configuration with webhook URLs in it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from __future__ import annotations
 
 class ChatMagicError(Exception):
     """Base class of every chat_magic error."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for it: its one line."""
+        return [f"{type(self).__name__}: {self}"]
 
 
 class ConfigError(ChatMagicError, ValueError):
@@ -33,6 +41,10 @@ class WebhookURLError(ConfigError):
 
 class NoDestinationError(ConfigError):
     """No webhook is configured, or a destination name is unknown."""
+
+
+class SecretAccessError(ConfigError):
+    """A hosted notebook's secret exists but this notebook may not read it (switch on its access)."""
 
 
 class MessageError(ChatMagicError, ValueError):

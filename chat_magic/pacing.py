@@ -39,7 +39,8 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import config
 

@@ -15,12 +15,13 @@ import linecache
 import re
 import signal as _signal
 import traceback as _traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 
-from . import ranks as _ranks
 from . import metrics as _metrics
+from . import ranks as _ranks
 from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
 from .rules import mention_tag
 
@@ -274,7 +275,8 @@ class Report:
         color = COLORS.get(self.status, "#5f6368")
         widgets: list[dict[str, Any]] = []
         if self.error:
-            widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{html.escape(self.error.splitlines()[0][:500])}</font>', "wrapText": True}})
+            first = html.escape(self.error.splitlines()[0][:500])
+            widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{first}</font>', "wrapText": True}})
         if self.duration is not None and self.status != STARTED:
             widgets.append({"decoratedText": {"topLabel": "Duration", "text": html.escape(format_duration(self.duration))}})
         shown = [(k, v) for k, v in self.details.items() if v not in (None, "")]
@@ -296,7 +298,8 @@ class Report:
         return {
             "cardId": card_id,
             "card": {
-                "header": {"title": f"{ICONS.get(self.status, '')} {self.headline}"[:200], "subtitle": html.escape(_clip(str(self.details.get("Host") or ""), 100))},
+                "header": {"title": f"{ICONS.get(self.status, '')} {self.headline}"[:200],
+                           "subtitle": html.escape(_clip(str(self.details.get("Host") or ""), 100))},
                 "sections": sections,
             },
         }

@@ -16,8 +16,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_THREAD_KEY = "CHAT_MAGIC_THREAD_KEY"
 

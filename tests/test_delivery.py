@@ -13,14 +13,13 @@ import textwrap
 import time
 
 import pytest
+from conftest import KEY, TOKEN, assert_no_secret
 
 import chat_magic
 from chat_magic import delivery
 from chat_magic.errors import DeliveryFailed, DeliveryTimeout, MessageError, NoDestinationError, WebhookURLError
 from chat_magic.hosts import outbox_path
 from chat_magic.message import MAX_TEXT
-from conftest import KEY, TOKEN, assert_no_secret
-
 
 pytestmark = pytest.mark.usefixtures("fast_backoff")  # retries within a second: same behaviour, quicker
 

@@ -220,3 +220,29 @@ def test_message_and_thread_ids_differ_between_emulator_runs():
             assert r.status_code == 200, r.text
             names.append((r.json()["name"], r.json()["thread"]["name"]))
     assert names[0][0] != names[1][0] and names[0][1] != names[1][1]
+
+
+# -- a set-up mistake in a notebook is one line, even under %xmode Verbose ----------------------
+
+
+def test_a_config_mistake_is_one_line_in_a_verbose_shell(ip, fast_space, tmp_path, monkeypatch, capsys):
+    from conftest import KEY, TOKEN
+
+    config = tmp_path / "config.toml"
+    bad = f"http://chat.example.com/v1/spaces/AAA/messages?key={KEY}&token={TOKEN}"  # http to another host: refused
+    config.write_text(f'[spaces.broken]\nwebhook_url = "{bad}"\n[spaces.fine]\nwebhook_url = "{fast_space.url}"\n')
+    config.chmod(0o600)
+    monkeypatch.setenv("CHAT_MAGIC_CONFIG", str(config))
+    ip.run_line_magic("xmode", "Verbose")
+    try:
+        capsys.readouterr()
+        r = ip.run_cell("import chat_magic\nchat_magic.notify_when_done('job', to='broken')", store_history=True)
+        shown = capsys.readouterr()
+    finally:
+        ip.run_line_magic("xmode", "Context")
+    assert not r.success and type(r.error_in_exec).__name__ == "WebhookURLError"
+    from chat_magic.message import strip_ansi
+
+    lines = [ln for ln in strip_ansi(shown.out + shown.err).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("WebhookURLError: [spaces.broken]: "), lines
+    assert_no_secret(shown.out, shown.err)

@@ -732,7 +732,7 @@ def test_broken_config_files_through_the_cli(outbox_home, tmp_path):
     cases = _config_cases(tmp_path)
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda c: (c, cli("send", "x", "--to", "team", env=dict(base, CHAT_MAGIC_CONFIG=str(c[1][0])))), cases.items()))
-    for (name, (path, word)), out in results:
+    for (name, (_path, word)), out in results:
         assert out.returncode == 2, (name, out.stderr)
         assert out.stderr.count("\n") == 1 and word in out.stderr and "Traceback" not in out.stderr, (name, out.stderr)
         assert_no_secret(out.stdout, out.stderr)
@@ -1128,7 +1128,7 @@ def test_a_zombie_sender_is_recognised_at_once(space, outbox_home):
         assert p.stdout.readline().strip() == "queued"
         wait_until(lambda: any(r["state"] == "sending" for r in _rows(box)), 20, "a request in flight")
         os.kill(p.pid, signal.SIGKILL)
-        wait_until(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10, "a zombie")
+        wait_until(lambda: Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 10, "a zombie")
     finally:
         space.emu.latency = 0.0
     try:

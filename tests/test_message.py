@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import validate_message
 
 from chat_magic.errors import MessageError
 from chat_magic.message import (
@@ -16,7 +17,6 @@ from chat_magic.message import (
     strip_ansi,
     truncate_text,
 )
-from conftest import validate_message
 
 
 def test_neutralize_breaks_mentions_links_and_fences():

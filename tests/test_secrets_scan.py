@@ -212,10 +212,9 @@ def test_in_process_scenarios_leave_no_secret(space, emulator, evidence, monkeyp
                 ev.exception("bad env URL", e)
 
         # notices: a job whose exception carries the webhook URL (e.g. a failed request's message)
-        with pytest.raises(RuntimeError):
-            with chat_magic.notify_when_done("leaky job") as n:
-                n.update("step 1")
-                raise RuntimeError(f"could not reach {os.environ['GOOGLE_CHAT_WEBHOOK_URL']}")
+        with pytest.raises(RuntimeError), chat_magic.notify_when_done("leaky job") as n:
+            n.update("step 1")
+            raise RuntimeError(f"could not reach {os.environ['GOOGLE_CHAT_WEBHOOK_URL']}")
         ev.add("notify repr", repr(n))
         assert n.receipt is not None
         n.receipt.wait(30)
@@ -275,7 +274,7 @@ def test_cli_scenarios_leave_no_secret(space, emulator, evidence, outbox_home, t
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda r: _cli(*r[1], env=r[2], stdin=r[3]), first))
     done += [_cli(*r[1], env=r[2], stdin=r[3]) for r in rest]
-    for (name, args, e, stdin, code), out in zip(runs, done):
+    for (name, _args, _e, _stdin, code), out in zip(runs, done):
         if code is not None:
             assert out.returncode == code, (name, out.returncode, out.stderr[-500:])
         if name == "run":

@@ -47,9 +47,10 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from ..webhook import REDACTED, is_loopback, redact
@@ -83,11 +84,13 @@ _ID_ALPHABET = string.ascii_letters + string.digits + "_-"
 # Every field of google.chat.v1.Message (camelCase JSON names), for the check
 # done when google-apps-chat is not installed.
 MESSAGE_FIELDS = frozenset(
-    "name sender createTime lastUpdateTime deleteTime text formattedText cards cardsV2 "
-    "annotations thread space fallbackText actionResponse argumentText slashCommand attachment "
-    "matchedUrl threadReply silent clientAssignedMessageId emojiReactionSummaries "
-    "privateMessageViewer deletionMetadata quotedMessageMetadata attachedGifs accessoryWidgets "
-    "markupSyntax".split()
+    [
+        "name", "sender", "createTime", "lastUpdateTime", "deleteTime", "text", "formattedText", "cards",
+        "cardsV2", "annotations", "thread", "space", "fallbackText", "actionResponse", "argumentText",
+        "slashCommand", "attachment", "matchedUrl", "threadReply", "silent", "clientAssignedMessageId",
+        "emojiReactionSummaries", "privateMessageViewer", "deletionMetadata", "quotedMessageMetadata",
+        "attachedGifs", "accessoryWidgets", "markupSyntax"
+    ]
 )
 # What an incoming webhook may set. Everything else is output-only or reserved
 # for apps authenticated as a user or a Chat app.
@@ -352,7 +355,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # bursts of clients must not overflow the listen backlog
 
-    def __init__(self, addr, handler, emulator: "Emulator", stop_event: threading.Event):
+    def __init__(self, addr, handler, emulator: Emulator, stop_event: threading.Event):
         self.emulator = emulator
         self.stop_event = stop_event
         super().__init__(addr, handler)
@@ -689,7 +692,7 @@ class Emulator:
             "faults": {},
         }
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         """Listen (on ``port``; after a :meth:`stop`, on the same port again) and serve in a daemon thread."""
         with self._lock:
             if self._server is not None:
@@ -724,7 +727,7 @@ class Emulator:
     def running(self) -> bool:
         return self._server is not None
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:
