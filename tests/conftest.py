@@ -113,6 +113,17 @@ def shell():
     return InteractiveShell.instance(config=cfg)
 
 
+@pytest.fixture
+def ip(shell, outbox_home):
+    """The shell with chat_magic loaded, and unloaded afterwards with its settings back to defaults."""
+    shell.config.pop("ChatMagics", None)
+    shell.run_cell("%load_ext chat_magic")
+    assert shell.magics_manager.registry.get("ChatMagics") is not None
+    yield shell
+    shell.run_cell("%unload_ext chat_magic")
+    shell.config.pop("ChatMagics", None)
+
+
 @pytest.fixture(scope="session")
 def fast_emulator():
     """An emulator with no quota: for tests that are not about pacing."""

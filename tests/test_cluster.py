@@ -115,7 +115,7 @@ def test_the_old_single_file_is_still_drained(space, outbox_home):
     old = Outbox(hosts.legacy_path(outbox_home))
     hook = parse_webhook_url(space.url)
     body = json.dumps({"text": "queued before the upgrade"})
-    old.enqueue(hook.url, hook.space_key, None, [(body, True)])
+    old.enqueue(hook, None, [(body, True)])
     old.close()
 
     chat_magic.send("queued after the upgrade").wait(20)
@@ -132,7 +132,7 @@ def test_flush_all_hosts_delivers_a_gone_host_and_leaves_a_busy_one_alone(space,
     busy = hosts.outbox_path(outbox_home, "busy-node")
     for path, text in ((gone, "left behind by gone-node"), (busy, "still being sent by busy-node")):
         box = Outbox(path)
-        box.enqueue(hook.url, hook.space_key, None, [(json.dumps({"text": text}), True)])
+        box.enqueue(hook, None, [(json.dumps({"text": text}), True)])
         box.close()
     hour_ago = time.time() - 3600
     os.utime(gone, (hour_ago, hour_ago))  # nothing written there for an hour: that host's jobs are over

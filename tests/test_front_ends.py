@@ -33,13 +33,6 @@ def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.
     return p
 
 
-@pytest.fixture
-def ip(shell, outbox_home):
-    shell.run_cell("%load_ext chat_magic")
-    yield shell
-    shell.run_cell("%unload_ext chat_magic")
-
-
 def card_text(m: dict) -> str:
     parts = [m.get("text", "")]
     for entry in m.get("cardsV2", []):

@@ -787,23 +787,6 @@ def small_disk(tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.fixture
-def ip(outbox_home):
-    """A real IPython InteractiveShell with chat_magic loaded."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        shell = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.hist_file = ":memory:"
-        shell = InteractiveShell.instance(config=cfg)
-    shell.run_cell("%load_ext chat_magic")
-    yield shell
-    shell.run_cell("%unload_ext chat_magic")
-
-
 def _states(ids) -> list[str]:
     return [r.state for r in delivery.dispatcher().outbox.resolve(ids)]
 

@@ -31,17 +31,6 @@ PNG_1X1 = (
 # -- fixtures and helpers --------------------------------------------------------
 
 
-@pytest.fixture
-def ip(shell, outbox_home):
-    """The shell with chat_magic loaded (and unloaded afterwards, settings back to defaults)."""
-    shell.config.pop("ChatMagics", None)
-    shell.run_cell("%load_ext chat_magic")
-    assert magics_of(shell) is not None
-    yield shell
-    shell.run_cell("%unload_ext chat_magic")
-    shell.config.pop("ChatMagics", None)
-
-
 def magics_of(shell) -> ChatMagics | None:
     return shell.magics_manager.registry.get("ChatMagics")
 

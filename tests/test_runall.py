@@ -21,27 +21,6 @@ import chat_magic
 # -- a shell with the extension ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        return InteractiveShell.instance()
-    cfg = Config()
-    cfg.HistoryManager.hist_file = ":memory:"
-    return InteractiveShell.instance(config=cfg)
-
-
-@pytest.fixture
-def ip(shell, outbox_home):
-    shell.config.pop("ChatMagics", None)
-    shell.run_cell("%load_ext chat_magic")
-    yield shell
-    shell.run_cell("%unload_ext chat_magic")
-    shell.config.pop("ChatMagics", None)
-
-
 def tracker(shell):
     return shell.magics_manager.registry["ChatMagics"]._runall
 

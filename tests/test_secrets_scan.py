@@ -404,18 +404,7 @@ def _leaks(text: str, needles: tuple[str, ...] = ODD_NEEDLES) -> list[str]:
     return [n for n in needles if n in text]
 
 
-def _shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        return InteractiveShell.instance()
-    cfg = Config()
-    cfg.HistoryManager.hist_file = ":memory:"
-    return InteractiveShell.instance(config=cfg)
-
-
-def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, evidence, monkeypatch):
+def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, evidence, monkeypatch, shell):
     """``?%6Bey=KEY&%74oken=TOKEN#key=KEY`` is one canonical webhook; nothing shows its secrets in any encoding."""
     ev = evidence
     base = space.url.split("?")[0]
@@ -431,7 +420,7 @@ def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, 
     for what, value in (("Webhook repr", repr(hook)), ("Webhook str", str(hook)), ("Receipt", repr(r)),
                         ("notify repr", repr(n)), ("destination", r.destination)):
         ev.add(what, value)
-    ip = _shell()
+    ip = shell
     ip.user_ns["r"], ip.user_ns["hook"] = r, hook
     for cell in ("r", "hook", "print(r, hook)", "[hook]", "{'h': hook}"):
         result = ip.run_cell(cell, store_history=True)
@@ -460,7 +449,7 @@ def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, 
     assert hook == parse_webhook_url(space.url) and hook.id == parse_webhook_url(space.url).id, "one canonical webhook"
 
 
-def test_verbose_traceback_of_a_locked_outbox_shows_no_secret(space, outbox_home, capfd, monkeypatch, tmp_path):
+def test_verbose_traceback_of_a_locked_outbox_shows_no_secret(space, outbox_home, capfd, monkeypatch, tmp_path, shell):
     """``%xmode Verbose`` prints every frame's arguments and the values in its line: none may be the URL."""
     odd = space.url.split("?")[0] + f"?%6Bey={KEY}&%74oken={TOKEN}"
     cfg = tmp_path / "config.toml"
@@ -476,7 +465,7 @@ def test_verbose_traceback_of_a_locked_outbox_shows_no_secret(space, outbox_home
         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(8); db.execute('COMMIT')\n"), str(path)],
         stdout=subprocess.PIPE, text=True)
     assert locker.stdout.readline().strip() == "locked"
-    ip = _shell()
+    ip = shell
     try:
         ip.run_line_magic("xmode", "Verbose")
         capfd.readouterr()
@@ -533,12 +522,12 @@ def test_a_cut_at_every_offset_across_key_and_token_leaves_no_fragment(outbox_ho
         assert not _fragments(json.loads(body)["text"]), (_fragments(json.loads(body)["text"]), body[:200])
 
 
-def test_chat_output_tail_and_run_labels_cut_across_the_secret_leave_no_fragment(space, outbox_home, monkeypatch):
+def test_chat_output_tail_and_run_labels_cut_across_the_secret_leave_no_fragment(space, outbox_home, monkeypatch, shell):
     """%%chat's output tail and ``chat-magic run``'s shortened label, cut at every offset across key and token."""
     from chat_magic import run as run_cli
 
     url = space.url
-    ip = _shell()
+    ip = shell
     ip.run_cell("%load_ext chat_magic")
     try:
         ip.run_cell("%config ChatMagics.max_chars = 3000")
@@ -549,6 +538,7 @@ def test_chat_output_tail_and_run_labels_cut_across_the_secret_leave_no_fragment
             ip.run_cell(f"%%chat --title tail-{offset}\nimport os\nprint(os.environ['GOOGLE_CHAT_WEBHOOK_URL'] + 'y' * {pad})")
     finally:
         ip.run_cell("%unload_ext chat_magic")
+        ip.config.pop("ChatMagics", None)
     for offset in _secret_span(url):
         # the label is the command line cut at 60 characters
         pad = max(1, 59 - len("echo  ") - offset)
