@@ -184,7 +184,7 @@ def debug_logs(caplog):
 # -- the `jupyter` marker: tests that touch IPython, ipykernel, ipywidgets or notebooks. CI runs them a
 # second time on Colab's pinned stack (IPython 7.34, ipywidgets 7.7.1, ipykernel 6.17.1): pytest -m jupyter
 JUPYTER_MODULES = {"test_magics", "test_composer", "test_quickstart_notebook", "test_training_notebook",
-                   "test_hosted", "test_spaces", "test_front_ends"}
+                   "test_hosted", "test_spaces", "test_front_ends", "test_runall"}
 
 
 def pytest_collection_modifyitems(config, items):
