@@ -249,7 +249,7 @@ class _Job:
         thread = rules.validate_thread_key(args.thread, option="--thread")
         # scrubbed whole, before any shortening: no piece of a secret in a label
         short = self.webhook.scrub(shlex.join([os.path.basename(command[0]) or command[0], *command[1:]]))
-        label = args.label or shorten(short)
+        label = self.webhook.scrub(args.label) if args.label else shorten(short)
         self.title = f"{label} ({self.rank.describe()})" if self.rank.distributed else label
         self.session = Session(thread_key=thread)
         self.session.kind, self.session.source = "command", shorten(short, 80)
