@@ -57,6 +57,22 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, *, what: str
         time.sleep(interval)
 
 
+def committed_clean(path) -> tuple[str, list]:
+    """A notebook as committed: valid, with code cells and no outputs nor execution counts.
+
+    Returns its raw text and its code cells, for the checks each notebook adds.
+    """
+    import nbformat
+
+    raw = path.read_text(encoding="utf-8")
+    nb = nbformat.reads(raw, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, f"{path.name} has code"
+    assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} is committed with outputs"
+    return raw, code
+
+
 class Space:
     def __init__(self, emu: Emulator, name: str) -> None:
         self.emu = emu

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import KEY, TOKEN, assert_no_secret, validate_message
+from conftest import KEY, TOKEN, assert_no_secret, committed_clean, validate_message
 from kernels import (
     COLAB,
     KAGGLE,
@@ -406,11 +406,7 @@ def test_everything_in_this_environments_own_kernel(space, tmp_path):
 
 
 def test_colab_quickstart_is_committed_clean():
-    raw = COLAB_NOTEBOOK.read_text(encoding="utf-8")
-    nb = nbformat.reads(raw, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    raw, code = committed_clean(COLAB_NOTEBOOK)
     assert not re.search(r"[?&](key|token)=", raw) and "chat.googleapis.com/v1" not in raw
     sources = "\n".join(c.source for c in code)
     for step in ("%pip install", "GOOGLE_CHAT_WEBHOOK_URL", "%load_ext chat_magic", "%%chat", "notify_when_done"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import KEY, TOKEN, assert_no_secret
+from conftest import KEY, TOKEN, assert_no_secret, committed_clean
 
 import chat_magic
 from chat_magic import ConfigError
@@ -403,11 +403,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "training_call
 
 
 def test_training_callbacks_notebook_is_committed_clean():
-    raw = NOTEBOOK.read_text(encoding="utf-8")
-    nb = nbformat.reads(raw, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    raw, _code = committed_clean(NOTEBOOK)
     assert not re.search(r"https?://", raw), "no URL in the committed notebook"
     assert "key=" not in raw and "token=" not in raw
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import nbformat
-from conftest import KEY, TOKEN, assert_no_secret, validate_message
+from conftest import KEY, TOKEN, assert_no_secret, committed_clean, validate_message
 from nbclient import NotebookClient
 from traitlets.config import Config
 
@@ -27,11 +27,7 @@ def _all_text(m: dict) -> str:
 
 
 def test_quickstart_is_committed_clean():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
-    raw = NOTEBOOK.read_text(encoding="utf-8")
+    raw, code = committed_clean(NOTEBOOK)
     assert "http://" not in raw and "https://" not in raw and not re.search(r"[?&](key|token)=", raw)
     assert "GOOGLE_CHAT_WEBHOOK_URL" in raw  # the docs point at the environment, not at a cell
     failing = [c for c in code if "raises-exception" in c.metadata.get("tags", [])]

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import KEY, TOKEN, assert_no_secret
+from conftest import KEY, TOKEN, assert_no_secret, committed_clean
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "training_job.ipynb"
 
 
 def test_committed_notebook_is_clean():
-    raw = NOTEBOOK.read_text(encoding="utf-8")
-    nb = nbformat.reads(raw, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code, "the notebook has code"
-    for c in code:
-        assert c.outputs == [] and c.execution_count is None
+    raw, _code = committed_clean(NOTEBOOK)
     assert not re.search(r"https?://", raw), "no URL in the committed notebook"
     assert "key=" not in raw and "token=" not in raw
 
