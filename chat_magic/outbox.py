@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS pacing (
     next_slot REAL NOT NULL
 );
 """
+# Columns added after the first release, applied to an existing file with ALTER TABLE when missing
+# (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.
+# (table, column, declaration)
+_ADDED_COLUMNS: list[tuple[str, str, str]] = [
+]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
             "error_status", "error")
@@ -280,6 +285,7 @@ class Outbox:
         if columns and "dest" not in columns:
             raise _OlderFormat("an older format, with the webhook URL on every row")
         conn.executescript(_SCHEMA)
+        _add_columns(conn)
         if conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("database disk image is malformed")
         self._ino = os.stat(self.path).st_ino
@@ -768,6 +774,18 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
             elif lo < hi:
                 mid = (lo + hi) // 2
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the columns of :data:`_ADDED_COLUMNS` that an existing file lacks."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # another process added it meanwhile
+                    raise
 
 
 class _OlderFormat(sqlite3.DatabaseError):
