@@ -708,6 +708,8 @@ def _plain_words(e: BaseException) -> str | None:
         words = _ERRNO_WORDS.get(getattr(x, "errno", None) or -1)
         if words:
             return words
+    if any(type(x).__name__ == "RemoteDisconnected" for x in chain):
+        return "connection closed by the server without an answer (the server or a proxy dropped it)"
     if isinstance(e, requests.ConnectTimeout):
         return "timed out connecting (is the host up? a firewall?)"
     if isinstance(e, requests.ReadTimeout):
