@@ -200,10 +200,31 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def _silent_server() -> socket.socket:
+    """Accepts and reads, never answers (a stalled proxy)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    kept: list[socket.socket] = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            kept.append(c)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return s
+
+
 @pytest.mark.parametrize("where, words", [("closed", ("connection refused (is the server running",)),
-                                          ("reset", ("connection reset", "connection closed by the server"))])
-def test_network_errors_in_plain_words(quick, where, words):
-    rst = _rst_server() if where == "reset" else None
+                                          ("reset", ("connection reset", "connection closed by the server")),
+                                          ("silent", ("no answer within 0.5 s (timed out",))])
+def test_network_errors_in_plain_words(quick, where, words, monkeypatch):
+    monkeypatch.setattr(delivery.settings, "read_timeout", 0.5)
+    rst = {"reset": _rst_server, "silent": _silent_server}.get(where, lambda: None)()
     port = rst.getsockname()[1] if rst else _closed_port()
     try:
         r = chat_magic.send("nobody home", to=f"http://127.0.0.1:{port}/v1/spaces/S/messages?key={KEY}&token={TOKEN}")
