@@ -178,7 +178,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
             line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
             if r.state == FAILED or (r.error and r.state != "sent"):
-                line += f"  {r.error}"
+                line += f"  {_shown(r.error)}"
             print(redact(line))
         return EXIT_OK
     if args.action == "flush":
@@ -218,6 +218,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         print(f"{box.prune(7 * 86400)} delivered message(s) older than 7 days forgotten")
         return EXIT_OK
     return EXIT_USAGE
+
+
+def _shown(error: str | None) -> str:
+    """A row's error as ``outbox list`` prints it: scrubbed again (a row an older version stored may hold an echo)."""
+    from .webhook import scrub_error
+
+    return scrub_error(error) if error else ""
 
 
 def _say_unknown_states(counts: dict[str, int], where: str = "") -> None:
@@ -283,7 +290,7 @@ def _list_host_file(f: HostFile) -> None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
             line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
             if r.error:
-                line += f"  {r.error}"
+                line += f"  {_shown(r.error)}"
             print(redact(line))
     finally:
         box.close()

@@ -556,7 +556,7 @@ class Dispatcher:
             finally:
                 resp.close()
         except requests.RequestException as e:
-            self._transient(job, 0, "NETWORK", scrub_error(_describe(e), webhook))
+            self._transient(job, 0, "NETWORK", scrub_error(_describe(e, webhook), webhook))
             return
         code = resp.status_code
         if 200 <= code < 300:
@@ -717,8 +717,12 @@ def _plain_words(e: BaseException) -> str | None:
     return None
 
 
-def _describe(e: BaseException) -> str:
-    """A short, redacted description of a network error, in plain words for the common ones."""
+def _describe(e: BaseException, webhook: Webhook | None = None) -> str:
+    """A short, scrubbed description of a network error, in plain words for the common ones.
+
+    ``requests`` puts the whole URL, key and token included, into its
+    messages: the detail is scrubbed (with ``webhook``'s own values) before it is cut.
+    """
     import requests
 
     words = _plain_words(e)
@@ -733,8 +737,8 @@ def _describe(e: BaseException) -> str:
     inner = e
     while inner.__context__ is not None and inner.__context__ is not inner:
         inner = inner.__context__
-    detail = str(inner.args[0] if getattr(inner, "args", None) else inner)
-    return redact(f"network: {kind} ({detail[:200]})")
+    detail = scrub_error(inner.args[0] if getattr(inner, "args", None) else inner, webhook, limit=200)
+    return f"network: {kind} ({detail})"
 
 
 def _redirected(code: int, location: str) -> str:
