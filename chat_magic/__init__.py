@@ -113,10 +113,7 @@ def configure(**settings: Any) -> None:
     """Change delivery settings, e.g. ``configure(interval=1.1, read_timeout=20)``."""
     from .delivery import settings as current
 
-    for k, v in settings.items():
-        if not hasattr(current, k) or k == "lease":
-            raise ConfigError(f"unknown setting {k!r}: choose from {', '.join(sorted(vars(current)))}")
-        setattr(current, k, type(getattr(current, k))(v))
+    current.change(**settings)
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -40,11 +40,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
-from . import config, hosts, pacing
-from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
+from . import config, hosts, pacing, rules
+from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
@@ -130,6 +130,25 @@ class Settings:
     @exit_timeout.setter
     def exit_timeout(self, value: float) -> None:
         self._exit_timeout = float(value)
+
+    def names(self) -> list[str]:
+        """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
+        return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
+
+    def change(self, **values: Any) -> None:
+        """Set each of ``values``, all checked first: a one-line ConfigError names the setting and its form.
+
+        Every setting is a number of seconds >= 0 (``math.inf`` allowed), so a
+        string, None or a bool is a mistake, not something to coerce.
+        """
+        known = self.names()
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}: choose from {', '.join(known)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name}={value!r}: give a number of seconds >= 0, such as {name}={getattr(self, name):g}")
+        for name, value in values.items():
+            setattr(self, name, float(value))
 
 
 settings = Settings()
@@ -961,7 +980,12 @@ def send(
     transaction (a session's announcement): both or neither. The receipt is
     the message's. ``keep_on_fault``: see :meth:`Dispatcher.submit`; front ends
     that must never lose a notice (the magics, ``notify_when_done``) set it.
+
+    The thread-key rule is checked here, where every front end passes (the
+    magics, ``chat_magic.send``, ``chat-magic send --thread``, the composer,
+    the progress lines): a blank or too long key is a one-line ConfigError.
     """
+    thread_key = rules.validate_thread_key(thread_key, option="thread_key")
     webhook = config.resolve(to)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []

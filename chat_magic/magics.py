@@ -35,10 +35,11 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from . import config, rules
+from .cells import cell_error, cell_title
 from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import Report
+from .report import Report, should_post, status_of
 from .session import current_session
 from .webhook import Webhook, redact
 
@@ -241,17 +242,6 @@ class Capture:
 # -- helpers -----------------------------------------------------------------
 
 
-def cell_title(source: str) -> str:
-    """The cell's first ``#`` comment line, or ``""``."""
-    for line in source.splitlines():
-        s = line.strip()
-        if s.startswith("#") and not s.startswith("#!"):
-            text = s.lstrip("#").strip()
-            if text and not text.startswith("-*-"):
-                return text[:120]
-    return ""
-
-
 def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
     """Leading ``--options`` of ``line`` and the rest, kept exactly as typed."""
     rest = line.lstrip()
@@ -339,9 +329,9 @@ class NestedRun:
                 self._hook.exec_result = self._outer
         result = self.result
         if result is not None:
-            self.error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+            self.error = cell_error(result)
         outer = self._outer
-        if self.error is not None and outer is not None and outer.error_in_exec is None and outer.error_before_exec is None:
+        if self.error is not None and outer is not None and cell_error(outer) is None:
             outer.error_in_exec = self.error
         return self
 
@@ -534,7 +524,7 @@ class ChatMagics(Magics):
     @magic_arguments("%chat")
     @_destination_args
     @argument("--title", metavar="TEXT", help="the notice's title (default: the cell's first # comment, else 'Cell [n]').")
-    @argument("--on-error", action="store_true", help="post only when the cell fails.")
+    @argument("--on-error", action="store_true", help="post only when the cell fails (an interrupt is not a failure).")
     @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
     @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
     @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
@@ -581,7 +571,7 @@ class ChatMagics(Magics):
         for frame in self._cells:  # auto-notify leaves this cell to us
             frame.handled = True
         ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
-        if args.on_error and ran.error is None:
+        if not should_post(status_of(ran.error), on_error=args.on_error):
             return None
         report = self._report(
             title=args.title.strip() if args.title else cell_title(cell),
@@ -640,7 +630,7 @@ class ChatMagics(Magics):
     @_destination_args
     @argument("--threshold", type=float, metavar="SECONDS",
               help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
-    @argument("--on-error", action="store_true", help="announce only cells that fail.")
+    @argument("--on-error", action="store_true", help="announce only cells that fail (an interrupt is not a failure).")
     @argument("--run-all", action="store_true",
               help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
     @argument("--quiet", type=float, metavar="SECONDS",
@@ -767,10 +757,8 @@ class ChatMagics(Magics):
     def _announce(self, frame: _Cell, result: Any) -> None:
         auto = self._auto or {}
         duration = time.perf_counter() - frame.start
-        error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
-        failed = error is not None and not isinstance(error, KeyboardInterrupt)
-        slow = duration >= self._threshold()
-        if not (failed or (slow and not auto.get("on_error"))):
+        error = cell_error(result)
+        if not should_post(status_of(error), on_error=bool(auto.get("on_error")), worth_it=duration >= self._threshold()):
             return
         raw = getattr(frame.info, "raw_cell", "") or ""
         report = self._report(

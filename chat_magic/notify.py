@@ -161,7 +161,8 @@ class notify_when_done:
     a webhook URL (default: ``GOOGLE_CHAT_WEBHOOK_URL``). ``thread_key``: post
     into that thread instead of the session's. ``notify_start``: also post when
     it starts. ``mention``: ``"all"`` or a user id, pinged in the completion
-    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted).
+    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted; an
+    interrupt is not one, see :func:`chat_magic.report.should_post`).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
 
@@ -270,7 +271,7 @@ class notify_when_done:
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import FAILED, Report
+        from .report import Report, should_post
 
         report = Report.from_outcome(
             run.title,
@@ -283,7 +284,7 @@ class notify_when_done:
             max_lines=30,
             metrics=run.metrics.summaries(),
         )
-        if self.on == "error" and report.status != FAILED:
+        if not should_post(report.status, on_error=self.on == "error"):
             return
         receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:

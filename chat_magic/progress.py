@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import ranks as _ranks
+from . import rules
 from .console import say
 
 DEFAULT_MILESTONES = (25, 50, 75, 100)
@@ -126,7 +127,7 @@ class ChatProgress:
         self.total = total
         self.unit = unit
         self.to = to
-        self.thread_key = thread_key
+        self.thread_key = rules.validate_thread_key(thread_key, option="thread_key")  # now, not at the first line
         self.ranks = ranks
         self.bar: Any = None  # the tqdm bar it is attached to, if any
         self.posted: list[str] = []  # the lines this object posted (or tried to), in order

@@ -35,8 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .cells import cell_error, cell_title
 from .console import say
-from .report import Report, format_duration
+from .report import FAILED, INTERRUPTED, OK, Report, format_duration, should_post, status_of
 
 SLOWEST = 3  # cells named in "Slowest cells"
 
@@ -139,15 +140,13 @@ class RunAll:
             say(f"run summary: {type(e).__name__}: {e}")
 
     def _record(self, result: Any) -> None:
-        from .magics import cell_title
-
         with self._lock:
             if self._depth == 0:  # the cell that turned tracking on: it started before
                 return
             self._depth -= 1
             if self._depth > 0:
                 return
-            error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+            error = cell_error(result)
             raw = getattr(getattr(result, "info", None), "raw_cell", "") or ""
             self._cells.append(CellRun(getattr(result, "execution_count", None), cell_title(raw),
                                        time.perf_counter() - self._cell_start, error))
@@ -199,9 +198,10 @@ class RunAll:
         return report
 
     def worth_telling(self, cells: list[CellRun]) -> bool:
-        if self.only_failures:
-            return any(c.error is not None and not isinstance(c.error, KeyboardInterrupt) for c in cells)
-        return len(cells) >= 2 or any(c.error is not None for c in cells) or sum(c.duration for c in cells) >= self.threshold
+        statuses = {status_of(c.error) for c in cells}
+        status = FAILED if FAILED in statuses else INTERRUPTED if INTERRUPTED in statuses else OK
+        worth_it = len(cells) >= 2 or status != OK or sum(c.duration for c in cells) >= self.threshold
+        return should_post(status, on_error=self.only_failures, worth_it=worth_it)
 
     def report(self, cells: list[CellRun], duration: float) -> Report:
         """The summary of ``cells``: status, total time, slowest cells, the failing cell's error."""

@@ -15,7 +15,8 @@ What it posts, by ``on=``:
   sparkline); a crash posts a failure card with the exception and the
   traceback tail.
 - ``"end"``: the final card (success or failure) only.
-- ``"error"``: the failure card only.
+- ``"error"``: the failure card only (an interrupted run posts nothing: see
+  :func:`chat_magic.report.should_post`).
 
 Epoch lines are plain text: lines waiting together for the space's quota are
 merged into one message by the outbox. Metrics are recorded every epoch
