@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"chat-magic: warning: {redact(message)}", file=file or sys.stderr)
+    if file is None or file is sys.stderr:
+        say(f"warning: {message}", prefix="chat-magic")
+    else:
+        print(f"chat-magic: warning: {redact(message)}", file=file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

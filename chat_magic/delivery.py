@@ -36,7 +36,6 @@ import os
 import queue
 import random
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing, rules
+from .console import say
 from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
@@ -58,11 +58,8 @@ LANE_IDLE = 30.0  # seconds a space's sender thread waits for more work before i
 
 
 def _say(line: str) -> None:
-    """One visible ``chat_magic: ...`` line on stderr (redacted); never raises."""
-    try:
-        print(f"chat_magic: {redact(line)}", file=sys.stderr, flush=True)
-    except Exception:
-        pass
+    """One visible ``chat_magic: ...`` line on stderr: :func:`chat_magic.console.say` (redacted, never raises)."""
+    say(line)
 
 
 REPLY_CAP = 64 * 1024  # bytes of a reply read at most: an answer is small, a proxy's page or a flood is not read whole
@@ -74,8 +71,6 @@ def _say_once(topic: str, line: str) -> None:
     """Say ``line`` on stderr the first time ``topic`` comes up in this process."""
     if topic not in _said:
         _said.add(topic)
-        from .console import say
-
         say(line)
 
 

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -50,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .console import say
 from .errors import OutboxError
 from .hosts import current_host
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
+from .webhook import redact
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pacing import RedisSlot
@@ -731,11 +732,8 @@ class Outbox:
     def _tell(self, line: str) -> None:
         """One visible line on stderr (not only a log record), and in :attr:`notices`."""
         self.notices.append(line)
-        log.warning("chat_magic: %s", line)
-        try:
-            print(f"chat_magic: {line}", file=sys.stderr, flush=True)
-        except Exception:
-            pass
+        log.warning("chat_magic: %s", redact(line))
+        say(line)  # redacted, never raises
 
 
 def _readable_destinations(src: sqlite3.Connection) -> dict[Any, str]:

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="L", help="what to call the job in the notice (default: the command line)")
     p.add_argument("--notify-start", action="store_true", help="also post when the command starts")
     p.add_argument("--thread", metavar="KEY", help="post into the thread with this key (default: a new thread per run)")
-    p.add_argument("--on", choices=("always", "error"), default="always", help="post on every ending (default) or only on failure (a child killed by SIGINT is not one)")
+    p.add_argument("--on", choices=("always", "error"), default="always",
+                   help="post on every ending (default) or only on failure (a child killed by SIGINT is not one)")
     p.add_argument("--mention", metavar="WHO", help="'all' or a user id to mention in the notice")
     p.add_argument("--no-cards", dest="cards", action="store_false", help="post plain text instead of a card")
     p.add_argument("--wait", metavar="S", type=float, default=10.0, help="seconds to wait for delivery before exiting (default 10)")

@@ -21,11 +21,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import config
+from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, WebhookURLError
 from .webhook import Webhook, parse_webhook_url, redact
 
 __all__ = ["add_space", "list_spaces", "main", "remove_space", "setup_magic"]
 
+PREFIX = "chat-magic spaces"
 DEFAULT_NAME = "default"
 TEST_TIMEOUT = 30.0
 HELLO = "👋 chat_magic is set up: messages for *{name}* will arrive in this space."
@@ -142,13 +144,13 @@ def main(argv: Sequence[str] | None = None, *, ask: Callable[[str], str] = read_
                 print(f"  {row}")
             return 0
     except ConfigError as e:
-        print(f"chat-magic spaces: {redact(e)}", file=sys.stderr)
+        say(e, prefix=PREFIX)
         return 2
     except (ChatMagicError, OSError) as e:
-        print(f"chat-magic spaces: {redact(e)}", file=sys.stderr)
+        say(e, prefix=PREFIX)
         return 1
     except (KeyboardInterrupt, EOFError):
-        print("chat-magic spaces: cancelled, nothing saved", file=sys.stderr)
+        say("cancelled, nothing saved", prefix=PREFIX)
         return 130
     _parser().print_help()
     return 2

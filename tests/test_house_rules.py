@@ -227,3 +227,68 @@ def test_good_settings_are_set(saved_settings):
     chat_magic.configure(interval=2, exit_timeout=0.5, give_up_after=float("inf"))
     assert saved_settings.interval == 2.0 and saved_settings.exit_timeout == 0.5
     assert isinstance(saved_settings.interval, float)
+
+
+# -- every line on stderr goes through console.say (it redacts) ------------------------------------
+
+# the only other places that name sys.stderr, and why they may
+STDERR_ALLOWED = {
+    "console.py",  # say() itself
+    "run.py",  # chat-magic run checks which streams are terminals; the child's output passes through
+    "cli.py",  # a warning shown to a file other than stderr keeps its file
+    "demo.py",  # the kernel's own log lines, indented under the one-line reason
+    "magics.py",  # a docstring about IPython's streams
+}
+
+
+def test_no_module_writes_to_stderr_but_console():
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(chat_magic.__file__).parent.rglob("*.py")):
+        if path.name in STDERR_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "stderr" and getattr(node.value, "id", "") == "sys":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+
+
+def _outbox_tell(tmp_path, line):
+    from chat_magic.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite")
+    try:
+        box._tell(line)
+    finally:
+        box.close()
+
+
+def _delivery_say(tmp_path, line):
+    from chat_magic import delivery
+
+    delivery._say(line)
+
+
+def _pacing_line(tmp_path, line):
+    from chat_magic import pacing
+
+    pacing._stderr_line(f"chat_magic: {line}")
+
+
+def _emulator_line(tmp_path, line):
+    from chat_magic.emulator import server
+
+    assert server.main(["--space", line.split()[-1]]) == 2  # an invalid space id, echoed
+
+
+@pytest.mark.parametrize("helper", [_outbox_tell, _delivery_say, _pacing_line, _emulator_line])
+def test_each_stderr_helper_is_one_redacted_line(outbox_home, tmp_path, capsys, caplog, helper):
+    from conftest import KEY, TOKEN
+
+    url = f"https://chat.googleapis.com/v1/spaces/AAA/messages?key={KEY}&token={TOKEN}"
+    helper(tmp_path, f"could not reach {url}")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chat_magic"), err
+    assert KEY not in err and TOKEN not in err and KEY not in caplog.text and TOKEN not in caplog.text

@@ -53,7 +53,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from ..console import say as _say_line
 from ..webhook import REDACTED, is_loopback, redact
+
+PREFIX = "chat_magic emulator"
 
 __all__ = ["Emulator", "render_page", "validate_message", "main", "FAULTS"]
 
@@ -364,7 +367,7 @@ class _Server(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):  # resets, timeouts, closed sockets
             return
-        sys.stderr.write(redact(f"chat_magic emulator: error while handling a request: {exc!r}") + "\n")
+        _say_line(f"error while handling a request: {exc!r}", prefix=PREFIX)
 
 
 class _Aborted(Exception):
@@ -900,7 +903,7 @@ class Emulator:
             try:
                 callback(copy.deepcopy(stored))
             except Exception as e:  # a broken callback must not break the server
-                sys.stderr.write(redact(f"chat_magic emulator: on_message failed: {e!r}") + "\n")
+                _say_line(f"on_message failed: {e!r}", prefix=PREFIX)
 
     def _new_id(self, taken: set[str] | None = None) -> str:
         while True:
@@ -1073,10 +1076,10 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
     args = parser.parse_args(argv)
 
     if not is_loopback(args.host):
-        print(f"chat_magic emulator: refusing to listen on {args.host}: only a loopback address is allowed", file=sys.stderr)
+        _say_line(f"refusing to listen on {args.host}: only a loopback address is allowed", prefix=PREFIX)
         return 2
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.space):
-        print(f"chat_magic emulator: invalid space id {args.space!r}", file=sys.stderr)
+        _say_line(f"invalid space id {args.space!r}", prefix=PREFIX)
         return 2
     try:
         emu = Emulator(
@@ -1090,7 +1093,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
         )
         emu.start()
     except (OSError, ValueError) as e:
-        print(f"chat_magic emulator: cannot start on {args.host}:{args.port}: {e}", file=sys.stderr)
+        _say_line(f"cannot start on {args.host}:{args.port}: {e}", prefix=PREFIX)
         return 1
 
     out_lock = threading.Lock()
