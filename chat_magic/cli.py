@@ -304,9 +304,10 @@ def _flush_host_file(f: HostFile, timeout: float) -> bool:
     from . import delivery, hosts
     from .outbox import FAILED, PENDING, SENDING
 
-    mine = f.mine or str(f.path) in delivery._dispatchers  # this process drains it already (the old single file)
-    if mine:
-        d = delivery.dispatcher() if f.mine else delivery._dispatchers[str(f.path)]
+    running = delivery.dispatcher() if f.mine else delivery.running_dispatcher(f.path)  # the old single file: drained already
+    mine = running is not None
+    if running is not None:
+        d = running
     else:
         if not hosts.unfinished(f.path):
             print(f"{f.label}: nothing waiting")
@@ -315,7 +316,7 @@ def _flush_host_file(f: HostFile, timeout: float) -> bool:
         if busy:
             _err(f"{f.label}: left alone, its outbox looks in use: {busy}; run this again once that host's jobs are over")
             return False
-        d = delivery._open_dispatcher(f.path)
+        d = delivery.open_dispatcher(f.path)
     try:
         ok = d.flush(timeout)
         counts = d.outbox.counts()

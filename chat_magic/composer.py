@@ -210,8 +210,7 @@ class Composer(widgets.VBox):
 
     def _queue(self, text: str) -> tuple[Any, str]:
         """Queue ``text``; return the receipt and where it went (for the history)."""
-        import chat_magic
-
+        from .delivery import send
         from .session import current_session
 
         to = self.destination.value or None
@@ -228,7 +227,7 @@ class Composer(widgets.VBox):
             session = current_session(getattr(ip, "user_ns", None))
             return session.send(text, to=to), "session thread"
         key = _new_thread_key() if choice == NEW else self.thread_key.value.strip()
-        receipt = chat_magic.send(text, to=to, thread_key=key)
+        receipt = send(text, to=to, thread_key=key)
         if choice == NEW:
             self.thread_key.value = key  # so "custom key" can continue that thread
         return receipt, f"thread {key}"

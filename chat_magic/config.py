@@ -231,7 +231,7 @@ def from_secrets(name: str) -> Webhook | None:
 def _first_secret(name: str) -> tuple[str, Webhook] | None:
     """(where, webhook) from the first source that has ``name``: its value checked, its errors one line."""
     sources: tuple[tuple[str, Callable[[str], str | None]], ...] = (
-        ("environment variable", _env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
+        ("environment variable", env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
     )
     for where, read in sources:
         value = read(name)
@@ -264,7 +264,8 @@ def forget_secrets() -> None:
         _hosts.clear()
 
 
-def _env_secret(name: str) -> str | None:
+def env_secret(name: str) -> str | None:
+    """The environment variable ``name``, stripped; None when unset or blank (read when called, never at import)."""
     return os.environ.get(name, "").strip() or None
 
 

@@ -381,6 +381,21 @@ class Dispatcher:
         self.ensure_running()
         self._wake.set()
 
+    # -- what a Receipt and the exit summary use ------------------------------------
+
+    @property
+    def held_reason(self) -> str:
+        """Why messages are kept in memory (the outbox's last error), ``""`` when none is."""
+        return self._held_reason
+
+    def held_count(self) -> int:
+        """How many messages wait in memory for the outbox to work again."""
+        return len(self._held)
+
+    def drain_held(self, *, patient: bool = False) -> bool:
+        """Queue the messages kept in memory; True when none is left (see ``submit``'s ``keep_on_fault``)."""
+        return self._drain_held(patient=patient)
+
     def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
         """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
         if not self._drain_lock.acquire(blocking=blocking):
@@ -823,7 +838,7 @@ class Receipt:
     def error(self) -> str | None:
         """The one-line reason when delivery failed, else the last transient error, else None."""
         if self._held:
-            return f"kept in memory: {self._d._held_reason}" if self._d._held_reason else None
+            return f"kept in memory: {self._d.held_reason}" if self._d.held_reason else None
         rows, gone = self._rows()
         for r in rows:
             if r.state == FAILED and r.error:
@@ -853,8 +868,8 @@ class Receipt:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self._d._held_reason})")
-            self._d._drain_held(patient=True)
+                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self._d.held_reason})")
+            self._d.drain_held(patient=True)
             if self._held:
                 time.sleep(0.1)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -913,13 +928,21 @@ def dispatcher() -> Dispatcher:
         if d is None:
             if not _dispatchers:
                 atexit.register(_at_exit)
-            d = _dispatchers[path] = _open_dispatcher(path)
+            d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
     return d
 
 
-def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
-    """A dispatcher for the outbox file ``path``, paced through Redis when one is configured.
+def running_dispatcher(path: str | os.PathLike[str]) -> Dispatcher | None:
+    """This process's dispatcher of the outbox file ``path`` if it drains that file already, else None."""
+    return _dispatchers.get(str(path))
+
+
+def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
+    """A new dispatcher for the outbox file ``path``, paced through Redis when one is configured.
+
+    It is not registered: the caller stops it and closes its outbox (``chat-magic
+    outbox flush`` for another host's file). :func:`dispatcher` is this host's.
 
     Raises :class:`OutboxError` when not even a temporary outbox can be made.
     """
@@ -932,11 +955,14 @@ def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     return d
 
 
+_open_dispatcher = open_dispatcher  # the old private name, while branches written against it are merged (remove after)
+
+
 def _drain_legacy(home: os.PathLike[str]) -> None:
     """Deliver what waits in the old single ``outbox.sqlite3`` (before per-host files); nothing new goes there."""
     old = hosts.legacy_to_drain(home)
     if old is not None and str(old) not in _dispatchers:
-        _dispatchers[str(old)] = _open_dispatcher(old)
+        _dispatchers[str(old)] = open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
 
 
@@ -1010,8 +1036,8 @@ def _at_exit() -> None:
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
     for d in list(_dispatchers.values()):
         try:
-            if not d._drain_held():
-                _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
+            if not d.drain_held():
+                _say(f"{d.held_count()} message(s) could not be queued and are lost with this process: {d.held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
             left = deadline - time.monotonic()
             if mine and left > 0:

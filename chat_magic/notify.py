@@ -153,6 +153,9 @@ class _Run:
         return self.post(_ranks.PROGRESS, "progress line", text=f"⏳ *{neutralize(self.title)}*: {neutralize(text)}", truncate=True)
 
 
+Run = _Run  # a run in progress, as :meth:`notify_when_done.begin` returns it
+
+
 class notify_when_done:
     """Post a notice when a block (``with``) or a function (decorator) ends.
 
@@ -247,14 +250,21 @@ class notify_when_done:
 
     # -- the run --------------------------------------------------------
 
-    def _ready(self) -> None:
-        """Resolve the default webhook if construction could not: raises a one-line ConfigError."""
+    # -- a run's start and end in separate calls (the training callbacks) --------
+
+    def ready(self) -> None:
+        """Resolve the default webhook if construction could not: raises a one-line ConfigError.
+
+        A front end calls it before the work starts, so that a missing webhook
+        is said then, not after the run.
+        """
         if self.webhook is None:
             from . import config
 
             self.webhook = config.resolve(None)
 
-    def _begin(self, label: str) -> _Run:
+    def begin(self, label: str) -> Run:
+        """Start a run called ``label`` (the start notice with ``notify_start``); may raise. See :meth:`end`."""
         run = _Run(self, label)
         if self.notify_start:
             from .report import STARTED, Report
@@ -263,12 +273,15 @@ class notify_when_done:
             run.post(_ranks.START, "start notice", **report.payload_kwargs(cards=self.cards))
         return run
 
-    def _end(self, run: _Run, exc: BaseException | None) -> None:
-        """Post how the run ended. Never raises."""
+    def end(self, run: Run, exc: BaseException | None) -> None:
+        """Post how ``run`` (from :meth:`begin`) ended, ``exc`` if it raised. Never raises."""
         try:
             self._finish(run, exc)
         except Exception as e:  # a bug here must not hide the user's result
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
+
+    # the old private names, while branches written against them are merged (remove after)
+    _ready, _begin, _end = ready, begin, end
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
         from .report import Report, should_post
@@ -304,7 +317,7 @@ class notify_when_done:
 
     def _push(self) -> _Run | None:
         try:
-            run = self._begin(self._default_label())
+            run = self.begin(self._default_label())
         except Exception as e:  # never keep the user's block from running
             _warn(f"could not start watching: {exception_summary(e)}")
             run = None
@@ -331,14 +344,14 @@ class notify_when_done:
             pass
 
     def __enter__(self) -> notify_when_done:
-        self._ready()
+        self.ready()
         self._push()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         run = self._pop()
         if run is not None:
-            self._end(run, exc)
+            self.end(run, exc)
         return False  # never swallow
 
     async def __aenter__(self) -> notify_when_done:
@@ -390,9 +403,9 @@ class notify_when_done:
         label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
 
         def begin():
-            self._ready()  # no webhook configured: a one-line ConfigError before the work runs
+            self.ready()  # no webhook configured: a one-line ConfigError before the work runs
             try:
-                run = self._begin(label)
+                run = self.begin(label)
             except Exception as e:
                 _warn(f"could not start watching: {exception_summary(e)}")
                 run = None
@@ -407,7 +420,7 @@ class notify_when_done:
                 pass
             self._forget(run)
             if run is not None:
-                self._end(run, exc)
+                self.end(run, exc)
 
         if inspect.iscoroutinefunction(func):
 

@@ -86,7 +86,7 @@ def remove_space(name: str) -> None:
 def list_spaces() -> list[str]:
     """One line per destination: name, space, where it comes from. Never a key or token."""
     rows: list[str] = []
-    env = config._env_secret(config.ENV_URL)
+    env = config.env_secret(config.ENV_URL)
     if env:
         try:
             rows.append(f"(default)  spaces/{parse_webhook_url(env).space}  from {config.ENV_URL}")

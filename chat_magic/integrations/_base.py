@@ -98,7 +98,7 @@ class TrainingWatch:
         self.label = label
         self.notifier = notify_when_done(label or "training", to=to, thread_key=thread_key, mention=mention,
                                          on="error" if on == "error" else "always", cards=cards, ranks=ranks)
-        self.notifier._ready()  # no webhook configured: say so now, not after the run
+        self.notifier.ready()  # no webhook configured: say so now, not after the run
         self.run: Any = None
         self.planned: int | None = None
         self.done = 0
@@ -110,7 +110,7 @@ class TrainingWatch:
         try:
             if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
                 self._forget()
-            self.run = self.notifier._begin(self.label or name)
+            self.run = self.notifier.begin(self.label or name)
             if rank is not None:
                 self.run.rank = rank
             self.planned, self.done = (epochs if epochs and epochs > 0 else None), 0
@@ -140,7 +140,7 @@ class TrainingWatch:
         """Training ended (``exc`` if it crashed): post the final or failure card. Idempotent."""
         run = self._forget()
         if run is not None:
-            self.notifier._end(run, exc)  # never raises
+            self.notifier.end(run, exc)  # never raises
 
     def _forget(self) -> Any:
         run, self.run = self.run, None

@@ -1,0 +1,106 @@
+"""The package's connections (issue 20): no import cycle, nothing underscored crosses a module.
+
+Read from the source with ``ast``, every import counted (at the top, inside a
+function, or lazily for speed) but those under ``if TYPE_CHECKING:``, which
+never run. Importing the package ``chat_magic`` itself from a submodule counts
+as importing its ``__init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import chat_magic
+
+ROOT = Path(chat_magic.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(name: str) -> set[str]:
+    """The chat_magic modules that module ``name`` imports."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle's smallest rotation, found by a depth-first search from each module."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(path: list[str]) -> None:
+        for nxt in sorted(graph[path[-1]]):
+            if nxt in path:
+                cyc = path[path.index(nxt):]
+                i = cyc.index(min(cyc))
+                found.add(tuple(cyc[i:] + cyc[:i]))
+            else:
+                visit([*path, nxt])
+
+    for start in graph:
+        visit([start])
+    return [list(c) for c in sorted(found)]
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    graph = {name: imports_of(name) for name in MODULES}
+    assert "chat_magic.cells" in graph["chat_magic.runall"]  # the graph is read, not empty
+    assert cycles(graph) == []
+
+
+# a class and the helper class it owns, in the same module: the helper is part of it
+FRIENDS = {("delivery.py", "d")}  # _Lane, the sender thread of one Dispatcher
+
+
+def test_nothing_underscored_crosses_a_module():
+    """``other_module._name``, or ``self.other._name`` (another object's privates): public doors instead."""
+    reached = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and (n.level or (n.module or "").startswith("chat_magic")) for a in n.names}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in imported:
+                reached.append(f"{path.name}:{node.lineno} {owner.id}.{node.attr}")
+            elif (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self"
+                  and (path.name, owner.attr) not in FRIENDS):
+                reached.append(f"{path.name}:{node.lineno} self.{owner.attr}.{node.attr}")
+    assert reached == []
