@@ -104,3 +104,27 @@ def test_nothing_underscored_crosses_a_module():
                   and (path.name, owner.attr) not in FRIENDS):
                 reached.append(f"{path.name}:{node.lineno} self.{owner.attr}.{node.attr}")
     assert reached == []
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0] for line in layout.splitlines()[1:] if line.startswith("  ")}
+    present = {p.name for p in ROOT.glob("*.py")} | {p.name + "/" for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert sorted(present - listed) == [] and sorted(listed - present) == []
+
+
+def test_docstrings_point_inside_the_repository():
+    outside = [f"{p.relative_to(ROOT.parent)}: {w}" for p in MODULES.values()
+               for w in ("/work/", "/home/", "/tmp/shared") if w in p.read_text(encoding="utf-8")]
+    assert outside == []
+
+
+MAX_FUNCTION_LINES = 100  # the emulator's _decide was 129 lines doing nine jobs
+
+
+def test_no_function_is_a_page_long():
+    long = [f"{p.relative_to(ROOT)}:{n.name} {n.end_lineno - n.lineno + 1} lines" for p in MODULES.values()
+            for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
