@@ -128,3 +128,20 @@ def unload_ipython_extension(ip: Any) -> None:
     from .magics import unload_ipython_extension as _unload
 
     _unload(ip)
+
+
+def _configured_webhook(digest: str) -> Any:
+    """A configured webhook by its digest, for unpickling; ``config`` is imported only when one is looked up."""
+    from .config import webhook_by_digest
+
+    return webhook_by_digest(digest)
+
+
+def _wire() -> None:
+    """Connect the parts that must not import each other (``webhook`` sits below ``config``)."""
+    from .webhook import add_finder
+
+    add_finder(_configured_webhook)
+
+
+_wire()
