@@ -166,7 +166,7 @@ class Report:
     error: str = ""  # "ValueError: bad value", untrusted
     traceback: str = ""  # the last traceback lines, untrusted
     details: dict[str, str] = field(default_factory=dict)  # e.g. {"Host": ..., "Notebook": ..., "Exit code": ...}
-    mention: str | None = None  # "all" or a user id: the only way a mention gets in
+    mention: str | None = None  # "all", a user id or an e-mail: the only way a mention gets in
     max_lines: int | None = 40
     note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
     output_cut: int = 0  # characters already cut from the front of ``output`` before it got here
