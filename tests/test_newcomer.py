@@ -20,13 +20,16 @@ from pathlib import Path
 import pytest
 import requests
 
+import chat_magic
+
 ROOT = Path(__file__).resolve().parent.parent
+CODE = Path(chat_magic.__file__).resolve().parent.parent  # the chat_magic under test, for subprocesses
 README = ROOT / "README.md"
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, "PYTHONPATH": str(CODE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def _version() -> str:
