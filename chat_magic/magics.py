@@ -39,7 +39,7 @@ from . import config, rules
 from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import Report
+from .report import Report, remember_cell
 from .session import current_session
 from .webhook import Webhook, redact
 
@@ -288,7 +288,10 @@ class _CellNumber:
         original = compiler.cache
 
         def cache(code: str, _number: int = 0, *args: Any, **kwargs: Any) -> Any:
-            return original(code, number, *args, **kwargs)
+            name = original(code, number, *args, **kwargs)
+            if isinstance(name, str):
+                remember_cell(name, number)  # IPython 7 keeps no record of it: the card's traceback needs it
+            return name
 
         compiler.cache = cache
         self._compiler = compiler
