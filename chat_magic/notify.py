@@ -163,9 +163,10 @@ class notify_when_done:
     or ``block at train.py:42``). ``to``: a space name from the config file or
     a webhook URL (default: ``GOOGLE_CHAT_WEBHOOK_URL``). ``thread_key``: post
     into that thread instead of the session's. ``notify_start``: also post when
-    it starts. ``mention``: ``"all"`` or a user id, pinged in the completion
-    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted; an
-    interrupt is not one, see :func:`chat_magic.report.should_post`).
+    it starts. ``mention``: ``"all"``, a numeric user id or a user's e-mail
+    address, pinged in the completion notice. ``on``: ``"always"`` or
+    ``"error"`` (only failures are posted; an interrupt is not one, see
+    :func:`chat_magic.report.should_post`).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
 
