@@ -135,11 +135,12 @@ def _delegate(command: str, rest: list[str]) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from . import delivery
+    from . import delivery, rules
 
     deadline = time.monotonic() + max(0.0, args.timeout)  # --timeout is the whole wait, reading stdin aside
     text = sys.stdin.read() if args.text == "-" else args.text
-    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)  # a temporary outbox says so itself
+    thread = rules.validate_thread_key(args.thread, option="--thread")  # send() checks it too; this names the option
+    receipt = delivery.send(text, to=args.to, thread_key=thread, truncate=args.truncate)  # a temporary outbox says so itself
     try:
         result = receipt.wait(max(0.0, deadline - time.monotonic()))
     except DeliveryTimeout:

@@ -147,7 +147,7 @@ def _session_send(key):
 
 def _cli_send(key):
     p = cli("send", "--thread", key, "--timeout", "20", "hello")
-    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--thread" in p.stderr, p.stderr
     raise ConfigError(p.stderr)
 
 
