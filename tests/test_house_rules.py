@@ -19,6 +19,8 @@ from conftest import assert_no_secret, wait_until
 import chat_magic
 from chat_magic.errors import ConfigError
 
+pytestmark = pytest.mark.jupyter  # magics, the composer: CI runs these on Colab's pinned stack too
+
 CLI = [sys.executable, "-m", "chat_magic.cli"]
 
 
