@@ -1,0 +1,445 @@
+"""Figures in messages (issue 18): image stores on real local servers, durable upload in the worker.
+
+Stores are real servers on loopback: a folder served by ``http.server``, S3 by
+moto in server mode (``AWS_ENDPOINT_URL``), Google Cloud Storage by the
+``gcp-storage-emulator`` package with a service-account key generated here (V4
+URLs are signed locally with it). Every card is checked by the emulator's
+strict mode (the official proto), and each card's ``imageUrl`` is fetched and
+must serve the very bytes that were shown.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import sqlite3
+import threading
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from conftest import validate_message, wait_until
+
+pytest.importorskip("PIL")
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+AWS_SECRET = "aws-secret-" + "s" * 29
+AWS_KEY_ID = "AKIACHATMAGICTEST01"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(color: str = "red", size: tuple[int, int] = (120, 80)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def a_figure():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1, 3, 2, 4])
+    return fig
+
+
+def image_urls(message: dict) -> list[str]:
+    return [w["image"]["imageUrl"] for c in message.get("cardsV2") or [] for s in c["card"]["sections"]
+            for w in s["widgets"] if "image" in w]
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
+def _reset_images():
+    from chat_magic import images
+
+    images._stores.clear()
+    images._hinted = False
+    images._told.clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_images(monkeypatch):
+    for name in ("CHAT_MAGIC_IMAGE_STORE", "CHAT_MAGIC_IMAGE_BASE_URL", "CHAT_MAGIC_IMAGE_EXPIRY"):
+        monkeypatch.delenv(name, raising=False)
+    _reset_images()
+    yield
+    _reset_images()
+
+
+# -- the stores ------------------------------------------------------------------------
+
+
+class Served:
+    """A folder behind a real HTTP server on loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def folder_store(tmp_path, monkeypatch):
+    served = Served(tmp_path / "www")
+    (tmp_path / "www").mkdir()
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", f"file://{tmp_path / 'www' / 'chat'}")
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_BASE_URL", served.base + "chat/")
+    yield served
+    served.stop()
+
+
+class Moto:
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.port = _free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def client(self):
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint)
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    moto = Moto()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+    moto.client().create_bucket(Bucket="team-figures")
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", "s3://team-figures/chat/runs")
+    yield moto
+    moto.server.stop()
+
+
+def _service_account(path: Path) -> dict:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": "chat-magic-test", "private_key_id": "k" * 40, "private_key": pem,
+            "client_email": "figures@chat-magic-test.iam.gserviceaccount.com", "client_id": "1",
+            "token_uri": "http://127.0.0.1:9/token"}  # never used: signing is local, the emulator needs no token
+    path.write_text(json.dumps(info))
+    return {"info": info, "public": key.public_key()}
+
+
+@pytest.fixture
+def gcs_store(tmp_path, monkeypatch):
+    pytest.importorskip("google.cloud.storage")
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    sa = _service_account(tmp_path / "sa.json")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
+    port = _free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="team-figures")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", "gs://team-figures/chat")
+    sa["port"] = port
+    yield sa
+    server.stop()
+
+
+STORES = ["folder_store", "s3_store", "gcs_store"]
+
+
+# -- normalising -------------------------------------------------------------------------
+
+
+def test_to_image_takes_figures_pil_bytes_and_paths(tmp_path):
+    from PIL import Image as PILImage
+
+    from chat_magic import images
+
+    raw = png_bytes()
+    (tmp_path / "p.png").write_bytes(raw)
+    assert images.to_image(raw).data == raw
+    assert images.to_image(tmp_path / "p.png").data == raw and images.to_image(str(tmp_path / "p.png")).alt == "p.png"
+    assert images.to_image(a_figure()).data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert images.to_image(PILImage.new("RGB", (10, 10))).mime == "image/png"
+    big = images.to_image(PILImage.new("RGB", (4000, 1000), "blue"))
+    with PILImage.open(io.BytesIO(big.data)) as im:
+        assert max(im.size) == images.MAX_SIDE
+    noisy = PILImage.frombytes("RGB", (1500, 1500), os.urandom(1500 * 1500 * 3))  # 6.7 MB as PNG: only a JPEG fits
+    fitted = images.to_image(noisy)
+    assert len(fitted.data) <= images.MAX_BYTES and fitted.mime == "image/jpeg"
+
+
+@pytest.mark.parametrize("bad", [b"GIF89a...", object(), "/no/such/file.png"])
+def test_send_bad_image_is_one_line(space, bad):
+    import chat_magic
+    from chat_magic.errors import MessageError
+
+    with pytest.raises(MessageError) as e:
+        chat_magic.send("x", image=bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("store, base, expect", [
+    ("ftp://x/y", "", "gs://, s3:// or file://"),
+    ("file:///srv/www", "", "CHAT_MAGIC_IMAGE_BASE_URL"),
+    ("file:///srv/www", "http://files.example.org/", "https"),
+    ("s3://", "", "no bucket"),
+])
+def test_store_mistakes_are_one_line(monkeypatch, store, base, expect):
+    from chat_magic import images
+    from chat_magic.errors import ConfigError
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", store)
+    if base:
+        monkeypatch.setenv("CHAT_MAGIC_IMAGE_BASE_URL", base)
+    with pytest.raises(ConfigError, match=expect.replace("/", ".").replace("+", ".")) as e:
+        images.store_spec()
+    assert "\n" not in str(e.value)
+
+
+def test_expiry_default_and_maximum_seven_days(monkeypatch):
+    from chat_magic import images
+    from chat_magic.errors import ConfigError
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", "file:///srv/www")
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_BASE_URL", "https://files.example.org/chat")
+    assert images.store_spec().expiry == 7 * 86400
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_EXPIRY", "12h")
+    assert images.store_spec().expiry == 12 * 3600
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_EXPIRY", "8d")
+    with pytest.raises(ConfigError, match="7 days"):
+        images.store_spec()
+
+
+def test_store_per_named_space_from_config(tmp_path, monkeypatch, space):
+    from chat_magic import images
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[spaces.ml]\nwebhook_url = "{space.url}"\nimage_store = "s3://ml-bucket/figs"\n'
+                   f'[spaces.ops]\nwebhook_url = "{space.url}"\n')
+    cfg.chmod(0o600)
+    monkeypatch.setenv("CHAT_MAGIC_CONFIG", str(cfg))
+    pytest.importorskip("boto3")
+    assert images.store_spec("ml") == images.StoreSpec("s3", "ml-bucket", "figs")
+    assert images.store_spec("ops") is None
+
+
+# -- each store: the card's URL serves the very bytes ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", STORES)
+def test_send_figure_bytes_and_path_arrive_as_served_pngs(request, fast_space, tmp_path, store):
+    import chat_magic
+    from chat_magic import images
+
+    request.getfixturevalue(store)
+    raw = png_bytes("green")
+    (tmp_path / "plot.png").write_bytes(png_bytes("purple"))
+    fig = a_figure()
+    shown = images.to_image(fig).data
+    receipts = [chat_magic.send("a figure", image=fig), chat_magic.send("bytes", image=raw),
+                chat_magic.send("a path", image=tmp_path / "plot.png")]
+    for r in receipts:
+        r.wait(30)
+    msgs = fast_space.wait_for(3)
+    expected = [shown, raw, png_bytes("purple")]
+    for m, want in zip(msgs, expected):
+        validate_message({k: v for k, v in m.items() if k in ("text", "cardsV2")})
+        (url,) = image_urls(m)
+        assert url.startswith("http://127.0.0.1:")
+        got = fetch(url)
+        assert got == want and got[:8] == b"\x89PNG\r\n\x1a\n"
+        assert hashlib.sha256(got).hexdigest() in urlsplit(url).path  # content-addressed name
+
+
+@pytest.mark.slow
+def test_gcs_url_is_a_v4_signature_by_the_service_account_that_verifies(fast_space, gcs_store, monkeypatch):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    import chat_magic
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_EXPIRY", "2d")
+    chat_magic.send("signed", image=png_bytes()).wait(30)
+    (url,) = image_urls(fast_space.wait_for(1)[0])
+    parts = urlsplit(url)
+    q = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert q["X-Goog-Algorithm"] == "GOOG4-RSA-SHA256"
+    assert q["X-Goog-Expires"] == str(2 * 86400)
+    assert q["X-Goog-Credential"].startswith(gcs_store["info"]["client_email"] + "/")
+    assert q["X-Goog-SignedHeaders"] == "host"
+    # rebuild the V4 string to sign and check the signature with the key's public half
+    from urllib.parse import quote
+
+    canonical_query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(q.items()) if k != "X-Goog-Signature")
+    canonical = "\n".join(["GET", parts.path, canonical_query, f"host:{parts.netloc}\n", "host", "UNSIGNED-PAYLOAD"])
+    scope = q["X-Goog-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(["GOOG4-RSA-SHA256", q["X-Goog-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    gcs_store["public"].verify(bytes.fromhex(q["X-Goog-Signature"]), to_sign.encode(), padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.mark.slow
+def test_s3_url_is_presigned_with_the_expiry(fast_space, s3_store, monkeypatch):
+    import chat_magic
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_EXPIRY", "3600")
+    chat_magic.send("signed", image=png_bytes()).wait(30)
+    (url,) = image_urls(fast_space.wait_for(1)[0])
+    q = parse_qs(urlsplit(url).query)
+    assert q["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and q["X-Amz-Expires"] == ["3600"]
+    assert q["X-Amz-Credential"][0].startswith(AWS_KEY_ID + "/")
+    assert urlsplit(url).path.startswith("/team-figures/chat/runs/")
+    assert fetch(url) == png_bytes()
+
+
+# -- durable, exactly once ------------------------------------------------------------------
+
+
+def _outbox_file(home: Path) -> Path:
+    return next(home.rglob("outbox*.sqlite3"))
+
+
+@pytest.mark.slow
+def test_bytes_are_in_the_outbox_before_send_returns_and_gone_after(fast_space, fast_emulator, folder_store, outbox_home):
+    import chat_magic
+
+    raw = png_bytes("orange")
+    fast_emulator.set_down(True)
+    try:
+        r = chat_magic.send("later", image=raw)
+        db = sqlite3.connect(_outbox_file(outbox_home))
+        digest = hashlib.sha256(raw).hexdigest()
+        assert db.execute("SELECT data FROM blob WHERE sha256=?", (digest,)).fetchone()[0] == raw
+        assert digest in db.execute("SELECT images FROM message WHERE id=?", (r.ids[0],)).fetchone()[0]
+    finally:
+        fast_emulator.set_down(False)
+    r.wait(30)
+    (url,) = image_urls(fast_space.wait_for(1)[0])
+    assert fetch(url) == raw
+    assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 0
+    db.close()
+
+
+@pytest.mark.slow
+def test_a_retry_sends_the_same_body_and_never_uploads_twice(fast_space, fast_emulator, folder_store, fast_backoff):
+    import chat_magic
+
+    raw = png_bytes("teal")
+    fast_emulator.inject("lost_reply")  # stored, answer lost: the retry must be the identical request
+    fast_emulator.inject("503")
+    r = chat_magic.send("retried", image=raw)
+    r.wait(30)
+    posts = [x for x in fast_space.requests() if x.get("body")]
+    assert len(posts) >= 2
+    assert len({x["body"] if isinstance(x["body"], str) else json.dumps(x["body"], sort_keys=True) for x in posts}) == 1
+    files = list((folder_store.root / "chat").iterdir())
+    assert [f.name for f in files] == [hashlib.sha256(raw).hexdigest() + ".png"]
+    inode = files[0].stat().st_ino
+    chat_magic.send("the same figure again", image=raw).wait(30)  # content-addressed: the object is there, no upload
+    assert files[0].stat().st_ino == inode
+    urls = [image_urls(m)[0] for m in fast_space.wait_for(2)]
+    assert len(set(urls)) == 1
+
+
+@pytest.mark.slow
+def test_store_down_is_retried_like_a_network_fault(fast_space, s3_store, fast_backoff):
+    import chat_magic
+
+    s3_store.server.stop()
+    r = chat_magic.send("waits for the store", image=png_bytes("navy"))
+    wait_until(lambda: (r.error or "").startswith("image upload"), what="a recorded upload fault", timeout=60)
+    assert r.status == "pending" and fast_space.messages() == []
+    s3_store.restart()
+    s3_store.client().create_bucket(Bucket="team-figures")
+    r.wait(60)
+    (url,) = image_urls(fast_space.wait_for(1)[0])
+    assert fetch(url) == png_bytes("navy")
+
+
+@pytest.mark.slow
+def test_permanent_refusal_posts_without_the_image_and_one_line(fast_space, s3_store, monkeypatch, capfd, debug_logs, outbox_home):
+    import chat_magic
+    from chat_magic import cli
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", "s3://no-such-bucket/x")
+    chat_magic.send("the run finished", image=png_bytes()).wait(30)
+    m = fast_space.wait_for(1)[0]
+    assert image_urls(m) == []
+    shown = json.dumps(m)
+    assert "the run finished" in shown and "1 figure not posted" in shown and "does not exist" in shown
+    err = capfd.readouterr().err
+    assert err.count("figure not posted") == 1
+    cli.main(["outbox", "list", "--all"])
+    out = capfd.readouterr()
+    for text in (shown, err, out.out, out.err, debug_logs.text, _outbox_file(outbox_home).read_bytes().decode("latin-1")):
+        assert AWS_SECRET not in text
+
+
+@pytest.mark.slow
+def test_signed_url_and_keys_never_in_logs(fast_space, gcs_store, debug_logs, capfd):
+    import chat_magic
+
+    chat_magic.send("x", image=png_bytes()).wait(30)
+    (url,) = image_urls(fast_space.wait_for(1)[0])
+    signature = parse_qs(urlsplit(url).query)["X-Goog-Signature"][0]
+    key_line = gcs_store["info"]["private_key"].splitlines()[1]
+    err = capfd.readouterr().err
+    for text in (debug_logs.text, err):
+        assert signature not in text and key_line not in text
+
+
+# -- without a store ---------------------------------------------------------------------------
+
+
+def test_without_a_store_the_text_says_so_once_per_session(fast_space):
+    import chat_magic
+
+    chat_magic.send("first", image=png_bytes()).wait(30)
+    chat_magic.send("second", image=[png_bytes("red"), png_bytes("blue")]).wait(30)
+    first, second = fast_space.wait_for(2)
+    assert first["text"] == "first\n1 figure not posted — set CHAT_MAGIC_IMAGE_STORE (see README: Figures)"
+    assert second["text"] == "second\n2 figures not posted (no image store)"
+    assert "cardsV2" not in first and "cardsV2" not in second
