@@ -443,3 +443,74 @@ def test_without_a_store_the_text_says_so_once_per_session(fast_space):
     assert first["text"] == "first\n1 figure not posted — set CHAT_MAGIC_IMAGE_STORE (see README: Figures)"
     assert second["text"] == "second\n2 figures not posted (no image store)"
     assert "cardsV2" not in first and "cardsV2" not in second
+
+
+# -- %%chat: the figures and tables a cell shows ------------------------------------------------
+
+
+def _flush_and_messages(space) -> list[dict]:
+    import chat_magic
+
+    assert chat_magic.flush(30), "not everything was delivered"
+    return [m for m in space.messages() if m.get("cardsV2")]  # the notices, not the session's announcement
+
+
+def _widgets(m: dict) -> list[dict]:
+    return [w for c in m.get("cardsV2") or [] for s in c["card"]["sections"] for w in s["widgets"]]
+
+
+def test_chat_cell_posts_displayed_images_in_order(ip, fast_space, folder_store):
+    ip.user_ns["pngs"] = [png_bytes(c) for c in ("red", "green", "blue", "black", "white", "gray")]
+    ip.run_cell("%%chat --max-figures 3\nfrom IPython.display import Image, display\nfor p in pngs: display(Image(data=p))\nprint('done')",
+                store_history=True)
+    (m,) = _flush_and_messages(fast_space)
+    urls = image_urls(m)
+    assert [fetch(u) for u in urls] == ip.user_ns["pngs"][:3]
+    text = json.dumps(m)
+    assert "3 more figures not posted (--max-figures)" in text and "done" in text
+
+
+def test_chat_cell_result_image_and_no_figures(ip, fast_space, folder_store):
+    ip.user_ns["im"] = __import__("PIL.Image").Image.new("RGB", (30, 20), "red")
+    ip.run_cell("%%chat\nim", store_history=True)
+    ip.run_cell("%%chat --no-figures\nfrom IPython.display import Image, display\ndisplay(Image(data=im._repr_png_()))", store_history=True)
+    first, second = _flush_and_messages(fast_space)
+    (url,) = image_urls(first)
+    assert fetch(url) == ip.user_ns["im"]._repr_png_()
+    assert image_urls(second) == [] and "not posted" not in json.dumps(second)
+
+
+def test_chat_cell_figure_without_store_is_the_one_line_hint(ip, fast_space):
+    ip.user_ns["p"] = png_bytes()
+    ip.run_cell("%%chat\nfrom IPython.display import Image, display\ndisplay(Image(data=p))", store_history=True)
+    ip.run_cell("%%chat\ndisplay(Image(data=p))", store_history=True)
+    first, second = _flush_and_messages(fast_space)
+    assert image_urls(first) == []
+    texts = [w["textParagraph"]["text"] for w in _widgets(first) if "textParagraph" in w]
+    assert "1 figure not posted — set CHAT_MAGIC_IMAGE_STORE (see README: Figures)" in texts
+    assert "see README" not in json.dumps(second) and "1 figure not posted (no image store)" in json.dumps(second)
+
+
+def test_dataframe_result_arrives_as_a_table_with_its_values(ip, fast_space):
+    pd = pytest.importorskip("pandas")
+    ip.user_ns["pd"] = pd
+    ip.run_cell("%%chat\npd.DataFrame({'epoch': [1, 2, 3], 'loss': [0.91, 0.52, 0.33]})", store_history=True)
+    ip.run_cell("%%chat\npd.DataFrame({'x': range(10_000), 'y': ['v' * 40] * 10_000})", store_history=True)
+    small, big = _flush_and_messages(fast_space)
+    (grid,) = [w["grid"] for w in _widgets(small) if "grid" in w]
+    cells = [i["title"] for i in grid["items"]]
+    assert grid["columnCount"] == 3
+    assert cells[:3] == [" ", "epoch", "loss"] and cells[3:6] == ["0", "1", "0.91"] and cells[-3:] == ["2", "3", "0.33"]
+    assert "3 rows × 2 columns" in json.dumps(small, ensure_ascii=False)
+    pre = [w["textParagraph"]["text"] for w in _widgets(big) if "<pre>" in w.get("textParagraph", {}).get("text", "")]
+    assert pre and "v" * 26 + "..." in pre[0] and "\n11  11" in pre[0] and "9999" not in pre[0]
+    assert "12 of 10,000 rows" in json.dumps(big)
+
+
+def test_displayed_dataframe_is_a_monospace_table(ip, fast_space):
+    pd = pytest.importorskip("pandas")
+    ip.user_ns["pd"] = pd
+    ip.run_cell("%%chat\ndisplay(pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']}))", store_history=True)
+    (m,) = _flush_and_messages(fast_space)
+    sections = [s for c in m["cardsV2"] for s in c["card"]["sections"] if s.get("header") == "Table"]
+    assert sections and "a  b" in sections[0]["widgets"][0]["textParagraph"]["text"]
