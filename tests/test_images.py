@@ -514,3 +514,29 @@ def test_displayed_dataframe_is_a_monospace_table(ip, fast_space):
     (m,) = _flush_and_messages(fast_space)
     sections = [s for c in m["cardsV2"] for s in c["card"]["sections"] if s.get("header") == "Table"]
     assert sections and "a  b" in sections[0]["widgets"][0]["textParagraph"]["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", STORES)
+def test_matplotlib_in_a_real_kernel_via_chat_cell(request, fast_space, tmp_path, store):
+    """A %%chat cell that plots with the inline backend: the card's URL serves the PNG the notebook shows."""
+    import base64
+
+    from kernels import execute, make_notebook, outputs
+
+    request.getfixturevalue(store)
+    nb_path = make_notebook(
+        tmp_path / "plot.ipynb",
+        "%load_ext chat_magic",
+        "%%chat --title 'loss curve'\nimport matplotlib.pyplot as plt\nplt.plot([3, 2, 1.5, 1.2])\nprint('plotted')",
+        "import chat_magic\nassert chat_magic.flush(60)",
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    env.pop("MPLBACKEND", None)
+    nb = execute(nb_path, env=env, log=tmp_path / "kernel.log", timeout=180)
+    shown = [base64.b64decode(o["data"]["image/png"]) for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+    assert len(shown) == 1, (tmp_path / "kernel.log").read_text()[-2000:]
+    (m,) = [m for m in fast_space.messages() if m.get("cardsV2")]
+    assert "loss curve" in json.dumps(m) and "plotted" in json.dumps(m)
+    (url,) = image_urls(m)
+    assert fetch(url) == shown[0]
