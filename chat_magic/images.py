@@ -215,6 +215,42 @@ def _shrink(pil: Any, data: bytes) -> bytes:
     raise MessageError(f"the image does not fit in {MAX_BYTES // 1_000_000} MB even as a JPEG: post a smaller one")
 
 
+def metrics_chart(history: Any, *, title: str = "", limit: int = 4) -> Image | None:
+    """A PNG chart of the logged metrics (one panel per metric, its best point marked), or None.
+
+    Rendered headless with matplotlib's Agg canvas (no pyplot, no backend
+    switch, nothing shown in the notebook); None without matplotlib or
+    with fewer than two points to draw.
+    """
+    names = [n for n in history.names if len(history.values(n)) >= 2][:limit]
+    if not names:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(3.2 * len(names), 2.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        points = history._points[name]
+        xs = [s if s is not None else k for k, (s, _) in enumerate(points)]
+        ys = [v for _, v in points]
+        ax.plot(xs, ys, marker="o" if len(ys) <= 30 else None, markersize=3, linewidth=1.5)
+        summary = history.summary(name)
+        if summary.best is not None and summary.best_step is not None:
+            ax.plot([summary.best_step], [summary.best], marker="*", markersize=10, color="#d93025")
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title[:80], fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image(fit(buf.getvalue(), PNG), PNG, f"metrics of {title}"[:200] if title else "metrics")
+
+
 # -- store configuration ----------------------------------------------------------
 
 

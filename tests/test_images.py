@@ -540,3 +540,74 @@ def test_matplotlib_in_a_real_kernel_via_chat_cell(request, fast_space, tmp_path
     assert "loss curve" in json.dumps(m) and "plotted" in json.dumps(m)
     (url,) = image_urls(m)
     assert fetch(url) == shown[0]
+
+
+# -- completion cards: image() and a chart of the logged metrics --------------------------------------
+
+
+def _final_card_message(space) -> dict:
+    import chat_magic
+
+    assert chat_magic.flush(60)
+    finals = [m for m in space.messages() if any("finished" in c["card"].get("header", {}).get("title", "") for c in m.get("cardsV2") or [])]
+    assert finals, [m.get("text") for m in space.messages()]
+    return finals[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", STORES)
+def test_run_completion_card_carries_image_and_metrics_chart(request, fast_space, store):
+    from PIL import Image as PILImage
+
+    from chat_magic import notify_when_done
+
+    request.getfixturevalue(store)
+    given = png_bytes("maroon")
+    with notify_when_done("nightly training") as n:
+        for epoch, loss in enumerate([0.9, 0.5, 0.41, 0.38]):
+            n.log(loss=loss, acc=0.5 + epoch / 10)
+        n.image(given)
+    m = _final_card_message(fast_space)
+    urls = image_urls(m)
+    assert len(urls) == 2
+    assert fetch(urls[0]) == given
+    chart = fetch(urls[1])
+    with PILImage.open(io.BytesIO(chart)) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    assert "▁" in json.dumps(m, ensure_ascii=False) or "█" in json.dumps(m, ensure_ascii=False)  # the sparklines stay
+
+
+def test_run_without_store_keeps_sparklines_and_hints_only_for_given_images(fast_space):
+    from chat_magic import notify_when_done
+
+    with notify_when_done("no store") as n:
+        n.log(loss=0.5)
+        n.log(loss=0.4)
+    with notify_when_done("no store, an image") as n:
+        n.image(png_bytes())
+    import chat_magic
+
+    assert chat_magic.flush(30)
+    cards = [json.dumps(m, ensure_ascii=False) for m in fast_space.messages() if m.get("cardsV2")]
+    assert len(cards) == 2
+    assert "not posted" not in cards[0] and "imageUrl" not in cards[0]
+    assert "1 figure not posted — set CHAT_MAGIC_IMAGE_STORE (see README: Figures)" in cards[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # keras + numpy 2
+def test_keras_chat_callback_card_carries_the_metrics_chart(fast_space, folder_store):
+    keras = pytest.importorskip("keras")
+    np = pytest.importorskip("numpy")
+    from chat_magic.integrations.keras import ChatCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(4), keras.layers.Dense(1)], name="tiny")
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).random((32, 4)).astype("float32")
+    model.fit(x, x.sum(axis=1, keepdims=True), epochs=3, batch_size=16, verbose=0, callbacks=[ChatCallback()])
+    m = _final_card_message(fast_space)
+    (url,) = image_urls(m)
+    data = fetch(url)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and hashlib.sha256(data).hexdigest() in url
