@@ -611,3 +611,36 @@ def test_keras_chat_callback_card_carries_the_metrics_chart(fast_space, folder_s
     (url,) = image_urls(m)
     data = fetch(url)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and hashlib.sha256(data).hexdigest() in url
+
+
+# -- the emulator: imageUrl checked as Google does, images shown in the web view ---------------------------
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://storage.googleapis.com/b/x.png?X-Goog-Signature=ab", True),
+    ("http://127.0.0.1:8000/x.png", True),
+    ("http://files.example.org/x.png", False),
+    ("ftp://files.example.org/x.png", False),
+    ("chat-magic-image:" + "0" * 64, False),  # a placeholder that was never filled never gets through
+])
+def test_emulator_checks_image_urls(fast_emulator, url, ok):
+    import requests
+    from conftest import KEY, TOKEN
+
+    body = {"cardsV2": [{"cardId": "f", "card": {"sections": [{"widgets": [{"image": {"imageUrl": url, "altText": "a"}}]}]}}]}
+    r = requests.post(fast_emulator.webhook_url(space="IMGCHECK", key=KEY, token=TOKEN), json=body, timeout=10)
+    assert (r.status_code == 200) is ok, r.text
+    if not ok:
+        assert r.json()["error"]["status"] == "INVALID_ARGUMENT" and "https://" in r.json()["error"]["message"]
+
+
+def test_web_view_shows_images_by_url_and_tables_aligned():
+    from chat_magic.emulator.webview import render_card
+
+    card = {"cardId": "c", "card": {"sections": [{"widgets": [
+        {"image": {"imageUrl": "https://files.example.org/a.png", "altText": "loss \"curve\""}},
+        {"grid": {"columnCount": 2, "items": [{"title": "epoch"}, {"title": "loss"}, {"title": "1"}, {"title": "0.5"}]}},
+    ]}]}}
+    page = render_card(card)
+    assert '<img class="w-img" src="https://files.example.org/a.png" alt="loss &quot;curve&quot;"' in page
+    assert 'class="w-table" style="grid-template-columns:repeat(2,auto)"' in page
