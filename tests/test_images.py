@@ -644,3 +644,48 @@ def test_web_view_shows_images_by_url_and_tables_aligned():
     page = render_card(card)
     assert '<img class="w-img" src="https://files.example.org/a.png" alt="loss &quot;curve&quot;"' in page
     assert 'class="w-table" style="grid-template-columns:repeat(2,auto)"' in page
+
+
+# -- in a real browser: the web view shows the card's figure (the README's screenshot) ----------------------
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "artifacts" / "figures-webview.png"
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_web_view_in_chromium_loads_the_figure(ip, fast_space, folder_store):
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    pd = pytest.importorskip("pandas")
+    ip.user_ns["pd"] = pd
+    cell = (
+        "%%chat --title 'Validation loss'\n"
+        "import io\nimport matplotlib.pyplot as plt\nfrom IPython.display import Image, display\n"
+        "fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)\n"
+        "ax.plot([0.92, 0.61, 0.47, 0.41, 0.385, 0.379], marker='o', label='val_loss')\n"
+        "ax.plot([0.95, 0.55, 0.40, 0.33, 0.29, 0.26], marker='o', label='loss')\n"
+        "ax.set_xlabel('epoch'); ax.legend(); ax.grid(alpha=.3); fig.tight_layout()\n"
+        "buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig)\n"
+        "display(Image(data=buf.getvalue()))  # in a kernel the inline backend does this\n"
+        "print('best val_loss 0.379 at epoch 5')\n"
+        "pd.DataFrame({'epoch': [4, 5], 'loss': [0.29, 0.26], 'val_loss': [0.385, 0.379]}).set_index('epoch')"
+    )
+    ip.run_cell(cell, store_history=True)
+    (m,) = _flush_and_messages(fast_space)
+    (url,) = image_urls(m)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{fast_space.emu.base_url}/?space={fast_space.name}")
+            img = page.locator("img.w-img")
+            sync_api.expect(img).to_have_attribute("src", url)
+            page.wait_for_function("() => { const i = document.querySelector('img.w-img'); return i && i.complete && i.naturalWidth > 0 }",
+                                   timeout=20000)
+            assert page.evaluate("document.querySelector('img.w-img').naturalWidth") == 600
+            sync_api.expect(page.locator(".w-table .w-cell").nth(3)).to_have_text("4")
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.locator(".card").last.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
