@@ -60,10 +60,13 @@ MAX_EXPIRY = 7 * 24 * 3600  # GCS V4 and S3 presigned URLs live at most 7 days
 MAX_SIDE = 1600
 MAX_BYTES = 2_000_000
 MAX_FIGURES = 4
+MAX_MESSAGE_BYTES = 32_000  # a whole Chat message (message.MAX_BYTES)
 PLACEHOLDER = "chat-magic-image:"  # + sha256: replaced by the store's URL just before the POST
 _PLACEHOLDER = re.compile(re.escape(PLACEHOLDER) + r"([0-9a-f]{64})")
 PNG, JPEG = "image/png", "image/jpeg"
 HINT = "set CHAT_MAGIC_IMAGE_STORE (see README: Figures)"
+
+URL_ROOM = 2048  # bytes kept in a message for each signed URL
 
 _hinted = False  # the no-store hint is said in full once per process
 _hint_lock = threading.Lock()
@@ -87,6 +90,11 @@ class Image:
     @property
     def name(self) -> str:
         return object_name(self.digest, self.mime)
+
+
+def _placeholder(digest: str, room: int) -> str:
+    head = PLACEHOLDER + digest
+    return head + "/" + "-" * max(0, room - len(head) - 1)
 
 
 def object_name(digest: str, mime: str) -> str:
@@ -411,8 +419,14 @@ class Figures:
         return self.images if self.spec is not None else []
 
     def widgets(self) -> list[dict[str, Any]]:
-        """``image`` widgets whose URL is filled in by the worker just before the POST."""
-        return [{"image": {"imageUrl": PLACEHOLDER + img.digest, "altText": img.alt}} for img in self.postable]
+        """``image`` widgets whose URL is filled in by the worker just before the POST.
+
+        The placeholder is as long as the URL may get (a presigned URL with a
+        session token runs to 2 KB), so the message is checked against Chat's
+        32,000 bytes with the room its URLs will take.
+        """
+        room = URL_ROOM if self.spec is not None and not self.spec.base_url else 300
+        return [{"image": {"imageUrl": _placeholder(img.digest, room), "altText": img.alt}} for img in self.postable]
 
     def card(self, card_id: str = "figures") -> dict[str, Any]:
         return {"cardId": card_id, "card": {"sections": [{"widgets": self.widgets()}]}}
@@ -764,7 +778,7 @@ def _replace(node: Any, lookup: Any) -> None:
     if isinstance(node, dict):
         for k, v in node.items():
             if k == "imageUrl" and isinstance(v, str) and v.startswith(PLACEHOLDER):
-                url = lookup(v[len(PLACEHOLDER):])
+                url = lookup(v[len(PLACEHOLDER):len(PLACEHOLDER) + 64])
                 if url:
                     node[k] = url
             else:
@@ -796,6 +810,9 @@ def fill(d: Dispatcher, job: Job) -> bool:
     try:
         urls = upload(spec, [(dg, mime, d.outbox.blob(dg)) for dg, mime in wanted])
         payload = fill_payload(job.payload, urls)
+        if len(payload.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+            raise StoreError("their URLs do not fit in a 32,000-byte message: use CHAT_MAGIC_IMAGE_BASE_URL (shorter public URLs)",
+                             permanent=True)
     except StoreError as e:
         if not e.permanent:
             d._transient(job, 0, "IMAGE_STORE", f"image upload: {e}")

@@ -689,3 +689,43 @@ def test_web_view_in_chromium_loads_the_figure(ip, fast_space, folder_store):
             page.locator(".card").last.screenshot(path=str(SCREENSHOT))
         finally:
             browser.close()
+
+
+def test_dropping_a_waiting_message_drops_its_image_bytes(fast_space, fast_emulator, folder_store, outbox_home):
+    import chat_magic
+    from chat_magic import cli
+
+    fast_emulator.set_down(True)
+    try:
+        kept = chat_magic.send("kept", image=png_bytes("red"))
+        dropped = chat_magic.send("dropped", image=png_bytes("blue"))
+        db = sqlite3.connect(_outbox_file(outbox_home))
+        assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 2
+        cli.main(["outbox", "drop", str(dropped.ids[0])])
+        left = {r[0] for r in db.execute("SELECT sha256 FROM blob")}
+        assert left == {hashlib.sha256(png_bytes("red")).hexdigest()}
+    finally:
+        fast_emulator.set_down(False)
+    kept.wait(30)
+    assert fetch(image_urls(fast_space.wait_for(1)[0])[0]) == png_bytes("red")
+    db.close()
+
+
+def test_signed_url_room_is_kept_in_the_message_size(s3_store, fast_space):
+    from chat_magic import images
+
+    figs = images.Figures.collect([png_bytes()])
+    (w,) = figs.widgets()
+    assert len(w["image"]["imageUrl"]) == images.URL_ROOM and w["image"]["imageUrl"].startswith(images.PLACEHOLDER)
+
+
+def test_notify_image_with_a_bad_object_is_one_line_and_the_notice_still_goes(fast_space, capsys):
+    import chat_magic
+    from chat_magic import notify_when_done
+
+    with notify_when_done("job") as n:
+        n.image(object())
+    assert chat_magic.flush(30)
+    err = capsys.readouterr().err
+    assert "image() not kept: image= takes a matplotlib figure" in err and "Traceback" not in err
+    assert any("job finished" in json.dumps(m, ensure_ascii=False) for m in fast_space.messages())
