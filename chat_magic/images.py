@@ -156,6 +156,11 @@ def to_image(obj: Any, alt: str | None = None) -> Image:
         except Exception as e:
             raise MessageError(f"cannot save the image as PNG: {type(e).__name__}: {e}") from None
         data = buf.getvalue()
+    elif type(obj).__module__.startswith("plotly") and callable(getattr(obj, "to_image", None)):
+        try:  # plotly's static export (needs kaleido)
+            data = bytes(obj.to_image(format="png"))
+        except Exception as e:
+            raise MessageError(f"cannot export the plotly figure as PNG ({type(e).__name__}): pip install kaleido") from None
     elif callable(getattr(obj, "_repr_png_", None)):
         data = obj._repr_png_()
         if isinstance(data, tuple):
@@ -246,9 +251,11 @@ def metrics_chart(history: Any, *, title: str = "", limit: int = 4) -> Image | N
         xs = [s if s is not None else k for k, (s, _) in enumerate(points)]
         ys = [v for _, v in points]
         ax.plot(xs, ys, marker="o" if len(ys) <= 30 else None, markersize=3, linewidth=1.5)
-        summary = history.summary(name)
-        if summary.best is not None and summary.best_step is not None:
-            ax.plot([summary.best_step], [summary.best], marker="*", markersize=10, color="#d93025")
+        goal = history.summary(name).goal
+        finite = [(y, x) for x, y in zip(xs, ys) if y == y and abs(y) != float("inf")]
+        if goal in ("min", "max") and finite:
+            best_y, best_x = (min if goal == "min" else max)(finite, key=lambda yx: yx[0])
+            ax.plot([best_x], [best_y], marker="*", markersize=10, color="#d93025")
         ax.set_title(name, fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)

@@ -662,6 +662,8 @@ class ChatMagics(Magics):
                 shown = _display_image(self.shell.display_formatter.format(result)[0])
                 if shown is not None:
                     images.append(shown)
+                elif type(result).__module__.startswith("plotly"):
+                    images.append(result)  # plotly shows as HTML: its static export (kaleido) is posted
             if self.cards:
                 sections += [tables.text_section(t) for t in ran.capture.tables]
         except Exception as e:  # a table or figure never costs the notice
