@@ -584,9 +584,11 @@ class ChatMagics(Magics):
         its traceback show as usual. Then one message goes to this session's
         thread: the title (``--title``, else the cell's first ``#`` comment,
         else ``Cell [n]``), ok / failed / interrupted, the duration, and the
-        tail of what the cell printed (stdout, stderr, its result; images and
-        HTML as ``[image/png]``), with the exception and the last traceback
-        lines if it failed. Output never mentions anyone: only ``--mention``
+        tail of what the cell printed (stdout, stderr, its result; HTML as
+        ``[text/html]``), with the exception and the last traceback lines if it
+        failed. The figures it displays (the first ``--max-figures``, 4) go
+        into the card through your image store (``CHAT_MAGIC_IMAGE_STORE``,
+        see the README's "Figures"), and a DataFrame result as a table. Output never mentions anyone: only ``--mention``
         does. Posting only queues the message: the cell never waits for the
         network.
 
