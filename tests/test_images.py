@@ -342,25 +342,40 @@ def _outbox_file(home: Path) -> Path:
     return next(home.rglob("outbox*.sqlite3"))
 
 
-@pytest.mark.slow
-def test_bytes_are_in_the_outbox_before_send_returns_and_gone_after(fast_space, fast_emulator, folder_store, outbox_home):
+class HeldSpace:
+    """The space's pacing slot held in the outbox: nothing is claimed (nor uploaded) until released."""
+
+    def __init__(self) -> None:
+        import time
+
+        from chat_magic import config
+        from chat_magic.delivery import dispatcher
+
+        self.key = config.resolve(None).space_key
+        self.db = sqlite3.connect(dispatcher().outbox.path, isolation_level=None)
+        self.db.execute("INSERT OR REPLACE INTO pacing (space_key, next_slot) VALUES (?, ?)", (self.key, time.time() + 3600))
+
+    def release(self) -> None:
+        self.db.execute("UPDATE pacing SET next_slot = 0 WHERE space_key = ?", (self.key,))
+
+
+def test_bytes_are_in_the_outbox_before_send_returns_and_gone_after(fast_space, folder_store):
     import chat_magic
 
     raw = png_bytes("orange")
-    fast_emulator.set_down(True)
-    try:
-        r = chat_magic.send("later", image=raw)
-        db = sqlite3.connect(_outbox_file(outbox_home))
-        digest = hashlib.sha256(raw).hexdigest()
-        assert db.execute("SELECT data FROM blob WHERE sha256=?", (digest,)).fetchone()[0] == raw
-        assert digest in db.execute("SELECT images FROM message WHERE id=?", (r.ids[0],)).fetchone()[0]
-    finally:
-        fast_emulator.set_down(False)
+    held = HeldSpace()
+    r = chat_magic.send("later", image=raw)
+    digest = hashlib.sha256(raw).hexdigest()
+    assert held.db.execute("SELECT data FROM blob WHERE sha256=?", (digest,)).fetchone()[0] == raw
+    assert digest in held.db.execute("SELECT images FROM message WHERE id=?", (r.ids[0],)).fetchone()[0]
+    assert not list(folder_store.root.rglob("*.png"))  # not uploaded yet: the worker does that
+    held.release()
     r.wait(30)
     (url,) = image_urls(fast_space.wait_for(1)[0])
     assert fetch(url) == raw
-    assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 0
-    db.close()
+    assert held.db.execute("SELECT count(*) FROM blob").fetchone()[0] == 0
+    assert held.db.execute("SELECT images FROM message WHERE id=?", (r.ids[0],)).fetchone()[0] is None
+    held.db.close()
 
 
 @pytest.mark.slow
@@ -691,24 +706,22 @@ def test_web_view_in_chromium_loads_the_figure(ip, fast_space, folder_store):
             browser.close()
 
 
-def test_dropping_a_waiting_message_drops_its_image_bytes(fast_space, fast_emulator, folder_store, outbox_home):
+def test_dropping_a_waiting_message_drops_its_image_bytes(fast_space, folder_store):
     import chat_magic
     from chat_magic import cli
 
-    fast_emulator.set_down(True)
-    try:
-        kept = chat_magic.send("kept", image=png_bytes("red"))
-        dropped = chat_magic.send("dropped", image=png_bytes("blue"))
-        db = sqlite3.connect(_outbox_file(outbox_home))
-        assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 2
-        cli.main(["outbox", "drop", str(dropped.ids[0])])
-        left = {r[0] for r in db.execute("SELECT sha256 FROM blob")}
-        assert left == {hashlib.sha256(png_bytes("red")).hexdigest()}
-    finally:
-        fast_emulator.set_down(False)
+    held = HeldSpace()
+    kept = chat_magic.send("kept", image=png_bytes("red"))
+    dropped = chat_magic.send("dropped", image=png_bytes("blue"))
+    assert held.db.execute("SELECT count(*) FROM blob").fetchone()[0] == 2
+    cli.main(["outbox", "drop", str(dropped.ids[0])])
+    left = {r[0] for r in held.db.execute("SELECT sha256 FROM blob")}
+    assert left == {hashlib.sha256(png_bytes("red")).hexdigest()}
+    held.release()
     kept.wait(30)
     assert fetch(image_urls(fast_space.wait_for(1)[0])[0]) == png_bytes("red")
-    db.close()
+    assert held.db.execute("SELECT count(*) FROM blob").fetchone()[0] == 0
+    held.db.close()
 
 
 def test_signed_url_room_is_kept_in_the_message_size(s3_store, fast_space):
