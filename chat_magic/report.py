@@ -244,6 +244,8 @@ class Report:
     note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
     output_cut: int = 0  # characters already cut from the front of ``output`` before it got here
     metrics: list[_metrics.MetricSummary] = field(default_factory=list)  # last/best/sparkline per metric (metrics.py)
+    figures: list[dict[str, Any]] = field(default_factory=list)  # card image widgets (images.Figures.widgets)
+    sections: list[dict[str, Any]] = field(default_factory=list)  # more card sections (tables.frame_section)
 
     # -- pieces ----------------------------------------------------------------
 
@@ -357,8 +359,13 @@ class Report:
             widgets.append({"decoratedText": {"topLabel": html.escape(_clip(str(k), 60)), "text": html.escape(_clip(str(v), detail_chars)), "wrapText": True}})
         if len(shown) > max_details:
             widgets.append({"textParagraph": {"text": html.escape(f"[… {len(shown) - max_details:,} more details]")}})
+        if self.note:
+            widgets.append({"textParagraph": {"text": html.escape(self.note)}})
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
+        if self.figures:
+            sections.append({"widgets": list(self.figures)})
         sections += [s for s in [_metrics.card_section(self.metrics)] if s]
+        sections += self.sections
         for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
                 kept = self._tail(t, output_chars, already)
