@@ -205,7 +205,7 @@ class RunAll:
 
     def report(self, cells: list[CellRun], duration: float) -> Report:
         """The summary of ``cells``: status, total time, slowest cells, the failing cell's error."""
-        failed = next((c for c in cells if c.error is not None), None)
+        failed = next((c for c in cells if status_of(c.error) != OK), None)  # a clean SystemExit(0) is no failure
         slowest = sorted(cells, key=lambda c: c.duration, reverse=True)[:SLOWEST]
         facts = {"Cells run": str(len(cells))}
         if failed is not None:
