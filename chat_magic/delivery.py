@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
@@ -80,10 +81,11 @@ class Settings:
     give_up_after: float = 24 * 3600.0  # a transient error older than this becomes final
     exit_timeout: float = float(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "3") or 3)
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
+    lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
 
     @property
     def lease(self) -> float:
-        return self.connect_timeout + self.read_timeout + 10.0
+        return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
 
 
 settings = Settings()
@@ -704,6 +706,7 @@ def dispatcher() -> Dispatcher:
                 atexit.register(_at_exit)
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
+            _take_over(d, home)
     return d
 
 
@@ -727,6 +730,19 @@ def _drain_legacy(home: os.PathLike[str]) -> None:
     if old is not None and str(old) not in _dispatchers:
         _dispatchers[str(old)] = _open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
+
+
+def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
+    """Move what previous hosts (a container before a restart) left in this folder into this host's outbox.
+
+    Before this process queues anything, so their messages go first. A file
+    some process still uses is never opened (see ``hosts.claim_orphan``).
+    """
+    if d.outbox.path != d.outbox.configured:
+        return  # a temporary outbox stands in: leave the folder alone
+    for f in hosts.orphans(Path(home)):
+        if d.outbox.take_over(f.path):
+            d.ensure_running()
 
 
 _inherited: list[Dispatcher] = []
