@@ -12,6 +12,15 @@ its hostname after Python started.
 
 Before per-host files there was one ``outbox.sqlite3``; a process that finds
 one with waiting messages still drains it (see ``delivery.dispatcher``).
+
+``CHAT_MAGIC_HOST_ID`` names the file instead of the hostname (a node name
+that outlives containers). Every process using a file holds a shared
+``flock`` on ``<file>.live``: that is what "a live host" means. A file whose
+lock is free belongs to a host that is gone (a container replaced by one
+with a new hostname); the next process on any host moves its waiting
+messages into its own file (``Outbox.take_over``). ``/etc/machine-id`` is not
+used: a container image carries one for every replica, so two machines
+would open one SQLite file over NFS, the one thing that must not happen.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ Storage faults are loud and lose nothing:
   makes the process use a temporary outbox, said in one line on stderr;
   :meth:`Outbox.stranded` counts what still waits in the configured one.
 
+The file is the user's alone (:func:`private_files`), stays small (delivered
+rows are pruned to the newest :data:`KEEP_SENT`, the write-ahead log is cut
+back when idle), and opens in the same time whatever its size (no integrity
+scan on open). Times shared between processes are wall-clock times; one
+implausibly far ahead (the clock stepped back) is not waited for (:func:`_ahead`).
+
 Nothing here knows about IPython or HTTP.
 """
 

@@ -313,6 +313,8 @@ def test_a_reply_dripped_past_the_lease_is_posted_once(outbox_home, monkeypatch)
         monkeypatch.setattr(delivery.settings, "lease_seconds", 1.0, raising=False)
         r = chat_magic.send("a reply that takes its time", to=server.url)
         wait_until(lambda: server.posts, 10, what="the first POST")
+        drop = cli("outbox", "drop", str(r.ids[0]))  # too late: it is on its way, and the user is told so
+        assert drop.returncode == 1 and "being sent right now" in drop.stderr and drop.stderr.count("\n") == 1, drop.stderr
         other = subprocess.Popen([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "30"],
                                  env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = other.communicate(timeout=60)
