@@ -305,9 +305,10 @@ class Outbox:
         ``quick_check`` would cost the caller's first ``send()`` time in
         proportion to the file's size.
         """
-        private_files(self.path)
         if self.path == self.configured and self._live is None:
-            self._live = hold_live(self.path)
+            private_folder(self.path.parent)
+            self._live = hold_live(self.path)  # before the file exists: no other host sees it unowned
+        private_files(self.path)
         self._gen += 1
         self._webhooks.clear()
         self._dests.clear()
@@ -1070,16 +1071,22 @@ def private_files(path: Path) -> None:
     if not hasattr(os, "geteuid"):  # pragma: no cover - Windows: the user's profile folder is private already
         path.parent.mkdir(parents=True, exist_ok=True)
         return
-    folder = path.parent
+    private_folder(path.parent)
+    for suffix in ("", "-wal", "-shm"):
+        _private_file(Path(f"{path}{suffix}"))
+
+
+def private_folder(folder: Path) -> None:
+    """Make ``folder`` (0700), or check the one there: this user's, writable by no one else."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows
+        return
     st = os.stat(folder)
     if st.st_uid != os.geteuid():
         raise OutboxError(f"the outbox folder {folder} belongs to another user (uid {st.st_uid}): "
                           "set CHAT_MAGIC_HOME to a folder of your own")
     if st.st_mode & 0o022:
         raise OutboxError(f"the outbox folder {folder} is writable by other users: chmod 700 {folder}")
-    for suffix in ("", "-wal", "-shm"):
-        _private_file(Path(f"{path}{suffix}"))
 
 
 def _private_file(p: Path) -> None:
