@@ -46,10 +46,12 @@ def build(home: Path, gigabytes: float) -> Path:
     box = Outbox(path)
     box.enqueue(parse_webhook_url(URL), None, [(json.dumps({"text": "seed"}), False)])
     box.close()
-    if gigabytes <= 0:
-        return path
     db = sqlite3.connect(path)
-    db.execute("UPDATE message SET state = 'sent'")
+    db.execute("UPDATE message SET state = 'sent'")  # nothing waits: the worker stays idle in both
+    db.commit()
+    if gigabytes <= 0:
+        db.close()
+        return path
     dest, space = db.execute("SELECT dest, space_key FROM message").fetchone()
     filler = "x" * 5000
     now = time.time() - 86400
@@ -66,8 +68,10 @@ def build(home: Path, gigabytes: float) -> Path:
     return path
 
 
-def first_send(home: Path, runs: int) -> float:
+def first_send(home: Path, runs: int, code: str | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_MAGIC_", "GOOGLE_CHAT_"))}
+    if code:
+        env["PYTHONPATH"] = code
     env.update(CHAT_MAGIC_HOME=str(home), CHAT_MAGIC_CONFIG=str(home / "none.toml"), GOOGLE_CHAT_WEBHOOK_URL=URL,
                CHAT_MAGIC_EXIT_TIMEOUT="0")
     times = []
@@ -90,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--compare", metavar="CHECKOUT", help="also time another checkout of chat_magic (e.g. /work/main)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         empty, big = Path(tmp) / "empty", Path(tmp) / "big"
@@ -99,6 +104,7 @@ def main() -> None:
         size = path.stat().st_size
         built = time.perf_counter() - t
         small, large = first_send(empty, args.runs), first_send(big, args.runs)
+        before = (first_send(empty, args.runs, args.compare), first_send(big, args.runs, args.compare)) if args.compare else None
         check = quick_check(path)
     lines = [
         f"# The first send() vs the outbox's size ({time.strftime('%Y-%m-%d')}, Python {sys.version.split()[0]}, {os.cpu_count()} cores)",
@@ -111,6 +117,9 @@ def main() -> None:
         f"Ratio {size / 1e9:.2f} GB / empty: **{large / small:.2f}×** (goal: about 1, no scan of the file).",
         f"For contrast, the `PRAGMA quick_check` every first `send()` ran before: {check:.2f} s on that file.",
     ]
+    if before:
+        lines.append(f"The same with {args.compare} (side by side, same files): empty {before[0] * 1000:.1f} ms, "
+                     f"{size / 1e9:.2f} GB {before[1] * 1000:.1f} ms, ratio {before[1] / before[0]:.2f}×.")
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / "results-outbox.md").write_text(text)
