@@ -70,13 +70,12 @@ def build(home: Path, gigabytes: float) -> Path:
 
 def first_send(home: Path, runs: int, code: str | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_MAGIC_", "GOOGLE_CHAT_"))}
-    if code:
-        env["PYTHONPATH"] = code
+    env["PYTHONPATH"] = code or str(HERE.parent)  # this checkout, unless another is compared
     env.update(CHAT_MAGIC_HOME=str(home), CHAT_MAGIC_CONFIG=str(home / "none.toml"), GOOGLE_CHAT_WEBHOOK_URL=URL,
                CHAT_MAGIC_EXIT_TIMEOUT="0")
     times = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600, check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=home, capture_output=True, text=True, timeout=600, check=True)
         times.append(float(out.stdout.strip().splitlines()[-1]))
     return statistics.median(times)
 

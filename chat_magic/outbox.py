@@ -122,6 +122,7 @@ MAX_HOLD = 330.0
 RENEW_FOR = 600.0  # a lease is renewed while its request is in flight, but no longer than this
 PRUNE_EVERY = 200  # delivered messages recorded between two prunings (and the first of a process)
 KEEP_SENT = 1000  # delivered messages kept for `outbox list` (CHAT_MAGIC_KEEP_SENT)
+KEEP_SENT_FOR = 3600.0  # and every one delivered in the last hour, whatever their number
 WAL_LIMIT = 4 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
 _HEADS = "SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
 
@@ -667,13 +668,16 @@ class Outbox:
             db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
 
     @_guarded("write to")
-    def prune_sent(self, keep: int) -> int:
-        """Forget all but the newest ``keep`` delivered messages (and what they carried); return how many went.
+    def prune_sent(self, keep: int, min_age: float = KEEP_SENT_FOR) -> int:
+        """Forget delivered messages (and what they carried) beyond the newest ``keep``; return how many went.
 
-        Batches of 2,000 rows, one short transaction each: another process
-        waits for the lock at most that long.
+        Only those delivered more than ``min_age`` seconds ago: a receipt a
+        program still holds after a burst finds its message. Batches of 2,000
+        rows, one short transaction each: another process waits for the lock
+        at most that long.
         """
         gone = 0
+        cutoff = time.time() - min_age
         while True:
             with self._write() as db:
                 row = db.execute(f"SELECT id FROM message WHERE +state = '{SENT}' ORDER BY id DESC LIMIT 1 OFFSET ?",
@@ -681,7 +685,10 @@ class Outbox:
                 if row is None:
                     return gone
                 ids = [r[0] for r in db.execute(
-                    f"SELECT id FROM message WHERE +state = '{SENT}' AND id <= ? ORDER BY id LIMIT 2000", (row[0],))]
+                    f"SELECT id FROM message WHERE +state = '{SENT}' AND id <= ? AND updated_at < ? ORDER BY id LIMIT 2000",
+                    (row[0], cutoff))]
+                if not ids:
+                    return gone
                 marks = ",".join("?" * len(ids))
                 db.execute(f"DELETE FROM message WHERE state = '{MERGED}' AND merged_into IN ({marks})", ids)
                 gone += db.execute(f"DELETE FROM message WHERE id IN ({marks})", ids).rowcount
@@ -839,7 +846,7 @@ class Outbox:
                 return self._copy_from(src)
             finally:
                 src.close()
-        except (OutboxError, sqlite3.Error, OSError, ValueError) as e:
+        except Exception as e:  # a file we cannot read, a row we cannot parse: never into the caller's send()
             log.warning("chat_magic: left the outbox %s alone: %s", other, _reason(e))
             return 0
         finally:
@@ -888,7 +895,7 @@ class Outbox:
         except sqlite3.Error:
             _rollback(src)
             raise
-        self._tell(f"delivering {sum(1 for r in rows if r['state'] == PENDING)} message(s) left in {src_name(src)} "
+        self._tell(f"delivering {sum(1 for r in rows if r['state'] in (PENDING, MERGED))} message(s) left in {src_name(src)} "
                    "by a host no process uses any more")
         return len(moved)
 
