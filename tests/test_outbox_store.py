@@ -48,13 +48,14 @@ def text_body(text: str, thread: str | None = None) -> str:
 # -- 6. the folder and its files are the user's alone ----------------------------------------------------
 
 
-PLANTS = ["world-writable -wal", "symlink at the database", "symlink at -wal", "group-writable folder", "another user's database"]
+PLANTS = ["world-writable -wal", "symlink at the database", "symlink at -wal", "group-writable folder", "another user's database",
+          "another user's folder"]
 
 
 @pytest.mark.parametrize("plant", PLANTS)
 def test_a_planted_file_or_an_open_folder_is_refused_in_one_line(fast_space, outbox_home, tmp_path, capfd, plant):
     """What another local user could plant before the outbox exists: refused, a temporary outbox stands in."""
-    if plant == "another user's database" and os.geteuid() != 0:
+    if plant.startswith("another user's") and os.geteuid() != 0:
         pytest.skip("chown to another uid needs root")
     outbox_home.mkdir(mode=0o700)
     path = outbox_path(outbox_home)
@@ -70,6 +71,8 @@ def test_a_planted_file_or_an_open_folder_is_refused_in_one_line(fast_space, out
         os.symlink(loot, wal)
     elif plant == "group-writable folder":
         os.chmod(outbox_home, 0o770)
+    elif plant == "another user's folder":
+        os.chown(outbox_home, 12345, 12345)
     else:
         Outbox(path).close()
         os.chown(path, 12345, 12345)
@@ -81,7 +84,7 @@ def test_a_planted_file_or_an_open_folder_is_refused_in_one_line(fast_space, out
     assert "unusable" in err and "temporary outbox" in err, err
     reason = {"world-writable -wal": "writable by other users", "symlink at the database": "symbolic link",
               "symlink at -wal": "symbolic link", "group-writable folder": "chmod 700",
-              "another user's database": "belongs to another user"}[plant]
+              "another user's database": "belongs to another user", "another user's folder": "belongs to another user"}[plant]
     assert reason in err, err
     assert_no_secret(err)
     r.wait(10)
