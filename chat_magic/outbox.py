@@ -281,6 +281,7 @@ class Outbox:
         self._live: int | None = None  # the shared lock that tells other hosts a process here uses the file
         self._acked = 0  # outcomes recorded by this process (prune every PRUNE_EVERY)
         self._next_tidy = 0.0  # monotonic time of the next idle checkpoint
+        self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
         self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
         self._lease_lock = threading.Lock()  # guards _leases and _renewer
@@ -304,7 +305,8 @@ class Outbox:
         not a database, and any damage further in shows up as an error on
         the page that holds it, which :func:`_guarded` recovers from. A
         ``quick_check`` would cost the caller's first ``send()`` time in
-        proportion to the file's size.
+        proportion to the file's size: the worker runs one instead, in its
+        first :meth:`ready_spaces`.
         """
         if self.path == self.configured and self._live is None:
             private_folder(self.path.parent)
@@ -406,6 +408,10 @@ class Outbox:
     def ready_spaces(self, now: float, *, exclude: Iterable[str] = ()) -> dict[str, float]:
         """Seconds until each waiting space's head may be sent from this host (0 = now), oldest head first."""
         db = self._db()
+        if not self._checked:  # once per process, on the worker's side: damage is found before a page of it is needed
+            self._checked = True
+            if db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
         skip = set(exclude)
         waits: dict[str, float] = {}
         for head in db.execute(f"SELECT space_key, state, next_at, owner, lease_until FROM message WHERE id IN ({_HEADS}) ORDER BY id"):
