@@ -142,7 +142,7 @@ def in_use(path: Path, now: float | None = None) -> str | None:
             conn.close()
     except sqlite3.Error as e:
         return f"cannot read it ({e})"
-    if lease and lease > now:
+    if lease and now < lease <= now + 330.0:  # further ahead: written before the clock stepped back
         return f"a message is being sent from it (lease for {lease - now:.0f} s more)"
     return None
 

@@ -894,13 +894,8 @@ class Outbox:
                 db.execute(f"INSERT OR IGNORE INTO message ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
                            [row.get(c) for c in cols])
                 moved[old_id] = int(db.execute("SELECT id FROM message WHERE request_id=?", (row["request_id"],)).fetchone()[0])
-        src.execute("BEGIN IMMEDIATE")
-        try:
+        with _Tx(src):
             src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
-            src.execute("COMMIT")
-        except sqlite3.Error:
-            _rollback(src)
-            raise
         self._tell(f"delivering {sum(1 for r in rows if r['state'] in (PENDING, MERGED))} message(s) left in {src_name(src)} "
                    "by a host no process uses any more")
         return len(moved)
