@@ -418,3 +418,16 @@ def test_sending_rows_of_a_gone_host_come_back_pending_with_their_request_id(out
     again = mine.claim_local(time.time(), interval=0, lease=30)
     assert again is not None and again.request_id == job.request_id and json.loads(again.payload)["text"] == "part 0\n\npart 1\n\npart 2"
     assert [r.state for r in mine.rows()] == [SENDING, MERGED, MERGED, PENDING]
+
+
+def test_setting_a_host_id_keeps_what_the_hostname_file_held(fast_space, outbox_home, monkeypatch):
+    """Messages queued under the hostname's file are delivered, first, once CHAT_MAGIC_HOST_ID names another."""
+    old = Outbox(outbox_path(outbox_home, hosts.current_host()))
+    old.enqueue(parse_webhook_url(fast_space.url), "T", [(text_body("queued before the id was set", "T"), False)])
+    old.close()
+    monkeypatch.setenv("CHAT_MAGIC_HOST_ID", "node-7")
+    r = chat_magic.send("sent with the id", thread_key="T")
+    assert delivery.dispatcher().outbox.path == outbox_home / "outbox-node-7.sqlite3"
+    r.wait(10)
+    assert chat_magic.flush(10)
+    assert fast_space.texts() == ["queued before the id was set", "sent with the id"]
