@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
-from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
+from .errors import DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
@@ -303,6 +303,7 @@ class _Held:
     bodies: list[tuple[str, bool]]
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
+    blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
 
 
 class Dispatcher:
@@ -326,17 +327,23 @@ class Dispatcher:
 
     # -- caller side -----------------------------------------------------
 
-    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False) -> Receipt:
+    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
+               figures: Any = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
         disk full) does not lose the message: it is kept in memory, in order,
         and queued by the worker as soon as the outbox works again. Else the
-        caller gets the one-line :class:`OutboxError`.
+        caller gets the one-line :class:`OutboxError`. ``figures``
+        (:class:`chat_magic.images.Figures`): the images' bytes go into the
+        outbox with the bodies that show them.
         """
         thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
-        bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted))
+        bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+        blobs = None
+        if figures is not None and figures.postable:
+            bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
+        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -351,7 +358,7 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -543,6 +550,11 @@ class Dispatcher:
         import requests
 
         webhook = self.outbox.webhook(job.dest)
+        if job.images:  # upload its figures first (not paced: only the POST is)
+            from . import images
+
+            if not images.fill(self, job):
+                return
         log.debug("chat_magic: POST message %s to %s (attempt %d, carries %d more)",
                   job.id, webhook.redacted, job.attempts, job.merged)
         try:
@@ -970,6 +982,8 @@ def send(
     truncate: bool = False,
     keep_on_fault: bool = False,
     header: str | None = None,
+    image: Any = None,
+    figures: Any = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -977,11 +991,22 @@ def send(
     transaction (a session's announcement): both or neither. The receipt is
     the message's. ``keep_on_fault``: see :meth:`Dispatcher.submit`; front ends
     that must never lose a notice (the magics, ``notify_when_done``) set it.
+    ``image``: a figure (or a list of them) shown in a card under the text;
+    ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
+    whose image widgets the cards carry.
     """
     webhook = config.resolve(to)
+    if image is not None:
+        from . import images
+
+        figures = images.Figures.collect(list(image) if isinstance(image, (list, tuple)) else [image],
+                                         to=to if isinstance(to, str) else None, max_figures=10)
+        if not figures.images and figures.problems:
+            raise MessageError(figures.problems[0])
+        text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
 
 
 def flush(timeout: float | None = 30.0) -> bool:
