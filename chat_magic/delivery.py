@@ -949,7 +949,11 @@ def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
     """
     if d.outbox.path != d.outbox.configured:
         return  # a temporary outbox stands in: leave the folder alone
-    for f in hosts.orphans(Path(home)):
+    try:
+        files = hosts.orphans(Path(home))
+    except OSError:  # a folder that cannot be listed: nothing to take over from here
+        return
+    for f in files:
         if d.outbox.take_over(f.path):
             d.ensure_running()
 
