@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, urlsplit
 
 from ..console import say as _say_line
@@ -395,12 +395,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # bursts of clients must not overflow the listen backlog
 
-    def __init__(self, addr, handler, emulator: Emulator, stop_event: threading.Event):
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], emulator: Emulator,
+                 stop_event: threading.Event) -> None:
         self.emulator = emulator
         self.stop_event = stop_event
         super().__init__(addr, handler)
 
-    def handle_error(self, request, client_address):  # never print a traceback with a request in it
+    def handle_error(self, request: Any, client_address: Any) -> None:  # never print a traceback with a request in it
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):  # resets, timeouts, closed sockets
             return
@@ -423,30 +424,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.server.emulator._track(self.connection, True)
 
-    def finish(self):
+    def finish(self) -> None:
         try:
             super().finish()
         finally:
             self.server.emulator._track(self.connection, False)
 
-    def log_message(self, format, *args):  # noqa: A002 - silenced: request lines carry key and token
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silenced: request lines carry key and token
         pass
 
-    def send_error(self, code, message=None, explain=None):
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server puts the raw request line in some error pages: redact it
         super().send_error(code, redact(message) if message else message, explain)
 
-    def handle_one_request(self):
+    def handle_one_request(self) -> None:
         try:
             super().handle_one_request()
         except _Aborted:
             self.close_connection = True
 
-    def _abort(self, *, rst: bool):
+    def _abort(self, *, rst: bool) -> NoReturn:
         """Drop the connection without an answer: RST when ``rst``, else FIN."""
         self.close_connection = True
         sock = self.connection
@@ -468,7 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         raise _Aborted()
 
-    def _send(self, status: int, body: bytes | str, content_type: str, extra: dict | None = None):
+    def _send(self, status: int, body: bytes | str, content_type: str, extra: dict | None = None) -> None:
         data = body.encode("utf-8") if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -482,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         self.wfile.flush()
 
-    def _send_json(self, status: int, obj: Any):
+    def _send_json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj, ensure_ascii=False, indent=2) + "\n", "application/json; charset=UTF-8")
 
     def _read_body(self) -> bytes | None:
@@ -507,25 +508,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         self._dispatch()
 
-    def do_HEAD(self):
+    def do_HEAD(self) -> None:
         self._dispatch()
 
-    def do_POST(self):
+    def do_POST(self) -> None:
         self._dispatch()
 
-    def do_PUT(self):
+    def do_PUT(self) -> None:
         self._dispatch()
 
-    def do_PATCH(self):
+    def do_PATCH(self) -> None:
         self._dispatch()
 
-    def do_DELETE(self):
+    def do_DELETE(self) -> None:
         self._dispatch()
 
-    def _dispatch(self):
+    def _dispatch(self) -> None:
         emu = self.server.emulator
         arrival = time.monotonic()
         wall = time.time()
@@ -575,7 +576,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._create(m.group("space"), query, arrival, rec)
 
-    def _serve_own(self, path: str, query: dict):
+    def _serve_own(self, path: str, query: dict) -> None:
         emu = self.server.emulator
         if path == "/healthz":
             self._send(200, "ok\n", "text/plain; charset=utf-8")
@@ -596,7 +597,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(404, _NOT_FOUND)
 
-    def _create(self, space: str, query: dict, arrival: float, rec: dict):
+    def _create(self, space: str, query: dict, arrival: float, rec: dict) -> None:
         emu = self.server.emulator
         stop_event = self.server.stop_event
         fault, seconds = emu._take_fault()
@@ -711,7 +712,7 @@ class Emulator:
 
     # -- lifecycle
 
-    def _clear_state(self):
+    def _clear_state(self) -> None:
         self._messages: list[dict] = []
         self._records: list[dict] = []
         self._thread_names: set[str] = set()
@@ -773,7 +774,7 @@ class Emulator:
     def __enter__(self) -> Emulator:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
