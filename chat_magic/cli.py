@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
@@ -26,6 +26,7 @@ from .webhook import redact
 
 if TYPE_CHECKING:
     from .hosts import HostFile
+    from .outbox import Outbox
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -82,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: TextIO | None = None, line: str | None = None) -> None:
     if file is None or file is sys.stderr:
         say(f"warning: {message}", prefix="chat-magic")
     else:
@@ -248,7 +250,7 @@ def _say_unknown_states(counts: dict[str, int], where: str = "") -> None:
              "chat_magic wrote them and this version leaves them alone: upgrade chat_magic to deliver or list them")
 
 
-def _unknown_ids(box, ids: list[int]) -> str:
+def _unknown_ids(box: Outbox, ids: list[int]) -> str:
     """One line naming the ids the outbox does not hold, or ``""``."""
     known = {r.id for r in box.rows(ids)}
     missing = [str(i) for i in dict.fromkeys(ids) if i not in known]

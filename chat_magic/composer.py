@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import ipywidgets as widgets
 
@@ -383,7 +383,7 @@ def compose_magic(line: str = "", shell: Any = None) -> Composer:
     usage = "%chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]"
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
             raise UsageError(f"%chat_compose: {message}; usage: {usage}")
 
     parser = Parser(prog="%chat_compose", add_help=False)

@@ -93,7 +93,7 @@ def redis_url() -> str | None:
     return None if value.lower() in ("", "off", "none") else value
 
 
-def _toml():
+def _toml() -> Any:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10

@@ -247,7 +247,7 @@ def _not_an_answer(code: int, body: bytes, content_type: str) -> str:
     return f"{code} with {what}, not a created message"
 
 
-def _retry_after(resp) -> float | None:
+def _retry_after(resp: Any) -> float | None:
     value = resp.headers.get("Retry-After")
     if not value:
         return None

@@ -41,7 +41,7 @@ from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
 from .report import Report, remember_cell, should_post, status_of
-from .session import current_session
+from .session import Session, current_session
 from .webhook import Webhook, redact
 
 __all__ = ["ChatMagics", "NestedRun", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
@@ -198,7 +198,7 @@ class Capture:
         self.active = True
 
         def stream_writer(original: Callable) -> Callable:
-            def write(data, *args, **kwargs):
+            def write(data: Any, *args: Any, **kwargs: Any) -> Any:
                 result = original(data, *args, **kwargs)
                 if self.active and isinstance(data, str):
                     try:
@@ -211,7 +211,7 @@ class Capture:
             return write
 
         def publisher(original: Callable) -> Callable:
-            def publish(data, *args, **kwargs):
+            def publish(data: Any, *args: Any, **kwargs: Any) -> Any:
                 if self.active and not kwargs.get("update"):
                     try:
                         line = describe_display(data)
@@ -225,7 +225,7 @@ class Capture:
             return publish
 
         def quiet(original: Callable) -> Callable:
-            def call(*args, **kwargs):
+            def call(*args: Any, **kwargs: Any) -> Any:
                 self._own += 1
                 try:
                     return original(*args, **kwargs)
@@ -465,7 +465,7 @@ class ChatMagics(Magics):
 
     # -- shared pieces -----------------------------------------------------
 
-    def _session(self):
+    def _session(self) -> Session:
         s = current_session(self.shell.user_ns)
         key = self.thread_key.strip()
         if key and s.thread_key != key and not (self._applied and self._applied[0] is s and self._applied[1] == key):
@@ -474,7 +474,7 @@ class ChatMagics(Magics):
             self._applied = (s, key)
         return s
 
-    def _parse(self, func: Callable, magic: str, line: str):
+    def _parse(self, func: Callable, magic: str, line: str) -> Any:
         try:
             argv = shlex.split(line)
         except ValueError as e:
@@ -881,7 +881,7 @@ class ChatMagics(Magics):
     # -- %chat_compose ----------------------------------------------------------------
 
     @line_magic("chat_compose")  # type: ignore[arg-type]  # IPython types the decorated method as Never
-    def chat_compose(self, line: str):
+    def chat_compose(self, line: str) -> Any:
         """Open a message composer: %chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]
 
         Write a message, see it as Chat will show it, and send it; the status

@@ -44,9 +44,9 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import ranks as _ranks
@@ -57,6 +57,8 @@ from .metrics import MetricHistory
 from .report import exception_summary
 
 if TYPE_CHECKING:
+    from .delivery import Receipt
+    from .session import Session
     from .webhook import Webhook
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,7 +86,7 @@ def user_namespace() -> dict | None:
     return getattr(_shell(), "user_ns", None)
 
 
-def session():
+def session() -> Session:
     from .session import current_session
 
     return current_session(user_namespace())
@@ -114,7 +116,7 @@ class _Run:
         self.t0 = time.monotonic()
         self.rank = _ranks.current()
         self.session = session()
-        self.receipt = None
+        self.receipt: Receipt | None = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
@@ -128,7 +130,7 @@ class _Run:
     def details(self) -> dict[str, str]:
         return {**self.facts, **origin_details(self.session, self.rank)}
 
-    def post(self, kind: str, what: str, **payload: Any):
+    def post(self, kind: str, what: str, **payload: Any) -> Receipt | None:
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
         try:
             if not _ranks.should_post(kind, self.owner.ranks, self.rank):
@@ -175,7 +177,7 @@ class notify_when_done:
     be resolved or an argument is wrong; never raises when the work ends.
     """
 
-    def __new__(cls, label: Any = None, **kwargs: Any):
+    def __new__(cls, label: Any = None, **kwargs: Any) -> Any:
         if callable(label) and not isinstance(label, str) and not kwargs:
             # bare ``@notify_when_done`` without parentheses
             return cls()(label)
@@ -217,7 +219,7 @@ class notify_when_done:
             self.webhook = None
         if isinstance(to, str) and self.webhook is not None and any(c in to for c in "/?="):
             self.to = self.webhook  # a URL: kept sealed, never as the string (pickle, yaml.dump, vars())
-        self.receipt = None  # the last completion notice's Receipt (None if none was posted)
+        self.receipt: Receipt | None = None  # the last completion notice's Receipt (None if none was posted)
         self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
 
@@ -370,7 +372,7 @@ class notify_when_done:
         self._push()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         run = self._pop()
         if run is not None:
             self.end(run, exc)
@@ -379,7 +381,8 @@ class notify_when_done:
     async def __aenter__(self) -> notify_when_done:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type, exc, tb) -> Literal[False]:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)
 
     def update(self, text: str) -> Any:
@@ -443,7 +446,7 @@ class notify_when_done:
                             "decorate the function that consumes it, or use `with notify_when_done(...)`")
         label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
 
-        def begin():
+        def begin() -> tuple[Run | None, Token[Any]]:
             self.ready()  # no webhook configured: a one-line ConfigError before the work runs
             try:
                 run = self.begin(label)
@@ -454,7 +457,7 @@ class notify_when_done:
                 self._live.append(run)
             return run, _STACK.set(_STACK.get() + ((self, run),))
 
-        def end(run, token, exc):
+        def end(run: Run | None, token: Token[Any], exc: BaseException | None) -> None:
             try:
                 _STACK.reset(token)
             except Exception:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import ranks as _ranks
@@ -142,7 +142,7 @@ class ChatProgress:
 
     # -- where lines go --------------------------------------------------
 
-    def _resolve(self):
+    def _resolve(self) -> tuple[Callable[[str], Any], str] | None:
         """(send, thread key) or None when this process does not post. Warns once on a set-up problem."""
         if self._disabled:
             return None
@@ -168,7 +168,7 @@ class ChatProgress:
             return None
         sess = notify.session()
 
-        def send(text: str):
+        def send(text: str) -> Any:
             try:
                 return sess.send(text, to=webhook, thread_key=self.thread_key, truncate=True)
             except Exception as e:
@@ -326,12 +326,12 @@ class ChatProgress:
         orig_update, orig_close, orig_reset = bar.update, bar.close, getattr(bar, "reset", None)
         chat = self
 
-        def update(n=1):
+        def update(n: float = 1) -> Any:
             out = orig_update(n)
             chat.update()
             return out
 
-        def close():
+        def close() -> None:
             if not getattr(bar, "disable", False):
                 chat.close()
             return orig_close()
@@ -340,7 +340,7 @@ class ChatProgress:
         bar.close = close
         if orig_reset is not None:
 
-            def reset(total=None):
+            def reset(total: float | None = None) -> Any:
                 out = orig_reset(total=total)
                 chat.reset(total)
                 return out
@@ -349,7 +349,7 @@ class ChatProgress:
         return bar
 
 
-def _make_tqdm():
+def _make_tqdm() -> Any:
     try:
         from tqdm.auto import tqdm as _base
     except ImportError:

@@ -21,7 +21,7 @@ import getpass
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import config
 from .console import say
@@ -215,7 +215,7 @@ def setup_magic(line: str = "", *, ask: Callable[[str], str] | None = None) -> N
     usage = "%chat_setup [NAME] [--default] [--test]"
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
             raise UsageError(f"%chat_setup: {message}; usage: {usage}")
 
     parser = Parser(prog="%chat_setup", add_help=False)
