@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .hosts import HostFile
     from .outbox import Outbox
 
+__all__ = ["cmd_outbox", "cmd_outbox_all_hosts", "cmd_send", "main"]
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 OUTBOX_ACTIONS = {

@@ -27,6 +27,8 @@ from typing import Any
 from .console import say
 from .webhook import redact
 
+__all__ = ["find_notebook", "format_message", "main"]
+
 PREFIX = "chat-magic demo"
 
 SPACE = "DEMO"

@@ -22,6 +22,11 @@ from .errors import MessageError
 if TYPE_CHECKING:  # pragma: no cover
     from .webhook import Webhook
 
+__all__ = [
+    "MAX_BYTES", "MAX_TEXT", "SEPARATOR", "build_payloads", "code_block", "cut_note", "merge_texts", "neutralize",
+    "payload_size", "split_text", "strip_ansi", "tail", "truncate_text", "valid_unicode"
+]
+
 MAX_TEXT = 4096
 MAX_BYTES = 32_000
 ZWSP = "\u200b"  # zero-width space: breaks a token without changing what a reader sees

@@ -29,6 +29,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "MetricHistory", "MetricSummary", "as_number", "card_section", "card_widgets", "direction", "format_value",
+    "sparkline", "text_lines"
+]
+
 BARS = "▁▂▃▄▅▆▇█"
 GAP = "·"  # a NaN or an infinity in the course
 SPARK_WIDTH = 24  # characters of a sparkline; longer histories are averaged into buckets

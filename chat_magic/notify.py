@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from .session import Session
     from .webhook import Webhook
 
+__all__ = ["ON", "Run", "active", "log", "notify_when_done", "origin_details", "session", "update", "user_namespace"]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 ON = ("always", "error")

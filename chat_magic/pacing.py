@@ -55,6 +55,8 @@ from .console import say as _console_say
 if TYPE_CHECKING:
     from .outbox import Job, Outbox
 
+__all__ = ["RedisSlot", "cluster_slot", "redact_url", "reset", "scrub"]
+
 log = logging.getLogger("chat_magic")
 
 KEY_PREFIX = "chat_magic:slot:"

@@ -49,6 +49,8 @@ from . import ranks as _ranks
 from . import rules
 from .console import say
 
+__all__ = ["ChatProgress", "format_interval", "trange"]
+
 DEFAULT_MILESTONES = (25, 50, 75, 100)
 DEFAULT_INTERVAL = 300.0  # seconds: at most one line per label and thread per 5 minutes
 UNKNOWN_MIN_INTERVAL = 60.0  # a bar without a total posts its count at most once a minute, whatever ``interval`` says

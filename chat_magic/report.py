@@ -25,6 +25,11 @@ from . import ranks as _ranks
 from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
 from .rules import mention_tag
 
+__all__ = [
+    "Cards", "FAILED", "INTERRUPTED", "OK", "PROGRESS", "Report", "STARTED", "cell_name", "exception_summary",
+    "format_duration", "format_traceback", "outcome", "remember_cell", "should_post", "signal_name", "status_of"
+]
+
 OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
 ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
 WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}

@@ -46,6 +46,8 @@ from .errors import ChatMagicError
 from .report import signal_name
 from .rules import MENTION_HELP
 
+__all__ = ["build_parser", "main"]
+
 TAIL_BYTES = 64 * 1024
 PROG = "chat-magic run"
 QUEUED = "notice queued; it will be delivered by the next chat_magic process or `chat-magic outbox flush`"

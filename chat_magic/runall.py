@@ -39,6 +39,8 @@ from .cells import cell_error, cell_title
 from .console import say
 from .report import FAILED, INTERRUPTED, OK, Report, format_duration, should_post, status_of
 
+__all__ = ["CellRun", "RunAll"]
+
 SLOWEST = 3  # cells named in "Slowest cells"
 
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .delivery import Receipt
 
+__all__ = ["Session", "current_session", "detect_source", "set_session"]
+
 ENV_THREAD_KEY = "CHAT_MAGIC_THREAD_KEY"
 
 

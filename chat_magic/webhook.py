@@ -44,6 +44,11 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .errors import WebhookURLError
 
+__all__ = [
+    "REDACTED", "Sealed", "Webhook", "add_finder", "is_loopback", "parse_webhook_url", "redact", "scrub_error",
+    "scrub_known"
+]
+
 CHAT_HOST = "chat.googleapis.com"
 _PATH = re.compile(r"^/v1/spaces/(?P<space>[A-Za-z0-9_-]+)/messages/?$")
 REDACTED = "…"

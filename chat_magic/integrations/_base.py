@@ -44,6 +44,8 @@ from ..metrics import as_number, format_value
 from ..notify import notify_when_done
 from ..report import exception_summary
 
+__all__ = ["TrainingWatch", "format_epochs", "guard", "metric_filter", "model_name"]
+
 ON = ("epoch", "end", "error")
 # bookkeeping the frameworks log next to the metrics: not worth a sparkline
 SKIP = ("epoch", "step", "global_step", "total_flos", "*_runtime", "*_per_second", "*samples_per_second")

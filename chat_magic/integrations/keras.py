@@ -31,6 +31,8 @@ from typing import Any
 from ..console import say
 from ._base import TrainingWatch, guard
 
+__all__ = ["ChatCallback"]
+
 BACKENDS = ("torch", "jax", "tensorflow")  # the order a missing backend is replaced in
 INSTALL = "pip install keras, and a backend: pip install torch (or jax, or tensorflow)"
 

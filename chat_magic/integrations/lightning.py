@@ -23,6 +23,8 @@ from typing import Any
 from ..ranks import RankInfo
 from ._base import TrainingWatch, model_name
 
+__all__ = ["ChatCallback", "epoch_metrics"]
+
 
 def _bases() -> tuple[type, ...]:
     bases: list[type] = []

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+__all__ = ["ChatCallback"]
+
 try:
     import transformers
     from transformers import TrainerCallback
