@@ -54,7 +54,7 @@ from . import rules
 from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .metrics import MetricHistory
-from .report import exception_summary
+from .report import exception_summary, mark_reported
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -276,6 +276,8 @@ class notify_when_done:
         receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            if report.status == FAILED:
+                mark_reported(exc)  # a Run All summary names this failure instead of repeating it
 
     # -- context manager -------------------------------------------------
 

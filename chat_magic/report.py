@@ -62,6 +62,20 @@ def outcome(error: BaseException | None = None, *, exit_code: int | None = None,
     return FAILED, exception_summary(error), format_traceback(error, shell=shell)
 
 
+def mark_reported(error: BaseException | None) -> None:
+    """``error`` was posted in full (a failure card): a summary that meets it again names it, no more."""
+    if error is None:
+        return
+    try:
+        error.__chat_magic_reported__ = True  # type: ignore[attr-defined]
+    except Exception:  # an exception type with __slots__: it may be reported twice
+        pass
+
+
+def was_reported(error: BaseException | None) -> bool:
+    return bool(getattr(error, "__chat_magic_reported__", False))
+
+
 def signal_name(signum: int) -> str:
     """``SIGTERM`` for 15 (``signal 99`` for a number with no name)."""
     try:

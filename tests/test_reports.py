@@ -93,3 +93,74 @@ def test_every_receipt_calls_back_exactly_once_whenever_the_callback_is_added(fa
     expected = {(k, i) for k in ("early", "late", "after") for i in range(n)}
     wait_until(lambda: set(calls) == expected, 60, what="every callback")
     assert all(v == 1 for v in calls.values()), [k for k, v in calls.items() if v != 1][:5]
+
+
+# -- 7. Run All ----------------------------------------------------------------------------------
+
+
+def _runall_cards(space) -> list[dict]:
+    assert chat_magic.flush(30)
+    return [m["cardsV2"][0]["card"] for m in space.messages() if m.get("cardsV2")]
+
+
+def _rows(card: dict) -> dict[str, str]:
+    return {w["decoratedText"]["topLabel"]: w["decoratedText"]["text"]
+            for s in card["sections"] for w in s["widgets"] if "decoratedText" in w}
+
+
+def _closed(ip, runs: int = 1) -> None:
+    t = ip.magics_manager.registry["ChatMagics"]._runall
+    wait_until(lambda: t.idle.is_set() and t.runs_closed >= runs, 30, what="the run to end")
+
+
+def _seconds(text: str) -> float:
+    value, unit = text.split()[:2]
+    return float(value) / 1000 if unit == "ms" else float(value) if unit == "s" else 60.0 * float(value)
+
+
+def test_run_all_total_is_first_start_to_last_end_without_the_quiet_wait(ip, space):
+    ip.run_cell("%chat_autonotify --run-all --quiet 4")
+    for src in ("a = 1", "import time; time.sleep(0.1)", "b = 2"):
+        ip.run_cell(src, store_history=True)
+    _closed(ip)
+    (card,) = _runall_cards(space)
+    assert card["header"]["title"].startswith("✅ Run of 4 cells finished"), "the enabling cell is counted"
+    assert _seconds(_rows(card)["Duration"]) < 4, "the 4 s quiet wait after the last cell is not part of the total"
+
+
+def test_run_all_names_the_cells_never_run_after_a_failure(ip, space, tmp_path):
+    import nbformat
+
+    sources = ["%chat_autonotify --run-all --quiet 0.5", "# Load\nx = 1", "# Train\nraise ValueError('diverged')",
+               "# Evaluate\ny = x", "", "print('report')"]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in sources]
+    path = tmp_path / "pipeline.ipynb"
+    nbformat.write(nb, path)
+    ip.user_ns["__vsc_ipynb_file__"] = str(path)
+    try:
+        for src in sources[:3]:  # Run All stops at the failing cell
+            ip.run_cell(src, store_history=True)
+        _closed(ip)
+    finally:
+        ip.user_ns.pop("__vsc_ipynb_file__", None)
+    (card,) = _runall_cards(space)
+    r = _rows(card)
+    assert card["header"]["title"].startswith("❌ Run of 3 cells failed")
+    assert r["Not run"] == "2 cells: Evaluate · print(&#x27;report&#x27;)"
+    assert "ValueError: diverged" in r["Error"]
+
+
+def test_a_failing_cell_already_reported_gets_one_failure_notice(ip, space):
+    ip.run_cell("%chat_autonotify --run-all --quiet 0.5")
+    ip.run_cell("a = 1", store_history=True)
+    ip.run_cell("# Fit\nimport chat_magic\nwith chat_magic.notify_when_done('fit'):\n    raise ValueError('loss is nan')",
+                store_history=True)
+    _closed(ip)
+    cards = _runall_cards(space)
+    assert len(cards) == 2, [c["header"]["title"] for c in cards]
+    with_error = [c for c in cards if "Error" in _rows(c) or any(s.get("header") == "Traceback" for s in c["sections"])]
+    assert [c["header"]["title"].split(" failed")[0] for c in with_error] == ["❌ fit"], "one failure notice for the cell"
+    summary = cards[-1]
+    assert summary["header"]["title"].startswith("❌ Run of 3 cells failed")
+    assert _rows(summary)["Stopped at"].endswith("Fit (its failure notice is above)")
