@@ -125,6 +125,11 @@ def _mean(bucket: list[float]) -> float:
     return math.fsum(bucket) / len(bucket)
 
 
+def point(unit: str, step: int) -> str:
+    """A point of a course by its unit: ``epoch 3``, ``step 1,200``, or Lightning's ``epoch=2`` (as in its checkpoint names)."""
+    return f"epoch={step}" if unit == "epoch=" else f"{unit} {step:,}"
+
+
 @dataclass(frozen=True)
 class MetricSummary:
     """One metric's course in a notice."""
@@ -138,14 +143,14 @@ class MetricSummary:
     low: float | None  # the finite range, for metrics of unknown direction
     high: float | None
     spark: str
-    unit: str = "epoch"  # what a step counts: "epoch" or "step"
+    unit: str = "epoch"  # what a step counts: "epoch", "epoch=" (Lightning's 0-based index) or "step"
     first_bad: tuple[int | None, float] | None = None  # (step, value) where it first went NaN or infinite
 
     def describe(self) -> str:
         """``0.2981 · best 0.2790 (min, epoch 3)``, ``0.001 · range 0.0001–0.001``, ``… · non-finite: nan at step 40``."""
         text = format_value(self.last)
         if self.best is not None:
-            where = f", {self.unit} {self.best_step:,}" if self.best_step is not None else ""
+            where = f", {point(self.unit, self.best_step)}" if self.best_step is not None else ""
             text += f" · best {format_value(self.best)} ({self.goal}{where})"
         elif self.goal is None and self.low is not None and self.count > 1 and self.low != self.high:
             text += f" · range {format_value(self.low)}–{format_value(self.high)}"
@@ -158,7 +163,7 @@ class MetricSummary:
         if self.first_bad is None:
             return ""
         step, value = self.first_bad
-        return format_value(value) + (f" at {self.unit} {step:,}" if step is not None else "")
+        return format_value(value) + (f" at {point(self.unit, step)}" if step is not None else "")
 
 
 class MetricHistory:

@@ -117,6 +117,7 @@ class _Run:
         self.receipt = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
 
     @property
@@ -258,7 +259,7 @@ class notify_when_done:
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import FAILED, Report
+        from .report import DIVERGED, FAILED, Report
 
         report = Report.from_outcome(
             run.title,
@@ -271,7 +272,10 @@ class notify_when_done:
             max_lines=30,
             metrics=run.metrics.summaries(),
         )
-        if self.on == "error" and report.status != FAILED:
+        amend = getattr(run, "amend", None)
+        if amend is not None:  # a training callback's reading of how the run ended (integrations/_base.py)
+            amend(report)
+        if self.on == "error" and report.status not in (FAILED, DIVERGED):
             return
         receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:

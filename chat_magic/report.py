@@ -26,12 +26,17 @@ from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payl
 from .rules import mention_tag
 
 OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
-ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
-WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}
-COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8"}
+# how a training run ended without an exception, read from the framework's own state (integrations/_base.py)
+STOPPED, DIVERGED = "stopped", "diverged"
+ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏸️", STARTED: "▶️", PROGRESS: "⏳", STOPPED: "⏹️", DIVERGED: "⚠️"}
+WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress",
+         STOPPED: "stopped early", DIVERGED: "diverged"}
+COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8",
+          STOPPED: "#1a73e8", DIVERGED: "#e37400"}
 MAX_DETAILS = 95  # detail rows in a card: with error, duration, "more", output and traceback, at most 100 widgets
 # which rank posts a notice of each status (see chat_magic.ranks)
-KINDS = {OK: _ranks.SUCCESS, FAILED: _ranks.FAILURE, INTERRUPTED: _ranks.INTERRUPT, STARTED: _ranks.START, PROGRESS: _ranks.PROGRESS}
+KINDS = {OK: _ranks.SUCCESS, FAILED: _ranks.FAILURE, INTERRUPTED: _ranks.INTERRUPT, STARTED: _ranks.START, PROGRESS: _ranks.PROGRESS,
+         STOPPED: _ranks.SUCCESS, DIVERGED: _ranks.SUCCESS}  # every rank sees the same metrics: rank 0 tells
 TRACEBACK_LINES = 15
 
 
