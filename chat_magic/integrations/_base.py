@@ -35,11 +35,15 @@ active in the process (looked up only if the user imported them).
 
 Keras 3 and the Hugging Face ``Trainer`` call no callback hook when training
 raises. For them :func:`guard` wraps the entry point (``keras.Model.fit``,
-``transformers.Trainer.train``) while a chat_magic callback exists, and acts
-only for a call that holds one: same arguments, same return value, the very
-exception re-raised. The failure card's traceback is the user's: it runs from
-their frame (``model.fit(...)``) to where the error was raised, without the
-wrapper. When the last callback object is gone, the original method is back.
+``transformers.Trainer.train``), and acts only for a call that holds a
+chat_magic callback: same arguments, same return value, the very exception
+re-raised; any other call runs untouched (the wrapper's frame is hidden from
+IPython's and pytest's tracebacks). The failure card's traceback is the
+user's: it runs from their frame (``model.fit(...)``) to where the error was
+raised, without the wrapper. ``Trainer.train`` gets its original back when
+the last callback object is gone; ``keras.Model.fit`` keeps the wrapper once
+the Keras integration is imported (``fit(callbacks=[ChatCallback()])`` looks
+``fit`` up before the callback exists).
 """
 
 from __future__ import annotations
@@ -350,37 +354,45 @@ def _opened() -> list[TrainingWatch]:
     return opened
 
 
-# (class, method name) -> (the original function, the chat_magic callbacks alive that arm it)
-_guards: dict[tuple[type, str], tuple[Callable[..., Any], weakref.WeakSet]] = {}
+# (class, method name) -> (the original function, the chat_magic callbacks alive that keep it, kept for good)
+_guards: dict[tuple[type, str], tuple[Callable[..., Any], weakref.WeakSet, bool]] = {}
 _guards_lock = threading.Lock()  # guards _guards and the class attributes it patches
 
 
-def guard(cls: type, name: str, owner: Any, attached: Callable[[tuple, dict], list]) -> None:
-    """Wrap ``cls.name`` while ``owner`` (a chat_magic callback) is alive, for the calls that hold one.
+def guard(cls: type, name: str, attached: Callable[[tuple, dict], list], owner: Any = None) -> None:
+    """Wrap ``cls.name`` so that a crash in a call holding a chat_magic callback is reported.
 
     ``attached(args, kwargs)`` returns the chat_magic callbacks a call holds
     (Keras: in ``callbacks=``; HF: in the Trainer's callback handler); a
-    call that holds none runs the original with nothing around it. For one
-    that does, each callback's ``_entered(args, kwargs)`` is called first
-    (it may read the other callbacks of the call), and a crash ends the
-    watches begun inside the call, with the user's traceback, before the very
-    exception is re-raised. When the last callback object is collected, the
-    class gets its original method back.
+    call that holds none runs the original with nothing around it (the
+    wrapper's frame carries ``__tracebackhide__``, so IPython and pytest leave
+    it out of tracebacks). For one that does, each callback's
+    ``_entered(args, kwargs)`` is called first (it may read the other
+    callbacks of the call), and a crash ends the watches begun inside the
+    call, with the user's traceback, before the very exception is re-raised.
+
+    ``owner``: the wrapper stays while ``owner`` (a callback) or another owner
+    is alive, and the class gets its original method back when the last one
+    is collected. None: for good (Keras: ``model.fit(callbacks=[ChatCallback()])``
+    looks ``fit`` up *before* the callback is built, so the wrapper must
+    already be there).
     """
     key = (cls, name)
     with _guards_lock:
         if key not in _guards:
             fn = getattr(cls, name)
-            _guards[key] = (fn, weakref.WeakSet())
+            _guards[key] = (fn, weakref.WeakSet(), owner is None)
             setattr(cls, name, _wrapper(fn, attached))
-        _guards[key][1].add(owner)
-    weakref.finalize(owner, _unguard, key)
+        if owner is not None:
+            _guards[key][1].add(owner)
+    if owner is not None:
+        weakref.finalize(owner, _unguard, key)
 
 
 def _unguard(key: tuple[type, str]) -> None:
     with _guards_lock:
         entry = _guards.get(key)
-        if entry is None or len(entry[1]):
+        if entry is None or entry[2] or any(True for _ in entry[1]):  # iterating skips a just-dead owner; len() may not
             return
         del _guards[key]
         setattr(key[0], key[1], entry[0])

@@ -13,10 +13,13 @@ callback (named by its class). The ``mode`` of an ``EarlyStopping`` or
 ``ModelCheckpoint`` sets the direction of "best" for its ``monitor``; the
 checkpoint file of the best epoch is named when it exists.
 
-Keras calls no hook when ``fit`` raises, so while a ``ChatCallback`` exists
-``keras.Model.fit`` is wrapped (see :func:`chat_magic.integrations._base.guard`):
-a crash inside a ``fit`` that holds one posts the failure card and the same
-exception reaches the caller; a ``fit`` without one runs untouched. The rank
+Keras calls no hook when ``fit`` raises, so importing this module wraps
+``keras.Model.fit`` (see :func:`chat_magic.integrations._base.guard`): a
+crash inside a ``fit`` that holds a ``ChatCallback`` posts the failure card
+and the same exception reaches the caller; a ``fit`` without one runs
+untouched. (``model.fit(callbacks=[ChatCallback()])`` looks ``fit`` up
+before the callback is built: a wrapper installed by the callback would miss
+that call.) The rank
 comes from the environment (:mod:`chat_magic.ranks`).
 """
 
@@ -56,7 +59,6 @@ class ChatCallback(keras.callbacks.Callback):
         self.watch = TrainingWatch(label, **options)
         self._siblings: list[Any] = []  # the other callbacks of the fit call (read from the call)
         self._logs: dict[int, dict[str, Any]] = {}  # each epoch's logs (1-based): the best checkpoint's name
-        guard(keras.Model, "fit", self, _ours)
 
     def _entered(self, args: tuple, kwargs: dict) -> None:
         """``fit`` was called with this callback: remember its other callbacks."""
@@ -121,3 +123,6 @@ class ChatCallback(keras.callbacks.Callback):
             if os.path.exists(path):
                 return {"Best checkpoint": f"{path} (epoch {epoch}, {cb.monitor} {summary.best:.4g})"}
         return {}
+
+
+guard(keras.Model, "fit", _ours)  # here, not in ChatCallback(): `fit` is looked up before its arguments are built

@@ -70,7 +70,7 @@ class ChatCallback(TrainerCallback):
         self._epoch = 0  # epochs ended so far
         self._steps = False  # step-based: a point per log/evaluation
         self._trainer: Any = None  # the Trainer whose train() holds this callback (read from the call)
-        guard(transformers.Trainer, "train", self, _ours)
+        guard(transformers.Trainer, "train", _ours, owner=self)
 
     def _entered(self, args: tuple, kwargs: dict) -> None:
         self._trainer = args[0] if args else None
