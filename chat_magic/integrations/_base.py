@@ -157,19 +157,22 @@ class TrainingWatch:
         self.steps_planned: int | None = None
         self.step_count = 0
         self.unit = "epoch"
+        self.plan: str | None = None
         self._lines: list[str] = []  # progress lines not posted yet (the cadence merges them)
         self._posted_at = 0.0  # monotonic time of the last message (the start line counts)
 
     # -- the hooks -------------------------------------------------------------
 
     def begin(self, *, name: str, model: str, epochs: int | None, rank: _ranks.RankInfo | None = None,
-              steps: int | None = None, unit: str = "epoch") -> None:
+              steps: int | None = None, unit: str = "epoch", plan: str | None = None) -> None:
         """Training starts: remember it, and post the start line (``on="epoch"``).
 
         ``unit``: how the metrics' points are named in the card: ``"epoch"``
         (``epoch 3``), ``"epoch="`` (Lightning's ``epoch=2``, as in its
         checkpoint names) or ``"step"`` (step-based training: ``steps``
-        planned, a line per logging/evaluation step).
+        planned, a line per logging/evaluation step; Ray: ``"report"``,
+        ``"iteration"``). ``plan``: what the start line says is planned
+        (default: the epochs or steps).
         """
         try:
             if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
@@ -179,12 +182,12 @@ class TrainingWatch:
                 self.run.rank = rank
             self.planned, self.done = (epochs if epochs and epochs > 0 else None), 0
             self.steps_planned, self.step_count = (steps if steps and steps > 0 else None), 0
-            self.unit = unit
+            self.unit, self.plan = unit, plan
             self.run.metrics.unit = unit
             self._lines, self._posted_at = [], time.monotonic()
             self.run.facts.update({"Model": model, "Epochs": format_epochs(0, self.planned)})
-            if unit == "step":
-                self.run.facts["Steps"] = format_epochs(0, self.steps_planned)
+            if unit not in ("epoch", "epoch="):
+                self.run.facts[self._steps_key] = format_epochs(0, self.steps_planned)
             self.run.facts.update(tracking_links())
             _opened().append(self)
             if self.on == "epoch":
@@ -228,11 +231,11 @@ class TrainingWatch:
             kept = self._kept(values)
             run.log(kept, step=number)
             self.step_count = max(self.step_count, number)
-            run.facts["Steps"] = format_epochs(self.step_count, self.steps_planned)
+            run.facts[self._steps_key] = format_epochs(self.step_count, self.steps_planned)
             due = self.every_steps is None or number % self.every_steps == 0
             if self.on == "epoch" and line and due and kept:
                 shown = " · ".join(f"{k} {format_value(as_number(v))}" for k, v in kept.items())
-                self.progress(f"step {format_epochs(number, self.steps_planned).replace(' of ', '/')} · {shown}")
+                self.progress(f"{self.unit} {format_epochs(number, self.steps_planned).replace(' of ', '/')} · {shown}")
         except Exception as e:
             _warn(f"training notices: step {number}: {exception_summary(e)}")
 
@@ -277,6 +280,10 @@ class TrainingWatch:
             pass
         return run
 
+    @property
+    def _steps_key(self) -> str:
+        return f"{self.unit.capitalize()}s"  # "Steps", "Reports", "Iterations"
+
     def _kept(self, values: Mapping[str, Any]) -> dict[str, Any]:
         return {str(k): v for k, v in values.items() if self.keep(str(k)) and as_number(v) is not None}
 
@@ -286,7 +293,9 @@ class TrainingWatch:
         from ..message import neutralize
 
         run = self.run
-        if self.unit == "step" and self.steps_planned:
+        if self.plan:
+            planned = self.plan
+        elif self.unit == "step" and self.steps_planned:
             planned = f"{self.steps_planned:,} steps planned"
         else:
             planned = f"{self.planned} epochs planned" if self.planned else "epochs not fixed"
@@ -306,7 +315,7 @@ def _apply(ending: Ending, report: Any) -> None:
     report.status = ending.status
     if ending.reason:
         report.error = ending.reason
-    report.details = {**ending.facts, **report.details}
+    report.details = {**ending.facts, **{k: v for k, v in report.details.items() if k not in ending.facts}}
 
 
 def tracking_links() -> dict[str, str]:
