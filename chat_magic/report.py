@@ -295,7 +295,8 @@ class Report:
         widgets: list[dict[str, Any]] = []
         if self.error:
             first = html.escape(self.error.splitlines()[0][:500])
-            widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{first}</font>', "wrapText": True}})
+            label = "Why" if self.status in (STOPPED, DIVERGED) else "Error"  # a stop or a divergence is no exception
+            widgets.append({"decoratedText": {"topLabel": label, "text": f'<font color="{color}">{first}</font>', "wrapText": True}})
         if self.duration is not None and self.status != STARTED:
             widgets.append({"decoratedText": {"topLabel": "Duration", "text": html.escape(format_duration(self.duration))}})
         shown = [(k, v) for k, v in self.details.items() if v not in (None, "")]

@@ -30,6 +30,7 @@ def runs(space_url: str) -> None:
     import numpy as np
 
     import chat_magic
+    from chat_magic import session
     from chat_magic.integrations.keras import ChatCallback
 
     rng = np.random.default_rng(0)
@@ -47,18 +48,18 @@ def runs(space_url: str) -> None:
             if epoch == 3:
                 raise RuntimeError("CUDA out of memory (simulated) in epoch 4")
 
+    noisy = (y + 0.4 * rng.standard_normal((256, 1))).astype("float32")  # a floor the validation loss cannot pass
     ckpt = str(Path(tempfile.mkdtemp()) / "best-{epoch:02d}.keras")
     scenarios = {
         "finished": (model("resnet_tiny"), y, 12, [keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]),
-        "stopped": (model("resnet_tiny"), y, 40, [keras.callbacks.EarlyStopping(monitor="val_mae", min_delta=0.01, patience=3,
-                                                                               restore_best_weights=True)]),
+        "stopped": (model("resnet_tiny"), noisy, 60, [keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)]),
         "diverged": (model("resnet_tiny"), np.where(np.arange(256)[:, None] == 7, np.inf, y).astype("float32"), 8,
                      [keras.callbacks.TerminateOnNaN()]),
         "failed": (model("resnet_tiny"), y, 8, [Boom()]),
     }
     for name, (m, target, epochs, extra) in scenarios.items():
         os.environ["GOOGLE_CHAT_WEBHOOK_URL"] = space_url.replace("SPACE", name.upper())
-        chat_magic.session.set_session(None)
+        session.set_session(None)
         try:
             m.fit(x, target, epochs=epochs, batch_size=32, validation_split=0.25, verbose=0,
                   callbacks=[ChatCallback("nightly fine-tune"), *extra])
@@ -73,7 +74,7 @@ def photograph(base: str, out: Path) -> list[Path]:
     saved = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 760, "height": 1000}, device_scale_factor=1)
+        page = browser.new_page(viewport={"width": 760, "height": 2400}, device_scale_factor=1)
         for name in ("finished", "stopped", "diverged", "failed"):
             page.goto(f"{base}/?space={name.upper()}")
             card = page.locator(".card").last

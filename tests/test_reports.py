@@ -211,7 +211,7 @@ def test_keras_early_stopping_says_by_whom_at_which_epoch_and_the_best_epoch_res
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("⏹️ tiny_mlp training stopped early in ")
     r = card_rows(card)
-    assert "by EarlyStopping (loss did not improve for 2 epochs) at epoch 3 of 40; best epoch 1 restored" in r["Error"]
+    assert "by EarlyStopping (loss did not improve for 2 epochs) at epoch 3 of 40; best epoch 1 restored" in r["Why"]
     assert r["Best epoch"] == "1 (weights restored)" and r["Epochs"] == "3 of 40"
     m = metric_rows(card)
     assert "(max, epoch 1)" in m["loss"]["text"], "EarlyStopping's mode sets the direction"
@@ -239,8 +239,8 @@ def test_keras_terminate_on_nan_is_diverged_naming_the_metric_and_epoch(space):
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("⚠️ tiny_mlp training diverged in ")
     r = card_rows(card)
-    assert r["Error"].startswith('<font color="#e37400">loss went ') and " at epoch 1; stopped by TerminateOnNaN" in r["Error"]
-    assert "at epoch 1 of 8" in r["Error"] and r["Epochs"] == "1 of 8"
+    assert r["Why"].startswith('<font color="#e37400">loss went ') and " at epoch 1; stopped by TerminateOnNaN" in r["Why"]
+    assert "at epoch 1 of 8" in r["Why"] and r["Epochs"] == "1 of 8"
     assert "non-finite: " in metric_rows(card)["loss"]["text"]
     assert metric_rows(card)["loss"]["bottomLabel"] == "×"
 
@@ -372,8 +372,8 @@ def test_lightning_early_stop_names_the_callback_epoch_and_the_best_checkpoint_a
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("⏹️ Regressor training stopped early in ")
     r = card_rows(card)
-    assert "by EarlyStopping (train_loss did not improve in the last 2 records" in r["Error"]
-    assert f"at epoch={stop.stopped_epoch} of 10" in r["Error"]
+    assert "by EarlyStopping (train_loss did not improve in the last 2 records" in r["Why"]
+    assert f"at epoch={stop.stopped_epoch} of 10" in r["Why"]
     assert r["Best checkpoint"].startswith(ckpt.best_model_path)
     m = metric_rows(card)
     epoch = os.path.basename(ckpt.best_model_path).split("-")[0]  # "epoch=2"
@@ -396,7 +396,7 @@ def test_lightning_nan_loss_is_diverged_naming_the_metric_and_epoch(space, tmp_p
     _lightning_trainer(L, tmp_path, [ChatCallback()], epochs=3, enable_checkpointing=False).fit(model, train, val)
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("⚠️ Regressor training diverged in ")
-    assert re.search(r"(train|val)_loss went nan at epoch=1", card_rows(card)["Error"]), "the first metric to go NaN, and when"
+    assert re.search(r"(train|val)_loss went nan at epoch=1", card_rows(card)["Why"]), "the first metric to go NaN, and when"
     assert "non-finite: nan at epoch=1" in metric_rows(card)["train_loss"]["text"]
 
 
@@ -455,8 +455,8 @@ def test_hf_early_stopping_names_the_callback_step_and_the_restored_checkpoint(s
     card = final_card(settle(space))
     assert card["header"]["title"].startswith("⏹️ BertForSequenceClassification training stopped early in ")
     r = card_rows(card)
-    assert "by EarlyStoppingCallback (loss did not improve for 1 evaluations)" in r["Error"]
-    assert f"at step {trainer.state.global_step} of {trainer.state.max_steps}" in r["Error"]
-    assert "best checkpoint (step 4) restored" in r["Error"]
+    assert "by EarlyStoppingCallback (loss did not improve for 1 evaluations)" in r["Why"]
+    assert f"at step {trainer.state.global_step} of {trainer.state.max_steps}" in r["Why"]
+    assert "best checkpoint (step 4) restored" in r["Why"]
     assert r["Best checkpoint"].startswith(html_escape(trainer.state.best_model_checkpoint))
     assert "(max, epoch 1)" in metric_rows(card)["eval_loss"]["text"], "greater_is_better sets the direction"
