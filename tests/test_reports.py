@@ -460,3 +460,22 @@ def test_hf_early_stopping_names_the_callback_step_and_the_restored_checkpoint(s
     assert "best checkpoint (step 4) restored" in r["Why"]
     assert r["Best checkpoint"].startswith(html_escape(trainer.state.best_model_checkpoint))
     assert "(max, epoch 1)" in metric_rows(card)["eval_loss"]["text"], "greater_is_better sets the direction"
+
+
+def test_lightning_step_based_training_keeps_a_point_every_n_steps_and_says_the_step(space, tmp_path):
+    L, torch = _lightning()
+    from chat_magic.integrations.lightning import ChatCallback
+
+    model, (train, val) = _regressor(L, torch), _loaders(torch)  # 6 batches an epoch
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[ChatCallback(every_n_steps=4, progress_every=0)], num_sanity_val_steps=0)
+    trainer.fit(model, train, val)
+    msgs = settle(space)
+    text = text_of(msgs)
+    assert "12 steps planned" in text and "step 4/12 · train_loss " in text and "step 12/12 · " in text
+    card = final_card(msgs)
+    assert card_rows(card)["Steps"] == "12 of 12"
+    m = metric_rows(card)
+    assert len(m["train_loss"]["bottomLabel"]) == 3, "a point at steps 4, 8, 12"
+    assert "(min, step " in m["train_loss"]["text"]
