@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -98,15 +99,21 @@ CREATE TABLE IF NOT EXISTS pacing (
     space_key TEXT PRIMARY KEY,
     next_slot REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS blob (
+    sha256 TEXT PRIMARY KEY,
+    data   BLOB NOT NULL,
+    mime   TEXT NOT NULL
+);
 """
 # Columns added after the first release, applied to an existing file with ALTER TABLE when missing
 # (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.
 # (table, column, declaration)
 _ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("message", "images", "TEXT"),  # figures to upload before the POST: {"store": ..., "images": [[sha256, mime]]} (images.py)
 ]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
-            "error_status", "error")
+            "error_status", "error", "images")
 _HEADS = "SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -169,6 +176,7 @@ class Job:
     attempts: int
     created_at: float = 0.0
     merged: int = 0  # how many other messages it carries
+    images: str | None = None  # figures to upload and put in the body before the POST (images.fill)
 
 
 @dataclass
@@ -319,14 +327,16 @@ class Outbox:
     # -- caller side -----------------------------------------------------
 
     @_guarded("write to")
-    def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool]], *,
-                patient: bool = False) -> list[int]:
+    def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool] | tuple[str, bool, str | None]], *,
+                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None) -> list[int]:
         """Store messages (in order, in one transaction) and return their ids. Each gets a fresh requestId.
 
         ``bodies`` are ``(JSON Message, mergeable)`` pairs: plain-text messages
         may be merged with others waiting for the same thread. A caller waits
         at most ``caller_timeout`` for another process's lock; a background
-        thread (``patient``) the full busy timeout.
+        thread (``patient``) the full busy timeout. A body may carry a third
+        item, its ``images`` (see :mod:`chat_magic.images`); ``blobs`` are
+        their bytes, stored in the same transaction.
         """
         now = time.time()
         db = self._db()
@@ -336,13 +346,16 @@ class Outbox:
             self._local.caller = True
         with _Tx(db):
             dest = self._dests.get(webhook.id) or self._dest_id(db, webhook)
+            for digest, (data, mime) in (blobs or {}).items():
+                db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, data, mime))
             ids = [
                 int(db.execute(
-                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (_request_id(), dest, webhook.space_key, thread_key, body, int(mergeable), PENDING, now, now, now),
+                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at, images)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (_request_id(), dest, webhook.space_key, thread_key, b[0], int(b[1] and not _images(b)),
+                     PENDING, now, now, now, _images(b)),
                 ).lastrowid or 0)
-                for body, mergeable in bodies
+                for b in bodies
             ]
         self._dests[webhook.id] = dest  # committed: no need to look it up again
         return ids
@@ -440,7 +453,7 @@ class Outbox:
         return Job(
             id=head["id"], request_id=head["request_id"], dest=head["dest"], space_key=head["space_key"],
             thread_key=head["thread_key"], payload=payload, attempts=head["attempts"] + 1,
-            created_at=head["created_at"], merged=len(merged_ids),
+            created_at=head["created_at"], merged=len(merged_ids), images=head["images"],
         )
 
     @staticmethod
@@ -525,6 +538,19 @@ class Outbox:
             )
             self.pacer.hold(db, job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
+
+    @_guarded("read")
+    def blob(self, digest: str) -> bytes | None:
+        """An image's bytes, stored with its message (None when gone)."""
+        row = self._db().execute("SELECT data FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    @_guarded("write to")
+    def set_payload(self, job: Job, payload: str) -> None:
+        """Record the body with its images' URLs filled in (every retry sends it); their bytes are no longer needed."""
+        with self._write() as db:
+            db.execute("UPDATE message SET payload=?, images=NULL, updated_at=? WHERE id=?", (payload, time.time(), job.id))
+            _forget_blobs(db)
 
     def _hold_cluster(self, space_key: str, until: float) -> None:
         """Hold the space in the cluster slot too, after the commit: no network call under the write lock."""
@@ -620,6 +646,7 @@ class Outbox:
             for i in ids:
                 db.execute("DELETE FROM message WHERE merged_into=? AND state=?", (i, MERGED))
                 n += db.execute("DELETE FROM message WHERE id=? AND state != ?", (i, SENDING)).rowcount
+            _forget_blobs(db)
         return n
 
     @_guarded("write to")
@@ -628,7 +655,9 @@ class Outbox:
         cutoff = time.time() - older_than
         with self._write() as db:
             db.execute("DELETE FROM message WHERE state=? AND merged_into IN (SELECT id FROM message WHERE state=? AND updated_at < ?)", (MERGED, SENT, cutoff))
-            return int(db.execute("DELETE FROM message WHERE state=? AND updated_at < ?", (SENT, cutoff)).rowcount)
+            n = int(db.execute("DELETE FROM message WHERE state=? AND updated_at < ?", (SENT, cutoff)).rowcount)
+            _forget_blobs(db)
+            return n
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -774,6 +803,23 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
             elif lo < hi:
                 mid = (lo + hi) // 2
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
+
+
+def _forget_blobs(db: sqlite3.Connection) -> None:
+    """Delete image bytes that no waiting message names any more (content-addressed: one row serves many)."""
+    if db.execute("SELECT 1 FROM blob LIMIT 1").fetchone() is None:
+        return
+    wanted = set()
+    for (images,) in db.execute("SELECT images FROM message WHERE images IS NOT NULL"):
+        wanted.update(re.findall(r"[0-9a-f]{64}", images))
+    for (digest,) in db.execute("SELECT sha256 FROM blob").fetchall():
+        if digest not in wanted:
+            db.execute("DELETE FROM blob WHERE sha256 = ?", (digest,))
+
+
+def _images(body: tuple[Any, ...]) -> str | None:
+    """The ``images`` of an enqueued body (its optional third item)."""
+    return body[2] if len(body) > 2 else None
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:

@@ -22,12 +22,12 @@ pytest.importorskip("ray.train.torch", reason='Ray Train not installed: pip inst
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # Ray's workers import this module's functions by name: put this folder (and chat_magic's) on their path
+@pytest.fixture
+def local_ray(space):
+    """A local Ray whose processes know the space's webhook (a pickled webhook carries no secret) and this folder."""
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "GOOGLE_CHAT_WEBHOOK_URL": space.url}})
     yield
     ray.shutdown()
 
