@@ -295,10 +295,12 @@ def cells_after(path: Path | None, source: str) -> list[str]:
     """Titles of the code cells after the one whose code is ``source`` (empty cells skipped); [] if not found."""
     if path is None or not source.strip():
         return []
-    import nbformat
+    import json  # not nbformat: this may run at kernel exit, where a slow import can be cut short
 
-    nb = nbformat.read(path, as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    with open(path, encoding="utf-8") as f:
+        cells = json.load(f).get("cells") or []
+    code = ["".join(c.get("source") or "") if isinstance(c.get("source"), list) else str(c.get("source") or "")
+            for c in cells if isinstance(c, dict) and c.get("cell_type") == "code"]
     at = [i for i, src in enumerate(code) if src.strip() == source.strip()]
     if not at:
         return []
