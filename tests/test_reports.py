@@ -18,6 +18,8 @@ from conftest import wait_until
 import chat_magic
 from chat_magic import metrics
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # keras + numpy 2
+
 # -- 1. sparklines -------------------------------------------------------------------------------
 
 
