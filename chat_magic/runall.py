@@ -311,7 +311,5 @@ def cells_after(path: Path | None, source: str) -> list[str]:
 
 def _title(source: str) -> str:
     """A cell's ``#`` title, else its first line of code (cut at 40 characters)."""
-    from .magics import cell_title
-
     first = next((line.strip() for line in source.splitlines() if line.strip()), "")
     return cell_title(source) or (first if len(first) <= 40 else first[:39] + "…")

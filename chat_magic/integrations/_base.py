@@ -215,7 +215,7 @@ class TrainingWatch:
             return
         try:
             done = number if done is None else done
-            kept = self._kept(values)
+            kept = self.kept(values)
             if self.unit != "step":
                 run.log(kept, step=number)
             self.done = max(self.done, done)
@@ -231,7 +231,7 @@ class TrainingWatch:
         if run is None:
             return
         try:
-            kept = self._kept(values)
+            kept = self.kept(values)
             run.log(kept, step=number)
             self.step_count = max(self.step_count, number)
             run.facts[self._steps_key] = format_epochs(self.step_count, self.steps_planned)
@@ -287,7 +287,8 @@ class TrainingWatch:
     def _steps_key(self) -> str:
         return f"{self.unit.capitalize()}s"  # "Steps", "Reports", "Iterations"
 
-    def _kept(self, values: Mapping[str, Any]) -> dict[str, Any]:
+    def kept(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The metrics of ``values`` worth recording: numbers, through ``metrics=`` (also for Ray's results)."""
         return {str(k): v for k, v in values.items() if self.keep(str(k)) and as_number(v) is not None}
 
     # -- the lines -----------------------------------------------------------------
