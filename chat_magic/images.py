@@ -218,11 +218,10 @@ def fit(data: bytes, mime: str) -> bytes:
         return hit
     pil = _pillow()
     size = _png_size(data)
+    _check_pixels(size)
     if pil is not None:
         size = _checked_size(pil, data)
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
-        raise MessageError(f"the image is {size[0]} x {size[1]} pixels: post one of at most {MAX_PIXELS // 1_000_000} "
-                           "megapixels (save it smaller, e.g. a lower dpi)")
+        _check_pixels(size)
     small = len(data) <= MAX_BYTES and size is not None and max(size) <= MAX_SIDE
     if small or (pil is None and len(data) <= MAX_BYTES and size is None):
         out = data
@@ -242,6 +241,13 @@ def fit(data: bytes, mime: str) -> bytes:
     return out
 
 
+def _check_pixels(size: tuple[int, int] | None) -> None:
+    """Refuse an image too big to decode here (read from its header, before anything is decoded)."""
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise MessageError(f"the image is {size[0]} x {size[1]} pixels: post one of at most {MAX_PIXELS // 1_000_000} "
+                           "megapixels (save it smaller, e.g. a lower dpi)")
+
+
 def _checked_size(pil: Any, data: bytes) -> tuple[int, int]:
     """The image's size from its header, after Pillow's structural check (PNG chunk CRCs): a damaged file is one line."""
     import warnings
@@ -252,6 +258,8 @@ def _checked_size(pil: Any, data: bytes) -> tuple[int, int]:
             with pil.open(io.BytesIO(data)) as im:
                 size = im.size  # reads the header only
                 im.verify()
+    except pil.DecompressionBombError:
+        raise MessageError(f"the image has more than {MAX_PIXELS // 1_000_000} megapixels: save it smaller (e.g. a lower dpi)") from None
     except Exception:
         raise MessageError("the image cannot be read (damaged or cut short): save it again as PNG") from None
     return int(size[0]), int(size[1])
