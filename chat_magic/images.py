@@ -573,7 +573,13 @@ class FolderStore(Store):
         return Path(self.spec.bucket) / self.spec.key(name)
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            return self._path(name).is_file()
+        except OSError as e:  # a name too long, no permission to look: was an exception out of the worker
+            import errno
+
+            raise StoreError(f"cannot read the folder {self.spec.bucket}: {e.strerror or type(e).__name__}",
+                             permanent=isinstance(e, PermissionError) or e.errno == errno.ENAMETOOLONG) from None
 
     def put(self, name: str, data: bytes, mime: str) -> None:
         path = self._path(name)
@@ -814,7 +820,15 @@ def upload(spec: StoreSpec, images: list[tuple[str, str, bytes | None]]) -> dict
     ``data`` None: the bytes are no longer in the outbox (a salvaged row);
     fine if the store has the object already.
     """
-    store = open_store(spec)
+    try:
+        return _upload(open_store(spec), spec, images)
+    except StoreError:
+        raise
+    except Exception as e:  # a store client's own surprise: retried like a fault, within the patience (never its text)
+        raise StoreError(f"the store {spec.shown} failed: {type(e).__name__}", permanent=False) from None
+
+
+def _upload(store: Store, spec: StoreSpec, images: list[tuple[str, str, bytes | None]]) -> dict[str, str]:
     urls: dict[str, str] = {}
     for digest, mime, data in images:
         name = object_name(digest, mime)

@@ -347,3 +347,15 @@ def test_a_presigned_url_is_not_in_botocores_debug_log(fast_space, s3_store, cap
     signature = parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]
     assert any(r.name.startswith("botocore") for r in caplog.records)  # botocore did log at DEBUG
     assert signature not in caplog.text
+
+
+def test_a_folder_store_that_cannot_be_looked_at_costs_the_figure_not_the_notice(fast_space, folder_store, monkeypatch, capfd):
+    """Was: OSError (name too long) out of the worker; the notice stayed 'sending', taken back after each lease, for ever."""
+    import chat_magic
+
+    monkeypatch.setenv("CHAT_MAGIC_IMAGE_STORE", f"file://{folder_store.root}/{'x' * 300}")
+    r = chat_magic.send("the run finished", image=png_bytes())
+    r.wait(60)
+    m = fast_space.wait_for(1)[0]
+    assert image_urls(m) == [] and "1 figure not posted: cannot read the folder" in _texts(m)
+    assert "Traceback" not in capfd.readouterr().err
