@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
@@ -115,11 +116,12 @@ class Settings:
     backoff_cap: float = 15.0
     give_up_after: float = 24 * 3600.0  # a transient error older than this becomes final
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
+    lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
     _exit_timeout: float | None = None  # None: CHAT_MAGIC_EXIT_TIMEOUT, else 3 s
 
     @property
     def lease(self) -> float:
-        return self.connect_timeout + self.read_timeout + 10.0
+        return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
 
     @property
     def exit_timeout(self) -> float:
@@ -784,8 +786,8 @@ class Receipt:
         self.ids = tuple(ids)
         self._held = not ids
         self.destination = destination
-        self._callbacks: list[Callable[[Receipt], None]] = []
-        self._fired = False
+        self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
+        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -875,18 +877,29 @@ class Receipt:
         self._d.reported.update(self.ids)
 
     def add_done_callback(self, fn: Callable[[Receipt], None]) -> None:
-        """Call ``fn(receipt)`` from the delivery thread once this is sent or failed."""
-        self._callbacks.append(fn)
-        if self.done():
+        """Call ``fn(receipt)`` once, from the delivery thread, when this is sent or failed.
+
+        Added after completion, ``fn`` is called at once (in this thread).
+        The receipt is registered with the dispatcher *before* "done?" is
+        checked: a delivery that finishes between the two is then seen by
+        one side or the other (or both: :meth:`_fire` hands each callback
+        out once).
+        """
+        with self._cb_lock:
+            self._callbacks.append(fn)
+        self._d.watch(self)
+        try:
+            done = self.done()
+        except OutboxError:
+            done = False  # the dispatcher checks again after each delivery
+        if done:
             self._fire()
-        else:
-            self._d.watch(self)
 
     def _fire(self) -> None:
-        if self._fired:
-            return
-        self._fired = True
-        for fn in self._callbacks:
+        """Call the callbacks not called yet, each once (whoever calls this, however often)."""
+        with self._cb_lock:
+            due, self._callbacks = self._callbacks, []
+        for fn in due:
             try:
                 fn(self)
             except Exception as e:
@@ -913,6 +926,7 @@ def dispatcher() -> Dispatcher:
                 atexit.register(_at_exit)
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
+            _take_over(d, home)
     return d
 
 
@@ -936,6 +950,23 @@ def _drain_legacy(home: os.PathLike[str]) -> None:
     if old is not None and str(old) not in _dispatchers:
         _dispatchers[str(old)] = _open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
+
+
+def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
+    """Move what previous hosts (a container before a restart) left in this folder into this host's outbox.
+
+    Before this process queues anything, so their messages go first. A file
+    some process still uses is never opened (see ``hosts.claim_orphan``).
+    """
+    if d.outbox.path != d.outbox.configured:
+        return  # a temporary outbox stands in: leave the folder alone
+    try:
+        files = hosts.orphans(Path(home))
+    except OSError:  # a folder that cannot be listed: nothing to take over from here
+        return
+    for f in files:
+        if d.outbox.take_over(f.path):
+            d.ensure_running()
 
 
 _inherited: list[Dispatcher] = []

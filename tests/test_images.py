@@ -353,7 +353,8 @@ class HeldSpace:
 
         self.key = config.resolve(None).space_key
         self.db = sqlite3.connect(dispatcher().outbox.path, isolation_level=None)
-        self.db.execute("INSERT OR REPLACE INTO pacing (space_key, next_slot) VALUES (?, ?)", (self.key, time.time() + 3600))
+        # 300 s: within what a real hold can be (a slot further ahead counts as a clock step, outbox.MAX_HOLD)
+        self.db.execute("INSERT OR REPLACE INTO pacing (space_key, next_slot) VALUES (?, ?)", (self.key, time.time() + 300))
 
     def release(self) -> None:
         self.db.execute("UPDATE pacing SET next_slot = 0 WHERE space_key = ?", (self.key,))
