@@ -237,6 +237,7 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["papermill", "nbconvert", "jupyter execute"])
 def test_batch_runners_name_the_notebook(space, tmp_path, runner):
     nb = _posting_notebook(tmp_path / f"nightly-{runner.replace(' ', '-')}.ipynb")
@@ -252,6 +253,7 @@ def test_batch_runners_name_the_notebook(space, tmp_path, runner):
     assert_no_secret(p.stdout, p.stderr)
 
 
+@pytest.mark.slow
 def test_jupyter_server_sessions_name_the_notebook(space, tmp_path):
     """JupyterLab and Notebook 7 start kernels through Jupyter Server's sessions API: the same call here."""
     from jupyter_client import BlockingKernelClient
