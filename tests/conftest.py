@@ -70,6 +70,14 @@ tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 # deleted at exit, after IPython's own exit handler has closed its history (atexit runs the last registered first)
 atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 
+# tqdm.auto decides once, at its import, between the console and the notebook bar, by whether
+# ipykernel.zmqshell is imported: this process is no kernel, but kernel tests import ipykernel and
+# chat_magic.session may then import ipykernel.connect (which imports zmqshell). Decided here, first.
+try:
+    import tqdm.auto  # noqa: F401
+except ImportError:
+    pass
+
 TEST_INTERVAL = 0.01  # this process's pacing interval in tests not marked `pacing` (the user's: 1.1 s)
 
 KEY = "emu-key-" + "k" * 24  # long enough that a leak is unmistakable
