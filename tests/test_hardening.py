@@ -139,6 +139,7 @@ def _json(code: int, status: str, message: str) -> str:
 # --------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 @pytest.mark.pacing
 def test_another_client_eating_the_quota_loses_nothing(space):
     """A foreign bot posts to the same space every 0.7 s: chat_magic meets real 429s and still delivers all, in order, once."""
@@ -170,6 +171,7 @@ def test_another_client_eating_the_quota_loses_nothing(space):
     assert ours_429, "the quota was contended (else this test proves nothing)"
 
 
+@pytest.mark.slow
 @pytest.mark.pacing
 def test_429_storm_is_paced_and_delivered_once(space):
     space.emu.inject("429", count=3)
@@ -1031,6 +1033,7 @@ class BlackHole:
         self.sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.pacing
 def test_a_hung_space_does_not_delay_the_others(space, outbox_home):
     hole = BlackHole()

@@ -368,6 +368,7 @@ EVERYTHING = [
 ]
 
 
+@pytest.mark.slow
 def test_everything_in_this_environments_own_kernel(space, tmp_path):
     import ipykernel
     import IPython
@@ -417,6 +418,7 @@ def test_colab_quickstart_is_committed_clean():
     assert len(params) == 1 and "INSTALL = True" in params[0].source
 
 
+@pytest.mark.slow
 def test_colab_quickstart_runs_against_the_emulator(emulator, standins, tmp_path):
     """As on Colab: the webhook comes from the Secrets panel (the stand-in); papermill-style INSTALL = False skips %pip."""
     standins.secrets(GOOGLE_CHAT_WEBHOOK_URL=other_space(emulator, "SCOLABQS"))

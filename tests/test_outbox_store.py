@@ -137,6 +137,7 @@ def statements(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_first_send_on_a_big_outbox_checks_no_integrity_and_pruning_keeps_n(fast_space, outbox_home, statements, monkeypatch):
     """200,000 delivered rows: the first send() runs no quick_check/integrity_check; the history is cut to N."""
     monkeypatch.setenv("CHAT_MAGIC_KEEP_SENT", "50")
@@ -230,6 +231,8 @@ def test_a_retry_time_an_hour_ahead_does_not_stall_the_space(outbox_home):
 # -- 9. drop means drop -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.pacing  # the slot held after "warming up" is what makes the three wait, and merge, together
 def test_a_message_dropped_after_it_was_merged_is_never_delivered(space, outbox_home, monkeypatch):
     """Three short messages merge into one request that fails; the user drops the password; it never arrives."""
     monkeypatch.setattr(delivery.settings, "backoff_base", 8.0)  # the retry waits 4-8 s: time to drop

@@ -38,6 +38,7 @@ def test_quickstart_is_committed_clean():
         assert magic in sources
 
 
+@pytest.mark.slow
 def test_quickstart_runs_in_a_real_kernel(space, monkeypatch):
     # the kernel inherits this process's environment: the space fixture set
     # GOOGLE_CHAT_WEBHOOK_URL and a private CHAT_MAGIC_HOME

@@ -308,6 +308,7 @@ NOTEBOOK_CELLS = [
 ]
 
 
+@pytest.mark.slow
 def test_saved_notebook_carries_no_secret(space, evidence, tmp_path, tmp_path_factory, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
