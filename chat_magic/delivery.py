@@ -786,8 +786,8 @@ class Receipt:
         self.ids = tuple(ids)
         self._held = not ids
         self.destination = destination
-        self._callbacks: list[Callable[[Receipt], None]] = []
-        self._fired = False
+        self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
+        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -877,18 +877,29 @@ class Receipt:
         self._d.reported.update(self.ids)
 
     def add_done_callback(self, fn: Callable[[Receipt], None]) -> None:
-        """Call ``fn(receipt)`` from the delivery thread once this is sent or failed."""
-        self._callbacks.append(fn)
-        if self.done():
+        """Call ``fn(receipt)`` once, from the delivery thread, when this is sent or failed.
+
+        Added after completion, ``fn`` is called at once (in this thread).
+        The receipt is registered with the dispatcher *before* "done?" is
+        checked: a delivery that finishes between the two is then seen by
+        one side or the other (or both: :meth:`_fire` hands each callback
+        out once).
+        """
+        with self._cb_lock:
+            self._callbacks.append(fn)
+        self._d.watch(self)
+        try:
+            done = self.done()
+        except OutboxError:
+            done = False  # the dispatcher checks again after each delivery
+        if done:
             self._fire()
-        else:
-            self._d.watch(self)
 
     def _fire(self) -> None:
-        if self._fired:
-            return
-        self._fired = True
-        for fn in self._callbacks:
+        """Call the callbacks not called yet, each once (whoever calls this, however often)."""
+        with self._cb_lock:
+            due, self._callbacks = self._callbacks, []
+        for fn in due:
             try:
                 fn(self)
             except Exception as e:

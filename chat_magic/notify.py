@@ -54,7 +54,7 @@ from . import rules
 from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .metrics import MetricHistory
-from .report import exception_summary
+from .report import exception_summary, mark_reported
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -117,6 +117,7 @@ class _Run:
         self.receipt = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
         self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
 
@@ -272,7 +273,7 @@ class notify_when_done:
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import FAILED, Report
+        from .report import DIVERGED, FAILED, Report
 
         report = Report.from_outcome(
             run.title,
@@ -285,7 +286,10 @@ class notify_when_done:
             max_lines=30,
             metrics=run.metrics.summaries(),
         )
-        if self.on == "error" and report.status != FAILED:
+        amend = getattr(run, "amend", None)
+        if amend is not None:  # a training callback's reading of how the run ended (integrations/_base.py)
+            amend(report)
+        if self.on == "error" and report.status not in (FAILED, DIVERGED):
             return
         figures = self._figures(run)
         if figures is not None:
@@ -294,6 +298,8 @@ class notify_when_done:
         receipt = run.post(report.kind, "notice", figures=figures, **report.payload_kwargs(cards=cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            if report.status == FAILED:
+                mark_reported(exc)  # a Run All summary names this failure instead of repeating it
 
     def _figures(self, run: _Run) -> Any:
         """The images given to image(), and a chart of the logged metrics when a store is set (else sparklines only)."""
