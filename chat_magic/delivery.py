@@ -704,6 +704,10 @@ def dispatcher() -> Dispatcher:
                 atexit.register(_at_exit)
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
+    from .deadman import fire_orphans
+
+    if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
+        d.ensure_running()
     return d
 
 

@@ -365,13 +365,14 @@ def _destination_args(func: Callable) -> Callable:
 class _Cell:
     """A cell seen by the auto-notify callbacks."""
 
-    __slots__ = ("info", "start", "capture", "handled")
+    __slots__ = ("info", "start", "capture", "handled", "armed")
 
     def __init__(self, info: Any, capture: Capture | None) -> None:
         self.info = info
         self.start = time.perf_counter()
         self.capture = capture
         self.handled = False
+        self.armed: Any = None  # the cell's death notice while it runs (deadman.py)
 
 
 @magics_class
@@ -462,7 +463,11 @@ class ChatMagics(Magics):
     def _post(self, report: Report, webhook: Webhook) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards)))
+            receipt = self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards))
+            _tell_if_refused(receipt)
+            from .deadman import mark_important
+
+            mark_important(receipt)
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -505,6 +510,24 @@ class ChatMagics(Magics):
             mention=mention,
             max_lines=max_lines,
         )
+
+    def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None) -> Any:
+        """The cell's death notice, written before it runs (deadman.py); None if it cannot be. Never raises."""
+        try:
+            from . import deadman
+            from .notify import origin_details
+
+            session = self._session()
+            return deadman.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
+                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after)
+        except Exception as e:
+            _warn(f"could not arm the death notice of {title!r}: {type(e).__name__}: {e}")
+            return None
+
+    @staticmethod
+    def _disarm(armed: Any) -> None:
+        if armed is not None:
+            armed.disarm()
 
     def _needs_running_loop(self, cell: str) -> bool:
         """Whether ``cell`` has top-level ``await`` while an event loop already runs this thread (a kernel)."""
@@ -580,8 +603,17 @@ class ChatMagics(Magics):
 
         for frame in self._cells:  # auto-notify leaves this cell to us
             frame.handled = True
-        ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
+            self._disarm(frame.armed)
+            frame.armed = None
+        title = args.title.strip() if args.title else cell_title(cell)
+        armed = self._arm(title or f"Cell [{self.shell.execution_count}]", webhook)
+        try:
+            ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
+        except BaseException:
+            self._disarm(armed)
+            raise
         if args.on_error and ran.error is None:
+            self._disarm(armed)
             return None
         report = self._report(
             title=args.title.strip() if args.title else cell_title(cell),
@@ -596,6 +628,7 @@ class ChatMagics(Magics):
             with_output=not args.no_output,
         )
         self._post(report, webhook)
+        self._disarm(armed)  # after the completion notice is queued
         return None
 
     # -- %chat -----------------------------------------------------------------
@@ -735,6 +768,7 @@ class ChatMagics(Magics):
             self._registered = False
         while self._cells:
             frame = self._cells.pop()
+            self._disarm(frame.armed)
             if frame.capture is not None:
                 frame.capture.remove()
 
@@ -743,7 +777,12 @@ class ChatMagics(Magics):
             capture = None
             if not self._cells and self._auto is not None:
                 capture = Capture(self.shell, max(4 * self.max_chars, 8192)).install()
-            self._cells.append(_Cell(info, capture))
+            frame = _Cell(info, capture)
+            if len(self._cells) == 0 and self._auto is not None and (getattr(info, "raw_cell", "") or "").strip():
+                raw = getattr(info, "raw_cell", "") or ""
+                frame.armed = self._arm(cell_title(raw) or f"Cell [{self.shell.execution_count}]", self._auto["webhook"],
+                                        self._auto.get("stall_after"))
+            self._cells.append(frame)
         except Exception as e:
             _warn(f"auto-notify: {type(e).__name__}: {e}")
 
@@ -754,13 +793,19 @@ class ChatMagics(Magics):
             if idx is None:  # an empty cell, or one that started before auto-notify
                 return
             frame = None
+            popped = []
             while len(self._cells) > idx:
                 frame = self._cells.pop()
+                popped.append(frame)
                 if frame.capture is not None:
                     frame.capture.remove()
-            if self._cells or frame is None or frame.handled or self._auto is None:
-                return  # a nested cell, or a %%chat cell that posted on its own
-            self._announce(frame, result)
+            try:
+                if self._cells or frame is None or frame.handled or self._auto is None:
+                    return  # a nested cell, or a %%chat cell that posted on its own
+                self._announce(frame, result)
+            finally:
+                for f in popped:  # after the completion notice is queued
+                    self._disarm(f.armed)
         except Exception as e:
             _warn(f"auto-notify: {type(e).__name__}: {e}")
 

@@ -118,6 +118,21 @@ class _Run:
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
+        self.armed: Any = None  # its death notice in the outbox while it runs (deadman.py)
+
+    def arm(self, stall_after: float | None = None) -> None:
+        """Write this run's death notice to the outbox before the work starts (deadman.py). Never raises."""
+        from . import deadman
+
+        if self.owner.webhook is not None and self.armed is None:
+            self.armed = deadman.arm(self.owner.webhook, self.owner.thread_key or self.session.thread_key, title=self.title,
+                                     details=self.details(), cards=self.owner.cards, to=self.owner.to, stall_after=stall_after)
+
+    def disarm(self) -> None:
+        """The run closed: its death notice is not needed (after the completion notice is queued)."""
+        armed, self.armed = self.armed, None
+        if armed is not None:
+            armed.disarm()
 
     @property
     def title(self) -> str:
@@ -143,6 +158,11 @@ class _Run:
         if refused:  # once per name: a loop logging a bad value says so once
             self._refused.update(refused)
             _warn(f"log(): {', '.join(refused)} of {self.label!r} not recorded: give numbers (floats, ints, one-element tensors)")
+        if self.armed is not None:
+            from .metrics import as_number, format_value
+
+            shown = ", ".join(f"{k} {format_value(as_number(v))}" for k, v in list(values.items())[:6])
+            self.armed.record(f"{shown}" + (f" (step {step})" if step is not None else ""))
 
     def update(self, text: str) -> Any:
         from .message import neutralize
@@ -150,6 +170,8 @@ class _Run:
         text = str(text).strip()
         if not text:
             return None
+        if self.armed is not None:
+            self.armed.record(text, force=True)
         return self.post(_ranks.PROGRESS, "progress line", text=f"⏳ *{neutralize(self.title)}*: {neutralize(text)}", truncate=True)
 
 
@@ -186,6 +208,7 @@ class notify_when_done:
         on: str = "always",
         cards: bool = True,
         ranks: str | None = None,
+        stall_after: float | None = None,
     ) -> None:
         from . import config
 
@@ -201,6 +224,7 @@ class notify_when_done:
         self.on = on
         self.cards = bool(cards)
         self.ranks = ranks
+        self.stall_after = _stall_seconds(stall_after)
         try:
             self.webhook: Webhook | None = config.resolve(to)  # ConfigError now, not after the job
         except NoDestinationError:
@@ -243,6 +267,7 @@ class notify_when_done:
 
     def _begin(self, label: str) -> _Run:
         run = _Run(self, label)
+        run.arm(self.stall_after)
         if self.notify_start:
             from .report import STARTED, Report
 
@@ -256,6 +281,8 @@ class notify_when_done:
             self._finish(run, exc)
         except Exception as e:  # a bug here must not hide the user's result
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
+        finally:
+            run.disarm()  # after the completion notice is queued
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
         from .report import FAILED, Report
@@ -276,6 +303,9 @@ class notify_when_done:
         receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            from .deadman import mark_important
+
+            mark_important(receipt)
 
     # -- context manager -------------------------------------------------
 
@@ -423,6 +453,15 @@ class notify_when_done:
             return result
 
         return wrapper  # type: ignore[return-value]
+
+
+def _stall_seconds(value: Any) -> float | None:
+    """``stall_after=``: seconds > 0 or None; anything else is a one-line ConfigError now."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"stall_after={value!r}: give seconds > 0 (e.g. stall_after=600), or None")
+    return float(value)
 
 
 def _find_run(owner: notify_when_done) -> _Run | None:

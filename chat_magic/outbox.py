@@ -61,6 +61,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("chat_magic")
 
 PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed", "merged"
+# a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
+# only deadman.fire turns it into a pending message, or closing deletes it
+ARMED = "armed"
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """
@@ -103,6 +106,11 @@ CREATE TABLE IF NOT EXISTS pacing (
 # (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.
 # (table, column, declaration)
 _ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("message", "armed", "TEXT"),  # an armed death notice: what to say if its owner dies (deadman.py); NULL otherwise
+    ("message", "progress", "TEXT"),  # armed rows: the last progress line the owner recorded
+    ("message", "beat", "REAL"),  # armed rows: when the owner last showed a sign of life
+    ("message", "peak", "INTEGER"),  # armed rows: the owner's peak memory (bytes) when it last recorded progress
+    ("message", "important", "INTEGER NOT NULL DEFAULT 0"),  # a completion, failure or death notice: the exit waits for it
 ]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
@@ -720,8 +728,9 @@ class Outbox:
                         row.update(state=PENDING, owner=None, lease_until=None)
                     if row["state"] == PENDING:
                         row["next_at"] = time.time()  # after a recovery, try again at once
-                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
-                               [row.get(c) for c in _COLUMNS])
+                    cols = _COLUMNS + tuple(c for t, c, _ in _ADDED_COLUMNS if t == "message" and c in row)
+                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                               [row.get(c) for c in cols])
                     kept += 1
                     waiting += row["state"] == PENDING
         finally:

@@ -86,6 +86,7 @@ class TrainingWatch:
         thread_key: str | None = None,
         cards: bool = True,
         ranks: str | None = None,
+        stall_after: float | None = None,
     ) -> None:
         if on not in ON:
             raise ConfigError(f"on={on!r}: use 'epoch' (start, every epoch, end), 'end' (the final card) or 'error' (failures only)")
@@ -96,7 +97,8 @@ class TrainingWatch:
         self.every = every_n_epochs
         self.label = label
         self.notifier = notify_when_done(label or "training", to=to, thread_key=thread_key, mention=mention,
-                                         on="error" if on == "error" else "always", cards=cards, ranks=ranks)
+                                         on="error" if on == "error" else "always", cards=cards, ranks=ranks,
+                                         stall_after=stall_after)
         self.notifier._ready()  # no webhook configured: say so now, not after the run
         self.run: Any = None
         self.planned: int | None = None
@@ -108,7 +110,7 @@ class TrainingWatch:
         """Training starts: remember it, and post the start line (``on="epoch"``)."""
         try:
             if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
-                self._forget()
+                self._forget().disarm()
             self.run = self.notifier._begin(self.label or name)
             if rank is not None:
                 self.run.rank = rank
