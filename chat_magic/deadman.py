@@ -90,6 +90,9 @@ class Armed:
                 hook(self)
             except Exception:
                 pass
+        from . import termination
+
+        termination.uninstall()
         try:
             with self.outbox._write() as db:
                 db.execute("DELETE FROM message WHERE id=? AND state='armed'", (self.id,))
@@ -148,6 +151,7 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
     try:
         d = dispatcher()
         box = d.outbox
+        _at_first_arm(box)  # the watcher first: once the row is armed, someone is watching
         now = time.time()
         host = (details or {}).get("Host") or _hostname()
         spec = {"title": title, "started": now, "details": dict(details or {}), "cards": bool(cards), "host": host,
@@ -175,7 +179,6 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
             hook(armed, spec)
         except Exception as e:
             _warn(f"{title!r}: {type(e).__name__}: {e}")
-    _at_first_arm(box)
     return armed
 
 
@@ -187,6 +190,9 @@ def _hostname() -> str:
 
 def _at_first_arm(box: Any) -> None:
     global _exit_registered
+    from . import termination
+
+    termination.install()
     if not _exit_registered:
         _exit_registered = True
         atexit.register(_fire_own_at_exit)  # after the dispatcher's: runs before it (atexit is LIFO)
@@ -266,7 +272,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def death_message(spec: dict[str, Any], row: dict[str, Any], *, cause_text: str, died_at: float | None,
-                  peak: int = 0) -> dict[str, Any]:
+                  peak: int = 0, icon: str = "💀", verb: str = "died") -> dict[str, Any]:
     """``send`` arguments for a death notice: a card with a text fallback (or text alone)."""
     import html
 
@@ -276,12 +282,12 @@ def death_message(spec: dict[str, Any], row: dict[str, Any], *, cause_text: str,
     title = str(spec.get("title") or "block")
     started = float(spec.get("started") or row.get("created_at") or time.time())
     if died_at is not None:
-        when = f"died after {format_duration(max(0.0, died_at - started))}"
+        when = f"{verb} after {format_duration(max(0.0, died_at - started))}"
     else:
         last = float(row.get("beat") or started)
         when = f"died (found later; last sign of life {format_duration(max(0.0, last - started))} after it started)"
-    head = f"💀 {title} {when}"
-    text = f"💀 *{neutralize(title)}* {neutralize(when)} ({neutralize(cause_text)})"
+    head = f"{icon} {title} {when}"
+    text = f"{icon} *{neutralize(title)}* {neutralize(when)} ({neutralize(cause_text)})"
     facts = {"Cause": cause_text, "Started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
     if row.get("progress"):
         facts["Last progress"] = str(row["progress"])
@@ -300,7 +306,7 @@ def death_message(spec: dict[str, Any], row: dict[str, Any], *, cause_text: str,
 
 
 def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = None, exit_status: int | None = None,
-              oom_kills: int = 0, died_at: float | None = None, peak: int = 0) -> list[int]:
+              oom_kills: int = 0, died_at: float | None = None, peak: int = 0, **wording: str) -> list[int]:
     """Turn armed rows into pending death notices: those of ``owner``, or (None) of every dead owner on this host.
 
     Returns the ids of the messages queued. Exactly once: each row is
@@ -324,7 +330,7 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
             spec = {}
         webhook = box.webhook(row["dest"])
         text = cause_text or cause(exit_status, oom_kills)
-        kwargs = death_message(spec, row, cause_text=text, died_at=died_at, peak=peak)
+        kwargs = death_message(spec, row, cause_text=text, died_at=died_at, peak=peak, **wording)
         payloads = build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
                                   thread_key=row["thread_key"], truncate=True, webhook=webhook)
         now = time.time()

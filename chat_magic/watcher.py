@@ -70,9 +70,22 @@ def _spawn():
 
     return subprocess.Popen(
         [sys.executable, "-m", "chat_magic.watcher", "--owner", _owner_id(), "--pid", str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=_log(),
         start_new_session=True, close_fds=True, cwd="/",
     )
+
+
+def _log():
+    """Where the watcher's own errors go: ``CHAT_MAGIC_WATCHER_LOG`` (a file, for debugging), else nowhere."""
+    import subprocess
+
+    path = os.environ.get("CHAT_MAGIC_WATCHER_LOG", "").strip()
+    if path:
+        try:
+            return open(path, "ab")
+        except OSError:
+            pass
+    return subprocess.DEVNULL
 
 
 def stop() -> None:
@@ -227,6 +240,8 @@ def report(owner: str, paths: list[str], death: dict) -> int:
 
     fired = 0
     for path in paths:
+        if not os.path.isfile(path):
+            continue  # removed meanwhile (a temporary home): nothing armed there
         try:
             box = Outbox(path)
             ids = deadman.fire_dead(box, owner=owner, exit_status=death["exit_status"], oom_kills=death["oom_kills"],

@@ -29,7 +29,7 @@ REPO = Path(chat_magic.__file__).resolve().parent.parent  # the code under test,
 def script_env(space, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_MAGIC_", "GOOGLE_CHAT_"))}
     env.update(GOOGLE_CHAT_WEBHOOK_URL=space.url, CHAT_MAGIC_HOME=str(home), CHAT_MAGIC_CONFIG=str(home / "none.toml"),
-               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", CHAT_MAGIC_WATCHER_LOG=str(home.parent / "watcher.log"), **extra)
     return env
 
 
@@ -243,7 +243,9 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
             os.kill(pid, signal.SIGKILL)
         else:
             km.restart_kernel(now=True)
-        found = wait_until(lambda: deaths(fast_space), timeout=10, what="the death notice within 10 s")
+        log = tmp_path / "watcher.log"
+        found = wait_until(lambda: deaths(fast_space), timeout=10,
+                           what=f"the death notice within 10 s ({log.read_text()[-2000:] if log.exists() else 'no watcher log'})")
         assert "Fine-tune the big model died after" in found[0]["fallbackText"]
         wait_until(lambda: armed_rows(home) == 0, timeout=10, what="nothing armed")
         assert len(deaths(fast_space)) == 1
