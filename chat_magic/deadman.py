@@ -209,11 +209,47 @@ def _fire_own_at_exit() -> None:
     boxes = {str(a.outbox.path): a.outbox for a in mine}
     for box in boxes.values():
         try:
-            fire_dead(box, owner=_my_owner(), cause_text="the process exited while it was still running", died_at=time.time())
+            ids = fire_dead(box, owner=_my_owner(), cause_text="the process exited while it was still running",
+                            died_at=time.time(), icon="⏹️", verb="ended")
+            from .delivery import _dispatchers
+
+            for d in list(_dispatchers.values()):
+                if d.outbox is box:
+                    d.mine.update(ids)  # the exit waits for them
         except Exception as e:
             _warn(f"could not post the notice of a block still open at exit: {e}")
     for a in mine:
         a.closed = True
+
+
+def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
+    """The exit policy: which of this process's waiting messages to wait for at exit, and for how long.
+
+    While a completion, failure, termination or death notice waits: those,
+    for ``CHAT_MAGIC_EXIT_TIMEOUT`` seconds if set, else 30 s, said in one
+    line; else every message, for the usual short window (3 s). Never raises.
+    """
+    from .delivery import settings
+
+    try:
+        if not mine:
+            return mine, settings.exit_timeout
+        chosen = set(mine)
+        important = [r[0] for r in d.outbox._db().execute(
+            f"SELECT id FROM message WHERE important=1 AND state IN ('pending','sending') AND id IN ({','.join('?' * len(mine))})",
+            mine)] if len(mine) < 900 else [i for i in mine if i in chosen]
+        if not important:
+            return mine, settings.exit_timeout
+        explicit = bool(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "").strip()) or settings.exit_timeout != 3.0
+        timeout = settings.exit_timeout if explicit else 30.0
+        if d.wait_for(important, min(1.0, timeout)):  # most are gone within a second: no line then
+            return [], 0.0
+        n = len(important)
+        _warn(f"waiting up to {timeout:g} s for {n} completion notice{'s' if n > 1 else ''} to be delivered "
+              "(CHAT_MAGIC_EXIT_TIMEOUT sets how long)")
+        return important, max(0.0, timeout - 1.0)
+    except Exception:
+        return mine, settings.exit_timeout
 
 
 def _my_owner() -> str:

@@ -252,3 +252,32 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+# -- the last notice leaves before the process ------------------------------------------
+
+
+def test_a_short_scripts_completion_card_is_delivered_before_it_exits_at_1_5_s_latency(tmp_path):
+    from conftest import KEY, TOKEN, Space
+
+    from chat_magic.emulator import Emulator
+
+    emu = Emulator(key=KEY, token=TOKEN, qps=1.0, strict=True, latency=1.5).start()
+    try:
+        space = Space(emu, "SLOW")
+        body = """
+            import chat_magic
+            with chat_magic.notify_when_done("quick job", notify_start=True) as n:
+                n.update("half way")
+            print("READY", flush=True)
+        """
+        proc = start_script(tmp_path, body, script_env(space, tmp_path / "home", CHAT_MAGIC_WATCHER="off"))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        # the moment it exited, the space already had the completion card
+        cards = [m for m in space.messages() if "quick job finished" in (m.get("fallbackText") or "")]
+        assert len(cards) == 1, (err, [m.get("fallbackText") or m.get("text") for m in space.messages()])
+        assert "waiting up to 30 s for 1 completion notice to be delivered" in err
+        assert "still queued" not in err
+    finally:
+        emu.stop()
