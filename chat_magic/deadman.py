@@ -139,7 +139,8 @@ def _status_kib(pid: int, name: str) -> int:
 
 
 def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, str] | None = None,
-        cards: bool = True, to: Any = None, stall_after: float | None = None, job: str | None = None) -> Armed | None:
+        cards: bool = True, to: Any = None, stall_after: float | None = None, job: str | None = None,
+        probe: Any = None) -> Armed | None:
     """Write ``title``'s death notice to the outbox before the work starts; None (and one line) if it cannot be.
 
     ``to`` is the destination as the user named it (a space name, or None for
@@ -173,7 +174,8 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
     with _lock:
         _open[(str(box.path), row_id)] = armed
     spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
-                stall_after=stall_after, job=job, webhook=webhook)
+                stall_after=stall_after, job=job, webhook=webhook, probe=probe)
+    from . import stalls  # noqa: F401  (its hooks)
     for hook in list(_arm_hooks):
         try:
             hook(armed, spec)

@@ -362,6 +362,16 @@ def _destination_args(func: Callable) -> Callable:
     return func
 
 
+def _output_probe(capture: Any) -> Callable[[], tuple[int, str]]:
+    """(characters printed so far, last line) of a cell: what the stall watcher looks at (stalls.py)."""
+    def probe() -> tuple[int, str]:
+        tail = capture.tail
+        text = tail.text()
+        lines = [ln for ln in text[-2000:].splitlines() if ln.strip()]
+        return tail.dropped + len(text), strip_ansi(lines[-1])[:300] if lines else ""
+    return probe
+
+
 class _Cell:
     """A cell seen by the auto-notify callbacks."""
 
@@ -511,7 +521,7 @@ class ChatMagics(Magics):
             max_lines=max_lines,
         )
 
-    def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None) -> Any:
+    def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None, capture: Any = None) -> Any:
         """The cell's death notice, written before it runs (deadman.py); None if it cannot be. Never raises."""
         try:
             from . import deadman
@@ -519,7 +529,8 @@ class ChatMagics(Magics):
 
             session = self._session()
             return deadman.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
-                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after)
+                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
+                               probe=_output_probe(capture) if capture is not None else None)
         except Exception as e:
             _warn(f"could not arm the death notice of {title!r}: {type(e).__name__}: {e}")
             return None
@@ -678,6 +689,8 @@ class ChatMagics(Magics):
               help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
     @argument("--quiet", type=float, metavar="SECONDS",
               help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
+    @argument("--stall-after", type=float, metavar="SECONDS",
+              help="post a line when a running cell prints nothing for this long, and when it moves again.")
     @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
     @line_magic("chat_autonotify")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_autonotify(self, line: str) -> None:
@@ -720,7 +733,10 @@ class ChatMagics(Magics):
             raise _usage(f"{magic}: --quiet goes with --run-all")
         else:
             self._stop_runall()
-        self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention}
+        if args.stall_after is not None and not args.stall_after > 0:
+            raise _usage(f"{magic}: --stall-after takes seconds > 0, not {args.stall_after}")
+        self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention,
+                      "to": args.to, "stall_after": args.stall_after}
         if not self._registered:
             for event, fn in self._callbacks.items():
                 self.shell.events.register(event, fn)
@@ -781,7 +797,7 @@ class ChatMagics(Magics):
             if len(self._cells) == 0 and self._auto is not None and (getattr(info, "raw_cell", "") or "").strip():
                 raw = getattr(info, "raw_cell", "") or ""
                 frame.armed = self._arm(cell_title(raw) or f"Cell [{self.shell.execution_count}]", self._auto["webhook"],
-                                        self._auto.get("stall_after"))
+                                        self._auto.get("stall_after"), capture)
             self._cells.append(frame)
         except Exception as e:
             _warn(f"auto-notify: {type(e).__name__}: {e}")

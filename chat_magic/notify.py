@@ -145,6 +145,8 @@ class _Run:
     def post(self, kind: str, what: str, **payload: Any):
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
         try:
+            if kind == _ranks.PROGRESS and self.armed is not None:  # update(), chat_magic.tqdm: a sign of life
+                self.armed.record(str(payload.get("text") or "").split(": ", 1)[-1], force=True)
             if not _ranks.should_post(kind, self.owner.ranks, self.rank):
                 return None
             return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, keep_on_fault=True, **payload)
@@ -170,8 +172,6 @@ class _Run:
         text = str(text).strip()
         if not text:
             return None
-        if self.armed is not None:
-            self.armed.record(text, force=True)
         return self.post(_ranks.PROGRESS, "progress line", text=f"⏳ *{neutralize(self.title)}*: {neutralize(text)}", truncate=True)
 
 

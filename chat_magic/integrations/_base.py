@@ -137,6 +137,12 @@ class TrainingWatch:
         except Exception as e:
             _warn(f"training notices: epoch {number}: {exception_summary(e)}")
 
+    def step(self) -> None:
+        """A training step ended: a sign of life for ``stall_after`` and death notices (nothing is posted)."""
+        run = self.run
+        if run is not None and run.armed is not None:
+            run.armed.record()
+
     def end(self, exc: BaseException | None) -> None:
         """Training ended (``exc`` if it crashed): post the final or failure card. Idempotent."""
         run = self._forget()

@@ -43,5 +43,8 @@ class ChatCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.watch.epoch(int(epoch) + 1, dict(logs or {}))
 
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.watch.step()
+
     def on_train_end(self, logs: Any = None) -> None:
         self.watch.end(None)

@@ -83,6 +83,9 @@ class ChatCallback(*_bases()):  # type: ignore[misc]
             return
         self.watch.epoch(int(trainer.current_epoch) + 1, epoch_metrics(dict(trainer.callback_metrics)))
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        self.watch.step()
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.watch.end(None)
 
