@@ -300,12 +300,33 @@ class notify_when_done:
         )
         if self.on == "error" and report.status != FAILED:
             return
+        if report.status == FAILED and self._peer_failed_first(run, exc, report):
+            return
         receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
             from .deadman import mark_important
 
             mark_important(receipt)
+
+    def _peer_failed_first(self, run: _Run, exc: BaseException | None, report: Any) -> bool:
+        """In a distributed job: whether another rank failed first and this error is its consequence.
+
+        Then this rank posts one line naming the rank that failed first (the
+        failure card is that rank's), and True is returned.
+        """
+        from . import jobs
+
+        job = jobs.identity()
+        if not job or not run.rank.distributed:
+            return False
+        first = jobs.first_failure(job, jobs.describe_rank(run.rank), report.error)
+        if first is None or not jobs.consequential(exc):
+            return False
+        receipt = run.post(_ranks.FAILURE, "line", text=jobs.as_line(run.title, report.error, first), truncate=True)
+        if receipt is not None:
+            run.receipt = self.receipt = receipt
+        return True
 
     # -- context manager -------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""One thread per job: two real ranks (torch.distributed, gloo, on the CPU) share one thread.
+
+Rank 1 fails with its own error; rank 0, blocked in a collective, then gets
+gloo's "Connection closed by peer". The failure card is rank 1's; rank 0's
+error is one line naming the rank that failed first.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from cluster_support import free_port
+from conftest import wait_until
+from test_watcher import script_env
+
+SCRIPT = """
+    import os, torch, torch.distributed as dist, chat_magic
+    rank = int(os.environ["SLURM_PROCID"])
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method="tcp://127.0.0.1:{port}")
+    with chat_magic.notify_when_done("ddp job"):
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        if rank == 1:
+            raise ValueError("bad batch 17 on rank 1")
+        dist.all_reduce(t)  # rank 0 waits for rank 1, which is gone
+"""
+
+
+def _texts(m: dict) -> str:
+    return (m.get("fallbackText") or "") + (m.get("text") or "")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_ranks_share_one_thread_and_the_failing_ranks_error_is_the_failure_notice(fast_space, tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "ddp.py"
+    path.write_text(textwrap.dedent(SCRIPT.replace("{port}", str(free_port()))), encoding="utf-8")
+    procs = []
+    for rank in (0, 1):
+        env = script_env(fast_space, tmp_path / "home", SLURM_JOB_ID="9001", SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
+                         SLURM_NTASKS="2")
+        procs.append(subprocess.Popen([sys.executable, str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    errs = [p.communicate(timeout=200)[1] for p in procs]
+    assert procs[1].returncode != 0 and "bad batch 17" in errs[1]
+    assert procs[0].returncode != 0, "rank 0 failed too, because of rank 1"
+    line = wait_until(lambda: [m for m in fast_space.messages() if "failed first" in _texts(m)], what="rank 0's line")
+    msgs = fast_space.messages()
+    cards = [m for m in msgs if m.get("cardsV2") and "❌" in _texts(m)]
+    assert len(cards) == 1, [_texts(m) for m in msgs]
+    assert "rank 1 of 2" in cards[0]["fallbackText"] and "bad batch 17" in str(cards[0]["cardsV2"])
+    assert "ddp job (rank 0 of 2)" in line[0]["text"] and "rank 1 of 2 failed first" in line[0]["text"]
+    assert "ValueError: bad batch 17 on rank 1" in line[0]["text"]
+    assert len({m["thread"]["name"] for m in msgs}) == 1, "every rank's notices in one thread"
+    assert all(m["thread"]["threadKey"].startswith("chat-magic-slurm-9001.0-") for m in msgs)
+
+
+def test_every_launchers_identity_gives_one_key_for_all_ranks():
+    from chat_magic import jobs
+
+    assert jobs.identity({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "2", "SLURM_PROCID": "3"}) == "slurm-7.2"
+    assert jobs.identity({"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}).startswith("ddp-n1-29500-")
+    assert jobs.identity({"TORCHELASTIC_RUN_ID": "exp42"}) == "torchrun-exp42"
+    assert jobs.identity({"RAY_JOB_ID": "02000000"}) == "ray-02000000"
+    assert jobs.identity({"JOB_NAME": "bert-finetune"}) == "job-bert-finetune"
+    assert jobs.identity({}) is None
+    # two real processes of one launcher (same process group, same master) derive the same key
+    code = "from chat_magic.session import Session; print(Session().thread_key)"
+    env = script_env(type("S", (), {"url": "http://127.0.0.1:1/v1/spaces/X/messages?key=k&token=t"})(), __import__("pathlib").Path("/tmp"),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+    keys = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+            for _ in range(2)}
+    assert len(keys) == 1 and next(iter(keys)).startswith("chat-magic-ddp-127.0.0.1-29555-")
