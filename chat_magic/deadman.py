@@ -175,7 +175,7 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
         _open[(str(box.path), row_id)] = armed
     spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
                 stall_after=stall_after, job=job, webhook=webhook, probe=probe)
-    from . import stalls  # noqa: F401  (its hooks)
+    from . import lost, stalls  # noqa: F401  (their hooks)
     for hook in list(_arm_hooks):
         try:
             hook(armed, spec)
@@ -236,15 +236,17 @@ def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
     try:
         if not mine:
             return mine, settings.exit_timeout
-        chosen = set(mine)
+        told = [i for i in mine if i not in d.reported][:900]  # a caller that waited and told the user: not again
         important = [r[0] for r in d.outbox._db().execute(
-            f"SELECT id FROM message WHERE important=1 AND state IN ('pending','sending') AND id IN ({','.join('?' * len(mine))})",
-            mine)] if len(mine) < 900 else [i for i in mine if i in chosen]
+            f"SELECT id FROM message WHERE important=1 AND state IN ('pending','sending') AND id IN ({','.join('?' * len(told))})",
+            told)] if told else []
         if not important:
             return mine, settings.exit_timeout
         explicit = bool(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "").strip()) or settings.exit_timeout != 3.0
         timeout = settings.exit_timeout if explicit else 30.0
-        if d.wait_for(important, min(1.0, timeout)):  # most are gone within a second: no line then
+        if timeout <= 1.0:
+            return mine, timeout
+        if d.wait_for(important, 1.0):  # most are gone within a second: no line then
             return [], 0.0
         n = len(important)
         _warn(f"waiting up to {timeout:g} s for {n} completion notice{'s' if n > 1 else ''} to be delivered "
@@ -299,9 +301,10 @@ def cause(exit_status: int | None = None, oom_kills: int = 0) -> str:
     return f"killed by {name}"
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if not n:
+def _fmt_bytes(size: int | None) -> str:
+    if not size:
         return ""
+    n = float(size)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -351,6 +354,7 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     deleted (``WHERE state='armed'``) and its notice inserted in one
     transaction; a row another process fired meanwhile is skipped.
     """
+    from . import lost  # noqa: F401  (its hook forgets the block in Redis)
     from .message import build_payloads
     from .outbox import _owner_alive, _request_id
 

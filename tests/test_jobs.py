@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from cluster_support import free_port
@@ -75,3 +76,82 @@ def test_every_launchers_identity_gives_one_key_for_all_ranks():
     keys = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout.strip()
             for _ in range(2)}
     assert len(keys) == 1 and next(iter(keys)).startswith("chat-magic-ddp-127.0.0.1-29555-")
+
+
+# -- lost hosts, through Redis -----------------------------------------------------------
+
+HOST_JOB = """
+    import time, chat_magic
+    with chat_magic.notify_when_done("long sweep") as n:
+        n.update("trial 7 of 40")
+        print("READY", flush=True)
+        time.sleep(600)
+"""
+
+
+def _ns_init(unshare_pid: int) -> int:
+    """The pid (seen from here) of the first process inside the namespace ``unshare --fork`` made."""
+    from pathlib import Path
+
+    for task in Path(f"/proc/{unshare_pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        if kids:
+            return int(kids[0])
+    raise AssertionError("unshare has no child")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_chat_magic_watch_reports_a_host_killed_whole_and_nothing_for_a_job_that_closed(fast_space, tmp_path):
+    import os
+    import signal
+
+    from cluster_support import RedisServer, unshare_works
+
+    from chat_magic import lost
+
+    why = unshare_works()
+    if why:
+        pytest.skip(why)
+    redis_server = RedisServer(tmp_path / "redis").start()
+    watch = None
+    try:
+        env = script_env(fast_space, tmp_path / "home", CHAT_MAGIC_REDIS_URL=redis_server.url, CHAT_MAGIC_HEARTBEAT="0.5")
+        job = tmp_path / "job.py"
+        job.write_text(textwrap.dedent(HOST_JOB), encoding="utf-8")
+        # a closed job on a live host: never "lost"
+        done = subprocess.run([sys.executable, "-c", "import chat_magic\nwith chat_magic.notify_when_done('short one'): pass"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        host = subprocess.Popen(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                                 'hostname gpu-node-17 && exec "$@"', "sh", sys.executable, str(job)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert host.stdout.readline().strip() == "READY", host.stderr.read()
+        wait_until(lambda: redis_server.client().keys("chat_magic:beat:gpu-node-17:*"), what="the host's heartbeat")
+        record = redis_server.client().hgetall(redis_server.client().keys("chat_magic:open:gpu-node-17:*")[0])
+        assert record["label"] == "long sweep" and record["to"] == "" and "key=" not in str(record)
+        watch_env = script_env(fast_space, tmp_path / "login-node", CHAT_MAGIC_REDIS_URL=redis_server.url)
+        watch = subprocess.Popen([sys.executable, "-m", "chat_magic.cli", "watch", "--lost-after", "3", "--every", "0.5"],
+                                 env=watch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed = time.monotonic()
+        os.kill(_ns_init(host.pid), signal.SIGKILL)  # the whole host: its init, the job and its watcher
+        host.wait(30)
+        found = wait_until(lambda: [m for m in fast_space.messages() if "📡" in (m.get("text") or "")],
+                           timeout=3 + 15, what="the lost-contact line within --lost-after + 15 s")
+        assert time.monotonic() - killed < 3 + 15
+        text = found[0]["text"]
+        assert text.startswith("📡 lost contact with *gpu-node-17* running *long sweep*") and "(last: trial 7 of 40)" in text
+        assert found[0]["thread"]["threadKey"] == record["thread_key"].strip() != "", "into the job's thread"
+        # once, and never for the job that closed
+        assert lost.check(redis_server.client(), 3) == []
+        assert not [m for m in fast_space.messages() if "short one" in (m.get("text") or "") and "📡" in m["text"]]
+        # the host comes back (a healed partition): one line saying so
+        key = redis_server.client().keys("chat_magic:open:gpu-node-17:*")[0]
+        redis_server.client().set("chat_magic:beat:" + key.split("open:", 1)[1], str(time.time()), ex=30)
+        wait_until(lambda: [m for m in fast_space.messages() if "📡 back in contact with *gpu-node-17*" in (m.get("text") or "")],
+                   what="the back-in-contact line")
+    finally:
+        if watch is not None:
+            watch.terminate()
+            watch.wait(10)
+        redis_server.stop()
