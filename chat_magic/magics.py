@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import textwrap
 import threading
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from . import config, rules
 from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import Report
+from .report import Report, remember_cell
 from .session import current_session
 from .webhook import Webhook, redact
 
@@ -287,7 +288,10 @@ class _CellNumber:
         original = compiler.cache
 
         def cache(code: str, _number: int = 0, *args: Any, **kwargs: Any) -> Any:
-            return original(code, number, *args, **kwargs)
+            name = original(code, number, *args, **kwargs)
+            if isinstance(name, str):
+                remember_cell(name, number)  # IPython 7 keeps no record of it: the card's traceback needs it
+            return name
 
         compiler.cache = cache
         self._compiler = compiler
@@ -353,7 +357,7 @@ def _destination_args(func: Callable) -> Callable:
     """Options shared by every magic that posts."""
     func = argument(
         "--mention", metavar="WHO",
-        help="mention someone: 'all' (everyone in the space) or a user id. Only this option ever mentions anyone.",
+        help=f"mention someone: {rules.MENTION_HELP}. Only this option ever mentions anyone.",
     )(func)
     func = argument(
         "--to", metavar="NAME",
@@ -370,6 +374,23 @@ def _output_probe(capture: Any) -> Callable[[], tuple[int, str]]:
         lines = [ln for ln in text[-2000:].splitlines() if ln.strip()]
         return tail.dropped + len(text), strip_ansi(lines[-1])[:300] if lines else ""
     return probe
+
+
+def _plain_help(func: Callable) -> Callable:
+    """The help page (``%%chat?``) as plain text: without the reST ``::`` line IPython puts before the usage.
+
+    ``magic_arguments`` writes the usage as a literal block for Sphinx; in a
+    notebook or a terminal the bare ``::`` is noise. Applied above
+    ``@magic_arguments`` (it rewrites the docstring that one built).
+    """
+    doc = func.__doc__ or ""
+    head, sep, rest = doc.partition("\n\n")
+    if head.strip() == "::":
+        usage, sep, rest = rest.partition("\n\n")
+        first, *more = textwrap.dedent(usage).splitlines()
+        indent = " " * (first.find(" ") + 1)  # continuation lines under the first option
+        func.__doc__ = "\n".join([first, *(indent + m.strip() for m in more)]) + sep + rest
+    return func
 
 
 class _Cell:
@@ -565,6 +586,7 @@ class ChatMagics(Magics):
 
     # -- %%chat ----------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("%chat")
     @_destination_args
     @argument("--title", metavar="TEXT", help="the notice's title (default: the cell's first # comment, else 'Cell [n]').")
@@ -578,18 +600,18 @@ class ChatMagics(Magics):
 
         The cell runs exactly as without the magic: its output, its result and
         its traceback show as usual. Then one message goes to this session's
-        thread: the title (``--title``, else the cell's first ``#`` comment,
-        else ``Cell [n]``), ok / failed / interrupted, the duration, and the
+        thread: the title (`--title`, else the cell's first `#` comment,
+        else `Cell [n]`), ok / failed / interrupted, the duration, and the
         tail of what the cell printed (stdout, stderr, its result; images and
-        HTML as ``[image/png]``), with the exception and the last traceback
-        lines if it failed. Output never mentions anyone: only ``--mention``
+        HTML as `[image/png]`), with the exception and the last traceback
+        lines if it failed. Output never mentions anyone: only `--mention`
         does. Posting only queues the message: the cell never waits for the
         network.
 
-        The space is ``GOOGLE_CHAT_WEBHOOK_URL`` or a named space in the
-        config file (``--to NAME``); keep webhook URLs out of notebooks.
+        The space is `GOOGLE_CHAT_WEBHOOK_URL` or a named space in the
+        config file (`--to NAME`); keep webhook URLs out of notebooks.
 
-        Example::
+        Example:
 
             %%chat --on-error --mention all
             # Nightly training
@@ -644,6 +666,7 @@ class ChatMagics(Magics):
 
     # -- %chat -----------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat")
     @_destination_args
     @argument("text", nargs="*", help="the message, in Chat syntax (*bold*, _italic_, `code`); $name and {expression} are expanded.")
@@ -651,13 +674,13 @@ class ChatMagics(Magics):
     def chat_line(self, line: str) -> None:
         """Post a line of text to this session's Google Chat thread.
 
-        ``$name`` and ``{expression}`` are replaced by their values, as in any
-        line magic; write ``$$`` for a literal ``$`` and ``{{`` ``}}`` for
-        literal braces (``%chat costs $$5`` posts "costs $5"). The text is
-        yours: Chat syntax such as ``*bold*`` works. Options come first; use
-        ``--`` before text that starts with ``-``.
+        `$name` and `{expression}` are replaced by their values, as in any
+        line magic; write `$$` for a literal `$` and `{{` `}}` for
+        literal braces (`%chat costs $$5` posts "costs $5"). The text is
+        yours: Chat syntax such as `*bold*` works. Options come first; use
+        `--` before text that starts with `-`.
 
-        Example::
+        Example:
 
             %chat Training done: loss *{round(loss, 3)}* after $epochs epochs
         """
@@ -680,6 +703,7 @@ class ChatMagics(Magics):
 
     # -- %chat_autonotify ----------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat_autonotify")
     @_destination_args
     @argument("--threshold", type=float, metavar="SECONDS",
@@ -696,20 +720,20 @@ class ChatMagics(Magics):
     def chat_autonotify(self, line: str) -> None:
         """Announce every cell that fails or runs longer than a threshold.
 
-        From now on, a cell that runs at least ``--threshold`` seconds (default
-        ``ChatMagics.autonotify_threshold``: 60) or fails posts a completion
+        From now on, a cell that runs at least `--threshold` seconds (default
+        `ChatMagics.autonotify_threshold`: 60) or fails posts a completion
         notice to this session's thread: its title, status, duration and the
-        tail of its output. ``%chat_autonotify off`` stops it. ``%%chat`` cells
+        tail of its output. `%chat_autonotify off` stops it. `%%chat` cells
         post their own notice and are not announced twice.
 
-        ``--run-all`` posts one summary per run of back-to-back cells instead
+        `--run-all` posts one summary per run of back-to-back cells instead
         (Run All, nbclient, papermill): cells run, total time, the slowest
-        cells and the failing cell with its error. A run ends ``--quiet``
-        seconds after its last cell (``ChatMagics.runall_quiet``) or when the
-        kernel shuts down. With ``--threshold`` too, slow cells still post
+        cells and the failing cell with its error. A run ends `--quiet`
+        seconds after its last cell (`ChatMagics.runall_quiet`) or when the
+        kernel shuts down. With `--threshold` too, slow cells still post
         their own notice.
 
-        Example::
+        Example:
 
             %chat_autonotify --threshold 300
             %chat_autonotify --run-all
@@ -869,6 +893,7 @@ class ChatMagics(Magics):
 
     # -- %chat_thread --------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat_thread")
     @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
     @argument("--name", metavar="NAME",
@@ -879,7 +904,7 @@ class ChatMagics(Magics):
         """Show this session's thread key, or start a new thread.
 
         Every message of a kernel session goes into one thread.
-        ``%chat_thread --new`` starts a fresh one; ``%chat_thread KEY`` posts
+        `%chat_thread --new` starts a fresh one; `%chat_thread KEY` posts
         into the thread with that key from now on.
         """
         magic = "%chat_thread"

@@ -182,8 +182,9 @@ class notify_when_done:
     or ``block at train.py:42``). ``to``: a space name from the config file or
     a webhook URL (default: ``GOOGLE_CHAT_WEBHOOK_URL``). ``thread_key``: post
     into that thread instead of the session's. ``notify_start``: also post when
-    it starts. ``mention``: ``"all"`` or a user id, pinged in the completion
-    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted).
+    it starts. ``mention``: ``"all"``, a numeric user id or a user's e-mail
+    address, pinged in the completion notice. ``on``: ``"always"`` or
+    ``"error"`` (only failures are posted).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
 
@@ -233,6 +234,8 @@ class notify_when_done:
             # No default webhook yet: a decorator may be applied at import time, in an
             # environment that never runs the job; the work itself checks at its start.
             self.webhook = None
+        if isinstance(to, str) and self.webhook is not None and any(c in to for c in "/?="):
+            self.to = self.webhook  # a URL: kept sealed, never as the string (pickle, yaml.dump, vars())
         self.receipt = None  # the last completion notice's Receipt (None if none was posted)
         self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
@@ -255,6 +258,16 @@ class notify_when_done:
 
     def __repr__(self) -> str:
         return f"<notify_when_done {self.label!r} to {self.webhook or 'the default webhook (not configured yet)'}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle or a copy keeps: the settings, not the runs in progress nor the last receipt.
+
+        The webhook pickles as its digest, never its key and token (see
+        :class:`~chat_magic.webhook.Webhook`).
+        """
+        state = dict(self.__dict__)
+        state.update(_live=[], receipt=None)
+        return state
 
     # -- the run --------------------------------------------------------
 

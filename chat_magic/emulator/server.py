@@ -492,8 +492,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         query = parse_qs(parts.query, keep_blank_values=True)
-        # the emulator's own pages (and the favicon a browser asks for) are not webhook requests: never counted
-        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz", "/favicon.ico") or path.startswith("/api/"))
+        # the emulator's own pages (and the favicon and robots.txt a browser or crawler asks for) are not webhook
+        # requests: never counted
+        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz", "/favicon.ico", "/robots.txt") or path.startswith("/api/"))
         rec = {
             "time": wall,
             "method": self.command,
@@ -546,6 +547,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/":
             space = (query.get("space") or [None])[0]
             self._send(200, render_page(emu._page_state(), space=space), "text/html; charset=utf-8")
+        elif path == "/robots.txt":
+            self._send(200, "User-agent: *\nDisallow: /\n", "text/plain; charset=utf-8")
         elif path == "/favicon.ico":
             self.send_response(204)
             self.send_header("Content-Length", "0")
@@ -1061,6 +1064,12 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
     parser = argparse.ArgumentParser(
         prog=prog,
         description="A local Google Chat incoming-webhook emulator, for tests and demos.",
+        epilog=(
+            "On start it prints its webhook URL, one line: 'Google Chat emulator: webhook URL "
+            "http://127.0.0.1:PORT/v1/spaces/SPACE/messages?key=...&token=...' (a local fake: its key and token are "
+            "not secrets). Point chat_magic at it with export GOOGLE_CHAT_WEBHOOK_URL='<that URL>'. Then it prints "
+            "one line per message it accepts; the web view is at http://127.0.0.1:PORT/. Ctrl-C stops it."
+        ),
     )
     parser.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help=f"port (default {DEFAULT_CLI_PORT}; 0: a free port)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
