@@ -116,11 +116,14 @@ chat_magic.flush(60)
 """
 
 
-def overhead(url: str, tmp: Path, n: int, rounds: int) -> dict:
-    got: dict[str, list[dict]] = {"off": [], "on": []}
+def overhead(url: str, tmp: Path, n: int, rounds: int, baseline: str | None = None) -> dict:
+    modes = ("off", "on") + (("baseline",) if baseline else ())
+    got: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(rounds):
-        for mode in ("off", "on"):  # alternating, in one run
-            env = _env(url, tmp / f"ovh-{mode}-{r}", CHAT_MAGIC_WATCHER=mode)
+        for mode in modes:  # alternating, in one run
+            env = _env(url, tmp / f"ovh-{mode}-{r}", CHAT_MAGIC_WATCHER="off" if mode == "off" else "on")
+            if mode == "baseline":
+                env["PYTHONPATH"] = baseline  # another checkout (e.g. before dead-man notices), same script
             out = subprocess.run([sys.executable, "-c", OVERHEAD, str(n)], env=env, capture_output=True, text=True, timeout=600)
             got[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {mode: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for mode, runs in got.items()}
@@ -156,6 +159,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "never_silent_results.md"))
+    p.add_argument("--baseline", metavar="DIR", help="also time another checkout of chat_magic (e.g. main) in the same run")
     args = p.parse_args()
     from chat_magic.emulator import Emulator
 
@@ -164,7 +168,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cm-bench-"))
     try:
         idle = watcher_idle(url, tmp, 10.0 if args.quick else 60.0)
-        ovh = overhead(url, tmp, 100 if args.quick else 400, 1 if args.quick else 3)
+        ovh = overhead(url, tmp, 100 if args.quick else 400, 1 if args.quick else 3, args.baseline)
         beat = heartbeat(url, tmp, 5.0 if args.quick else 20.0)
     finally:
         emu.stop()
@@ -181,6 +185,12 @@ def main() -> int:
         ("`%%chat` overhead per cell, median", f"{on['cell'] * 1e3:.2f} ms vs {off['cell'] * 1e3:.2f} ms off "
                                                f"({on['cell'] / off['cell']:.2f}×)"),
     ]
+    base = ovh.get("baseline")
+    if base:
+        rows.append((f"the same against {args.baseline} (no death notices)",
+                     f"block {on['block'] / base['block']:.2f}×, send() {on['send'] / base['send']:.2f}×, "
+                     f"%%chat cell {on['cell'] / base['cell']:.2f}× ({base['block'] * 1e3:.2f} / {base['send'] * 1e3:.3f} / "
+                     f"{base['cell'] * 1e3:.2f} ms)"))
     if beat:
         per_hour = 3600 / 15
         rows.append(("heartbeat traffic per open block", f"{beat['cmds_per_beat']:.1f} Redis commands, "
