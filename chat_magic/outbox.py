@@ -64,6 +64,7 @@ PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed",
 # a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
 # only deadman.fire turns it into a pending message, or closing deletes it
 ARMED = "armed"
+STATES = (PENDING, SENDING, SENT, FAILED, MERGED, ARMED)  # every state this version knows (``chat-magic outbox list``)
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """

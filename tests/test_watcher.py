@@ -281,3 +281,17 @@ def test_a_short_scripts_completion_card_is_delivered_before_it_exits_at_1_5_s_l
         assert "still queued" not in err
     finally:
         emu.stop()
+
+
+def test_outbox_list_counts_armed_notices_as_a_known_state(fast_space, tmp_path):
+    home = tmp_path / "home"
+    env = script_env(fast_space, home, CHAT_MAGIC_WATCHER="off")
+    proc = start_script(tmp_path, BLOCK.replace("{end}", "time.sleep(120)"), env)
+    ready(proc)
+    try:
+        out = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "list"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "1 armed" in out.stdout and "does not know" not in out.stderr, (out.stdout, out.stderr)
