@@ -155,8 +155,12 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
         _at_first_arm(box)  # the watcher first: once the row is armed, someone is watching
         now = time.time()
         host = (details or {}).get("Host") or _hostname()
+        from . import jobs, ranks
+
+        rank = ranks.current()
         spec = {"title": title, "started": now, "details": dict(details or {}), "cards": bool(cards), "host": host,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "job": job or (jobs.identity() if rank.distributed else None),
+                "rank": jobs.describe_rank(rank)}
         fallback = json.dumps({"text": f"💀 {title} died", **({"thread": {"threadKey": thread_key}} if thread_key else {})},
                               ensure_ascii=False)
         with box._write() as db:
@@ -373,6 +377,12 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
         webhook = box.webhook(row["dest"])
         text = cause_text or cause(exit_status, oom_kills)
         kwargs = death_message(spec, row, cause_text=text, died_at=died_at, peak=peak, **wording)
+        if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
+            from . import jobs
+
+            first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), text, box=box)
+            if first is not None:
+                kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), text, first)}
         payloads = build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
                                   thread_key=row["thread_key"], truncate=True, webhook=webhook)
         now = time.time()

@@ -70,7 +70,7 @@ def thread_key(ident: str) -> str:
     return f"chat-magic-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:6]}"
 
 
-def first_failure(job: str, who: str, summary: str) -> tuple[str, str] | None:
+def first_failure(job: str, who: str, summary: str, box: Any = None) -> tuple[str, str] | None:
     """Record this rank's failure for ``job``; None if it is the first, else ``(rank, summary)`` of the first.
 
     Never raises: if no record can be kept, every failure counts as the first.
@@ -79,11 +79,11 @@ def first_failure(job: str, who: str, summary: str) -> tuple[str, str] | None:
     if first is not None:
         return None if first == (who, summary) else first
     try:
-        from .delivery import dispatcher
+        if box is None:
+            from .delivery import dispatcher
 
-        box = dispatcher().outbox
+            box = dispatcher().outbox
         with box._write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS job_failure (job TEXT PRIMARY KEY, rank TEXT, summary TEXT, at REAL)")
             db.execute("DELETE FROM job_failure WHERE at < ?", (time.time() - 7 * 86400,))
             db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)",
                        (job, who, summary[:500], time.time()))

@@ -102,6 +102,12 @@ CREATE TABLE IF NOT EXISTS pacing (
     space_key TEXT PRIMARY KEY,
     next_slot REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS job_failure (
+    job     TEXT PRIMARY KEY,
+    rank    TEXT,
+    summary TEXT,
+    at      REAL
+);
 """
 # Columns added after the first release, applied to an existing file with ALTER TABLE when missing
 # (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.

@@ -155,3 +155,23 @@ def test_chat_magic_watch_reports_a_host_killed_whole_and_nothing_for_a_job_that
             watch.terminate()
             watch.wait(10)
         redis_server.stop()
+
+
+def test_a_job_killed_on_every_rank_posts_one_death_card_and_a_line_per_other_rank(fast_space, tmp_path):
+    from test_watcher import BLOCK, deaths, ready, start_script
+
+    procs = []
+    for rank in (0, 1):
+        env = script_env(fast_space, tmp_path / "home", SLURM_JOB_ID="777", SLURM_PROCID=str(rank), SLURM_NTASKS="2")
+        procs.append(start_script(tmp_path, BLOCK.replace("{end}", "time.sleep(120)"), env, name=f"rank{rank}.py"))
+    for p in procs:
+        ready(p)
+    for p in procs:  # scancel --signal=KILL: every rank at once
+        p.kill()
+    lines = wait_until(lambda: [m for m in fast_space.messages() if "stopped too" in (m.get("text") or "")],
+                       what="the second rank's line")
+    cards = deaths(fast_space)
+    for p in procs:
+        p.wait()
+    assert len([m for m in cards if m.get("cardsV2")]) == 1
+    assert "failed first" in lines[0]["text"] and len({m["thread"]["name"] for m in fast_space.messages()}) == 1
