@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -37,6 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .console import say as _warn
+from .errors import OutboxError
+
+log = logging.getLogger("chat_magic")
 
 ENV_WATCHER = "CHAT_MAGIC_WATCHER"
 RECORD_EVERY = 2.0  # seconds between two progress writes of one open block (update() lines always)
@@ -72,11 +77,14 @@ class Armed:
             return
         self.last_write = now
         try:
-            with self.outbox._write() as db:
+            from .outbox import _Tx
+
+            with _Tx(_caller_db(self.outbox)) as db:
                 db.execute("UPDATE message SET progress=?, beat=?, peak=MAX(COALESCE(peak, 0), ?) WHERE id=? AND state='armed'",
                            (self.last_progress or None, now, peak_memory(), self.id))
         except Exception:
-            pass  # a sign of life that cannot be written is not worth a line: the notice is armed already
+            # not worth a line (the notice is armed already), nor a training loop held up: try again in 30 s
+            self.last_write = now + 30.0
 
     def disarm(self) -> None:
         """The block closed normally: forget its death notice. Never raises."""
@@ -93,13 +101,40 @@ class Armed:
         from . import termination
 
         termination.uninstall()
-        try:
-            with self.outbox._write() as db:
-                db.execute("DELETE FROM message WHERE id=? AND state='armed'", (self.id,))
-        except Exception as e:
-            _warn(f"could not disarm the death notice of {self.title!r}: {e}")
+        if not _delete(self.outbox, self.id):
+            _undone.append((self.outbox, self.id))  # the outbox is locked or full: retried later, and at exit
 
 
+def _delete(box: Any, row_id: int) -> bool:
+    """Delete an armed row; False if the outbox cannot be written now (it is retried: never a false death notice)."""
+    try:
+        with box._write() as db:
+            db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
+        return True
+    except Exception as e:
+        log.warning("chat_magic: could not disarm death notice %s yet: %s", row_id, e)
+        return False
+
+
+def _retry_disarms() -> None:
+    """Delete the armed rows of closed blocks that the outbox could not take when they closed."""
+    while _undone:
+        box, row_id = _undone[0]
+        if not _delete(box, row_id):
+            return
+        _undone.pop(0)
+
+
+def _caller_db(box: Any) -> Any:
+    """The outbox connection of this thread, waiting at most the caller's timeout for another process's lock."""
+    db = box._db()
+    if not getattr(box._local, "caller", False):
+        db.execute(f"PRAGMA busy_timeout={int(box.caller_timeout * 1000)}")
+        box._local.caller = True
+    return db
+
+
+_undone: list[tuple[Any, int]] = []  # (outbox, row id) of closed blocks still armed in the outbox
 _open: dict[tuple[str, int], Armed] = {}  # every armed notice of this process not closed yet
 _lock = threading.Lock()
 _progress_hooks: list[Any] = []  # called with (armed, now) on every sign of life (stalls)
@@ -152,6 +187,7 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
     try:
         d = dispatcher()
         box = d.outbox
+        _retry_disarms()
         _at_first_arm(box)  # the watcher first: once the row is armed, someone is watching
         now = time.time()
         host = (details or {}).get("Host") or _hostname()
@@ -163,7 +199,9 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
                 "rank": jobs.describe_rank(rank)}
         fallback = json.dumps({"text": f"💀 {title} died", **({"thread": {"threadKey": thread_key}} if thread_key else {})},
                               ensure_ascii=False)
-        with box._write() as db:
+        from .outbox import _Tx
+
+        with _Tx(_caller_db(box)) as db:
             dest = box._dest_id(db, webhook)
             row_id = int(db.execute(
                 "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at,"
@@ -171,6 +209,10 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
                 (_request_id(), dest, webhook.space_key, thread_key, fallback, now, now, now, _owner_id(),
                  json.dumps(spec, ensure_ascii=False), now, peak_memory()),
             ).lastrowid or 0)
+    except (OutboxError, sqlite3.Error, OSError) as e:
+        # a storage fault (locked, disk full): the notice that follows says it, once, and is kept in memory
+        log.warning("chat_magic: could not arm the death notice of %r: %s", title, e)
+        return None
     except Exception as e:
         _warn(f"could not arm the death notice of {title!r} (if the process dies it goes unreported): {e}")
         return None
@@ -209,6 +251,17 @@ def _at_first_arm(box: Any) -> None:
 
 def _fire_own_at_exit() -> None:
     """Interpreter exit with blocks still open (a kernel shut down mid-cell, a daemon thread): fire them now."""
+    for box, row_id in list(_undone):  # closed while the outbox could not be written: try once more, patiently
+        try:
+            from .outbox import _Tx
+
+            db = box._db()
+            db.execute("PRAGMA busy_timeout=10000")
+            with _Tx(db):
+                db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
+            _undone.remove((box, row_id))
+        except Exception as e:
+            _warn(f"a closed block's death notice is still armed in {box.path} ({e}): if this process dies, it may be posted")
     mine = open_notices()
     if not mine:
         return
