@@ -344,7 +344,7 @@ def cause(exit_status: int | None = None, oom_kills: int = 0) -> str:
     from .report import signal_name
 
     if oom_kills > 0:
-        return "killed by the out-of-memory killer (its memory cgroup counted an OOM kill)"
+        return "killed by the out-of-memory killer — its memory cgroup counted the kill"
     if exit_status is None:
         return "ended abruptly: killed (SIGKILL or out of memory) or os._exit"
     sig = exit_status & 0x7F
