@@ -187,6 +187,10 @@ class notify_when_done:
     ``"error"`` (only failures are posted).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
+    ``stall_after``: seconds without ``update()``/``log()`` after which one
+    line says the block has stalled (and one when it moves again; see
+    :mod:`chat_magic.stalls`). While the block runs its death notice is armed
+    in the outbox (see :mod:`chat_magic.deadman`).
 
     Raises :class:`~chat_magic.ConfigError` at once when the destination cannot
     be resolved or an argument is wrong; never raises when the work ends.

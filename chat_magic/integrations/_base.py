@@ -17,6 +17,9 @@ What it posts, by ``on=``:
 - ``"end"``: the final card (success or failure) only.
 - ``"error"``: the failure card only.
 
+``stall_after=`` (seconds): one line when no step or epoch ends for that
+long, one when training moves again (see :mod:`chat_magic.stalls`).
+
 Epoch lines are plain text: lines waiting together for the space's quota are
 merged into one message by the outbox. Metrics are recorded every epoch
 whatever is posted, so the sparklines are complete.
