@@ -87,6 +87,7 @@ def send(
     cards: list[dict[str, Any]] | None = None,
     fallback_text: str | None = None,
     truncate: bool = False,
+    image: Any = None,
 ) -> Receipt:
     """Queue a message for the space and return a :class:`Receipt` at once.
 
@@ -96,10 +97,15 @@ def send(
     Raises only for a mistake in the call or the set-up (one-line
     :class:`ConfigError` / :class:`MessageError`); delivery problems never raise
     here: see ``Receipt.wait``.
+
+    ``image``: a matplotlib figure, a PIL image, PNG/JPEG bytes or a path (or
+    a list of them), shown in a card under the text. It is uploaded to your
+    image store (``CHAT_MAGIC_IMAGE_STORE``, see the README's "Figures") by
+    the background worker; without a store the text says it was left out.
     """
     from .delivery import send as _send
 
-    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate)
+    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate, image=image)
 
 
 def flush(timeout: float | None = 30.0) -> bool:

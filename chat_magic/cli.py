@@ -220,6 +220,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if unknown:
             _err(unknown)
             return EXIT_USAGE
+        flying = [str(r.id) for r in box.rows(args.ids)]  # still there: a request carries it right now
+        if flying:
+            _err(f"message {', '.join(flying)} is being sent right now and cannot be stopped (see: chat-magic outbox list)")
+            return EXIT_FAILED
         return EXIT_OK
     if args.action == "prune":
         print(f"{box.prune(7 * 86400)} delivered message(s) older than 7 days forgotten")

@@ -41,10 +41,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
-from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
+from .errors import DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
@@ -115,11 +116,12 @@ class Settings:
     backoff_cap: float = 15.0
     give_up_after: float = 24 * 3600.0  # a transient error older than this becomes final
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
+    lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
     _exit_timeout: float | None = None  # None: CHAT_MAGIC_EXIT_TIMEOUT, else 3 s
 
     @property
     def lease(self) -> float:
-        return self.connect_timeout + self.read_timeout + 10.0
+        return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
 
     @property
     def exit_timeout(self) -> float:
@@ -301,6 +303,7 @@ class _Held:
     bodies: list[tuple[str, bool]]
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
+    blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
 
 
 class Dispatcher:
@@ -324,17 +327,23 @@ class Dispatcher:
 
     # -- caller side -----------------------------------------------------
 
-    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False) -> Receipt:
+    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
+               figures: Any = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
         disk full) does not lose the message: it is kept in memory, in order,
         and queued by the worker as soon as the outbox works again. Else the
-        caller gets the one-line :class:`OutboxError`.
+        caller gets the one-line :class:`OutboxError`. ``figures``
+        (:class:`chat_magic.images.Figures`): the images' bytes go into the
+        outbox with the bodies that show them.
         """
         thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
-        bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted))
+        bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+        blobs = None
+        if figures is not None and figures.postable:
+            bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
+        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -349,7 +358,7 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -541,6 +550,11 @@ class Dispatcher:
         import requests
 
         webhook = self.outbox.webhook(job.dest)
+        if job.images:  # upload its figures first (not paced: only the POST is)
+            from . import images
+
+            if not images.fill(self, job):
+                return
         log.debug("chat_magic: POST message %s to %s (attempt %d, carries %d more)",
                   job.id, webhook.redacted, job.attempts, job.merged)
         try:
@@ -772,8 +786,8 @@ class Receipt:
         self.ids = tuple(ids)
         self._held = not ids
         self.destination = destination
-        self._callbacks: list[Callable[[Receipt], None]] = []
-        self._fired = False
+        self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
+        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -863,18 +877,29 @@ class Receipt:
         self._d.reported.update(self.ids)
 
     def add_done_callback(self, fn: Callable[[Receipt], None]) -> None:
-        """Call ``fn(receipt)`` from the delivery thread once this is sent or failed."""
-        self._callbacks.append(fn)
-        if self.done():
+        """Call ``fn(receipt)`` once, from the delivery thread, when this is sent or failed.
+
+        Added after completion, ``fn`` is called at once (in this thread).
+        The receipt is registered with the dispatcher *before* "done?" is
+        checked: a delivery that finishes between the two is then seen by
+        one side or the other (or both: :meth:`_fire` hands each callback
+        out once).
+        """
+        with self._cb_lock:
+            self._callbacks.append(fn)
+        self._d.watch(self)
+        try:
+            done = self.done()
+        except OutboxError:
+            done = False  # the dispatcher checks again after each delivery
+        if done:
             self._fire()
-        else:
-            self._d.watch(self)
 
     def _fire(self) -> None:
-        if self._fired:
-            return
-        self._fired = True
-        for fn in self._callbacks:
+        """Call the callbacks not called yet, each once (whoever calls this, however often)."""
+        with self._cb_lock:
+            due, self._callbacks = self._callbacks, []
+        for fn in due:
             try:
                 fn(self)
             except Exception as e:
@@ -901,6 +926,7 @@ def dispatcher() -> Dispatcher:
                 atexit.register(_at_exit)
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
+            _take_over(d, home)
     from .deadman import fire_orphans
 
     if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
@@ -928,6 +954,23 @@ def _drain_legacy(home: os.PathLike[str]) -> None:
     if old is not None and str(old) not in _dispatchers:
         _dispatchers[str(old)] = _open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
+
+
+def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
+    """Move what previous hosts (a container before a restart) left in this folder into this host's outbox.
+
+    Before this process queues anything, so their messages go first. A file
+    some process still uses is never opened (see ``hosts.claim_orphan``).
+    """
+    if d.outbox.path != d.outbox.configured:
+        return  # a temporary outbox stands in: leave the folder alone
+    try:
+        files = hosts.orphans(Path(home))
+    except OSError:  # a folder that cannot be listed: nothing to take over from here
+        return
+    for f in files:
+        if d.outbox.take_over(f.path):
+            d.ensure_running()
 
 
 _inherited: list[Dispatcher] = []
@@ -958,6 +1001,8 @@ def send(
     truncate: bool = False,
     keep_on_fault: bool = False,
     header: str | None = None,
+    image: Any = None,
+    figures: Any = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -965,11 +1010,22 @@ def send(
     transaction (a session's announcement): both or neither. The receipt is
     the message's. ``keep_on_fault``: see :meth:`Dispatcher.submit`; front ends
     that must never lose a notice (the magics, ``notify_when_done``) set it.
+    ``image``: a figure (or a list of them) shown in a card under the text;
+    ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
+    whose image widgets the cards carry.
     """
     webhook = config.resolve(to)
+    if image is not None:
+        from . import images
+
+        figures = images.Figures.collect(list(image) if isinstance(image, (list, tuple)) else [image],
+                                         to=to if isinstance(to, str) else None, max_figures=10)
+        if not figures.images and figures.problems:
+            raise MessageError(figures.problems[0])
+        text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
 
 
 def flush(timeout: float | None = 30.0) -> bool:

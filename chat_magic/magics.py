@@ -135,6 +135,26 @@ def describe_display(data: Any) -> str:
     return f"[{rich[0]}]"
 
 
+MAX_KEPT_FIGURES = 16
+
+
+def _display_image(data: dict[str, Any]) -> bytes | None:
+    """The PNG or JPEG bytes of a display (base64 text in a kernel, bytes in a terminal), else None."""
+    for mime in ("image/png", "image/jpeg"):
+        value = data.get(mime)
+        if isinstance(value, str):
+            import base64
+            import binascii
+
+            try:
+                return base64.b64decode(value, validate=False)
+            except (binascii.Error, ValueError):
+                return None
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+    return None
+
+
 class Capture:
     """While installed, keeps a bounded copy of stdout, stderr and display summaries.
 
@@ -151,6 +171,8 @@ class Capture:
         self.active = False
         self._undo: list[tuple[Any, str, Any, bool, Callable]] = []
         self._own = 0  # > 0 while IPython itself writes (IPython 7 has no is_publishing / is_active / showing_traceback)
+        self.figures: list[bytes] = []  # PNG/JPEG bytes of the images displayed, in order (the first few)
+        self.tables: list[str] = []  # text of the DataFrames displayed
 
     def _busy(self) -> bool:
         sh = self.shell
@@ -194,6 +216,7 @@ class Capture:
                         line = describe_display(data)
                         if line:
                             self.tail.write(line if line.endswith("\n") else line + "\n")
+                        self.keep_rich(data)
                     except Exception:
                         pass
                 return quiet(original)(data, *args, **kwargs)
@@ -223,6 +246,18 @@ class Capture:
             if obj is not None and hasattr(obj, attr):
                 self._patch(obj, attr, quiet)
         return self
+
+    def keep_rich(self, data: Any) -> None:
+        """Keep a display's image bytes (PNG/JPEG) and a DataFrame's text, for the notice's card."""
+        if not isinstance(data, dict):
+            return
+        image = _display_image(data)
+        if image is not None and len(self.figures) < MAX_KEPT_FIGURES:
+            self.figures.append(image)
+        elif image is None and "dataframe" in str(data.get("text/html") or "")[:2000] and len(self.tables) < 4:
+            plain = data.get("text/plain")
+            if isinstance(plain, str) and plain.strip():
+                self.tables.append(plain)
 
     def remove(self) -> None:
         """Put back what :meth:`install` wrapped (if nobody wrapped it since)."""
@@ -491,10 +526,11 @@ class ChatMagics(Magics):
         except ConfigError as e:
             raise _usage(f"{magic}: {e}") from None
 
-    def _post(self, report: Report, webhook: Webhook) -> None:
+    def _post(self, report: Report, webhook: Webhook, figures: Any = None) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            receipt = self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards))
+            cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
+            receipt = self._session().send(to=webhook, keep_on_fault=True, figures=figures, **report.payload_kwargs(cards=cards))
             _tell_if_refused(receipt)
             from .deadman import mark_important
 
@@ -594,6 +630,8 @@ class ChatMagics(Magics):
     @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
     @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
     @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
+    @argument("--max-figures", type=int, default=4, metavar="N", help="post at most N of the figures the cell displays (default 4).")
+    @argument("--no-figures", action="store_true", help="post no figures or tables, only the text.")
     @cell_magic("chat")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_cell(self, line: str, cell: str) -> None:
         """Run the cell as usual, then post how it went to Google Chat.
@@ -602,9 +640,12 @@ class ChatMagics(Magics):
         its traceback show as usual. Then one message goes to this session's
         thread: the title (`--title`, else the cell's first `#` comment,
         else `Cell [n]`), ok / failed / interrupted, the duration, and the
-        tail of what the cell printed (stdout, stderr, its result; images and
-        HTML as `[image/png]`), with the exception and the last traceback
-        lines if it failed. Output never mentions anyone: only `--mention`
+        tail of what the cell printed (stdout, stderr, its result; HTML as
+        `[text/html]`), with the exception and the last traceback lines if it
+        failed. The figures it displays (the first `--max-figures`, 4) go
+        into the card through your image store (`CHAT_MAGIC_IMAGE_STORE`,
+        see the README's "Figures"), and a DataFrame result as a table.
+        Output never mentions anyone: only `--mention`
         does. Posting only queues the message: the cell never waits for the
         network.
 
@@ -648,21 +689,60 @@ class ChatMagics(Magics):
         if args.on_error and ran.error is None:
             self._disarm(armed)
             return None
+        result = getattr(ran.result, "result", None)
+        figures, sections, result = self._rich(ran, result, args)
         report = self._report(
             title=args.title.strip() if args.title else cell_title(cell),
             error=ran.error,
             duration=ran.duration,
             capture=ran.capture,
-            result=getattr(ran.result, "result", None),
+            result=result,
             number=ran.number,
             webhook=webhook,
             mention=mention,
             max_lines=max_lines,
             with_output=not args.no_output,
         )
-        self._post(report, webhook)
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        report.sections = sections
+        self._post(report, webhook, figures)
         self._disarm(armed)  # after the completion notice is queued
         return None
+
+    def _rich(self, ran: NestedRun, result: Any, args: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+        """The figures a cell displayed (and its result, if an image) and its DataFrames as table sections.
+
+        Returns ``(Figures or None, sections, result)``: a DataFrame result
+        shown as a table is not repeated as text. Never raises.
+        """
+        if args.no_figures or ran.capture is None or args.no_output:
+            return None, [], result
+        from . import tables
+
+        sections: list[dict[str, Any]] = []
+        images = list(ran.capture.figures)
+        try:
+            if result is not None and tables.is_frame(result) and self.cards:
+                label = f"Out[{ran.number}]" if ran.number is not None else "Result"
+                sections.append(tables.frame_section(result, label=label))
+                result = None
+            elif result is not None:
+                shown = _display_image(self.shell.display_formatter.format(result)[0])
+                if shown is not None:
+                    images.append(shown)
+                elif type(result).__module__.startswith("plotly"):
+                    images.append(result)  # plotly shows as HTML: its static export (kaleido) is posted
+            if self.cards:
+                sections += [tables.text_section(t) for t in ran.capture.tables]
+        except Exception as e:  # a table or figure never costs the notice
+            _warn(f"a table or figure was left out: {type(e).__name__}: {e}")
+        if not images:
+            return None, sections, result
+        from .images import Figures
+
+        name = (args.to or "").strip() or self.to.strip() or None
+        return Figures.collect(images, to=name, max_figures=max(0, args.max_figures)), sections, result
 
     # -- %chat -----------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from . import rules
 from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .metrics import MetricHistory
-from .report import exception_summary
+from .report import exception_summary, mark_reported
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -117,6 +117,7 @@ class _Run:
         self.receipt = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
         self.armed: Any = None  # its death notice in the outbox while it runs (deadman.py)
 
@@ -133,6 +134,7 @@ class _Run:
         armed, self.armed = self.armed, None
         if armed is not None:
             armed.disarm()
+        self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
 
     @property
     def title(self) -> str:
@@ -302,7 +304,7 @@ class notify_when_done:
             run.disarm()  # after the completion notice is queued
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import FAILED, Report
+        from .report import DIVERGED, FAILED, Report
 
         report = Report.from_outcome(
             run.title,
@@ -315,13 +317,22 @@ class notify_when_done:
             max_lines=30,
             metrics=run.metrics.summaries(),
         )
-        if self.on == "error" and report.status != FAILED:
+        amend = getattr(run, "amend", None)
+        if amend is not None:  # a training callback's reading of how the run ended (integrations/_base.py)
+            amend(report)
+        if self.on == "error" and report.status not in (FAILED, DIVERGED):
             return
         if report.status == FAILED and self._peer_failed_first(run, exc, report):
             return
-        receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
+        figures = self._figures(run)
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
+        receipt = run.post(report.kind, "notice", figures=figures, **report.payload_kwargs(cards=cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            if report.status == FAILED:
+                mark_reported(exc)  # a Run All summary names this failure instead of repeating it
             from .deadman import mark_important
 
             mark_important(receipt)
@@ -344,6 +355,22 @@ class notify_when_done:
         if receipt is not None:
             run.receipt = self.receipt = receipt
         return True
+
+    def _figures(self, run: _Run) -> Any:
+        """The images given to image(), and a chart of the logged metrics when a store is set (else sparklines only)."""
+        try:
+            from . import images
+
+            name = self.to if isinstance(self.to, str) else None
+            items = list(run.images)
+            if run.metrics and images.store_spec(name) is not None:
+                chart = images.metrics_chart(run.metrics, title=run.label)
+                if chart is not None:
+                    items.append(chart)
+            return images.Figures.collect(items, to=name, max_figures=images.MAX_FIGURES) if items else None
+        except Exception as e:  # a figure never costs the notice
+            _warn(f"the figures of {run.label!r} were left out: {exception_summary(e)}")
+            return None
 
     # -- context manager -------------------------------------------------
 
@@ -433,6 +460,25 @@ class notify_when_done:
             _warn("log() outside its `with notify_when_done(...)` block or decorated call: not recorded")
             return
         run.log(metrics)
+
+    def image(self, figure: Any, alt: str | None = None) -> None:
+        """Show an image in the completion card: a matplotlib figure, a PIL image, PNG/JPEG bytes or a path.
+
+        It is rendered now (later changes to the figure do not count) and
+        uploaded to the image store by the background worker when the run
+        ends (see the README's "Figures"). Never raises: a problem is one line.
+        """
+        run = _find_run(self)
+        if run is None:
+            _warn("image() outside its `with notify_when_done(...)` block or decorated call: not kept")
+            return
+        from . import images
+        from .errors import MessageError
+
+        try:
+            run.images.append(images.to_image(figure, alt))
+        except MessageError as e:
+            _warn(f"image() not kept: {e}")
 
     # -- decorator -------------------------------------------------------
 

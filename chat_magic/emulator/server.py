@@ -246,6 +246,41 @@ def _card_problem(cards: list) -> str | None:
             widgets += len(ws) if isinstance(ws, list) else 1
         if widgets > MAX_CARD_WIDGETS:
             return f"Invalid argument: cards_v2[{i}].card has {widgets} widgets; a card can have at most {MAX_CARD_WIDGETS}."
+        problem = _image_url_problem(card, f"cards_v2[{i}].card")
+        if problem:
+            return problem
+    return None
+
+
+_IMAGE_URL_FIELDS = ("imageUrl", "image_url", "iconUrl", "icon_url", "imageUri", "image_uri")
+
+
+def _image_url_problem(node: Any, where: str) -> str | None:
+    """An image URL that Google could not fetch: it must be https (plain http only to a loopback host, for tests)."""
+    from urllib.parse import urlsplit
+
+    from ..webhook import is_loopback
+
+    if isinstance(node, list):
+        for k, v in enumerate(node):
+            problem = _image_url_problem(v, f"{where}[{k}]")
+            if problem:
+                return problem
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            if name in _IMAGE_URL_FIELDS and isinstance(value, str):
+                try:
+                    parts = urlsplit(value)
+                    host = parts.hostname or ""
+                except ValueError:
+                    parts, host = None, ""
+                ok = parts is not None and host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)))
+                if not ok:
+                    return f"Invalid argument: {where}.{name}: an image URL must be an https:// URL that Google can fetch."
+            else:
+                problem = _image_url_problem(value, f"{where}.{name}")
+                if problem:
+                    return problem
     return None
 
 
