@@ -194,18 +194,21 @@ def check(client: Any, lost_after: float, now: float | None = None) -> list[str]
         alive = client.exists(PREFIX + "beat:" + name)
         host, label = neutralize(record.get("host", "?")), neutralize(record.get("label", "a job"))
         if alive and record.get("lost"):
+            if not client.hdel(key, "lost"):
+                continue  # another watch said it
             text = f"📡 back in contact with *{host}* running *{label}*"
             _post(record, text)
-            client.hdel(key, "lost")
             posted.append(text)
         elif not alive and not record.get("lost"):
             since = now - float(record.get("beat") or now)
             if since < lost_after:
                 continue
+            if not client.hsetnx(key, "lost", str(now)):
+                continue  # another watch (or a pass before) said it: once
+            client.expire(key, KEEP)
             last = f" (last: {neutralize(record['progress'])})" if record.get("progress") else ""
             text = f"📡 lost contact with *{host}* running *{label}* {format_duration(since)} ago{last}"
             _post(record, text)
-            client.hset(key, "lost", str(now))
             posted.append(text)
     return posted
 

@@ -119,6 +119,7 @@ class _Run:
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
         self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
+        self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
         self.armed: Any = None  # its death notice in the outbox while it runs (deadman.py)
 
     def arm(self, stall_after: float | None = None) -> None:
@@ -134,7 +135,6 @@ class _Run:
         armed, self.armed = self.armed, None
         if armed is not None:
             armed.disarm()
-        self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
 
     @property
     def title(self) -> str:
@@ -166,7 +166,7 @@ class _Run:
             from .metrics import as_number, format_value
 
             shown = ", ".join(f"{k} {format_value(as_number(v))}" for k, v in list(values.items())[:6])
-            self.armed.record(f"{shown}" + (f" (step {step})" if step is not None else ""))
+            self.armed.record((shown + (f" (step {step})" if step is not None else "")) if shown else None)
 
     def update(self, text: str) -> Any:
         from .message import neutralize

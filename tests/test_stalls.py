@@ -94,5 +94,5 @@ def test_a_lightning_step_that_hangs_is_reported_by_the_callback(fast_space, tmp
     trainer.fit(Hangs(), data)
     stalled = wait_until(lambda: lines_with(fast_space, "⏸"), what="the stall line")
     wait_until(lambda: lines_with(fast_space, "▶️"), what="the moving-again line")
-    assert "*hang test*: no progress for" in stalled[0] and "(last: epoch 1/3" in stalled[0]
+    assert "*hang test*: no progress for" in stalled[0] and "(last: epoch" in stalled[0]
     assert len(lines_with(fast_space, "⏸")) == 1

@@ -253,6 +253,8 @@ class TrainingWatch:
     def progress(self, line: str) -> None:
         """Queue a progress line; post the queued lines as one message once ``progress_every`` has passed."""
         self._lines.append(line)
+        if self.run is not None and self.run.armed is not None:
+            self.run.armed.record(line)  # the last progress line of a death or stall notice, posted or not
         now = time.monotonic()
         if self.progress_every and now - self._posted_at < self.progress_every:
             return
