@@ -138,6 +138,26 @@ def describe_display(data: Any) -> str:
 MAX_KEPT_FIGURES = 16
 
 
+def _posted_displays(figures: Any, capture: Capture | None) -> int:
+    """How many of the images a cell displayed go into the card (their ``[image/png]`` lines are left out of the output)."""
+    if figures is None or not figures.postable or capture is None:
+        return 0
+    return sum(1 for i in figures.taken if i < len(capture.figures))
+
+
+def _drop_image_lines(text: str, n: int) -> str:
+    """``text`` without its first ``n`` ``[image/png]`` / ``[image/jpeg]`` lines (those figures are in the card)."""
+    if n <= 0:
+        return text
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if n and line.rstrip("\r\n") in ("[image/png]", "[image/jpeg]"):
+            n -= 1
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
 def _display_image(data: dict[str, Any]) -> bytes | None:
     """The PNG or JPEG bytes of a display (base64 text in a kernel, bytes in a terminal), else None."""
     for mime in ("image/png", "image/jpeg"):
@@ -553,10 +573,11 @@ class ChatMagics(Magics):
         mention: str | None,
         max_lines: int,
         with_output: bool = True,
+        drop_images: int = 0,
     ) -> Report:
         output, cut = "", 0
         if with_output and capture is not None:
-            output, cut = capture.tail.text(), capture.tail.dropped
+            output, cut = _drop_image_lines(capture.tail.text(), drop_images), capture.tail.dropped
             if result is not None:
                 shown = self._result_text(result)
                 if shown:
@@ -692,6 +713,7 @@ class ChatMagics(Magics):
         result = getattr(ran.result, "result", None)
         figures, sections, result = self._rich(ran, result, args)
         report = self._report(
+            drop_images=_posted_displays(figures, ran.capture),
             title=args.title.strip() if args.title else cell_title(cell),
             error=ran.error,
             duration=ran.duration,
@@ -722,6 +744,7 @@ class ChatMagics(Magics):
 
         sections: list[dict[str, Any]] = []
         images = list(ran.capture.figures)
+        result_at = -1  # where the result's own image is in ``images``
         try:
             if result is not None and tables.is_frame(result) and self.cards:
                 label = f"Out[{ran.number}]" if ran.number is not None else "Result"
@@ -731,6 +754,7 @@ class ChatMagics(Magics):
                 shown = _display_image(self.shell.display_formatter.format(result)[0])
                 if shown is not None:
                     images.append(shown)
+                    result_at = len(images) - 1
                 elif type(result).__module__.startswith("plotly"):
                     images.append(result)  # plotly shows as HTML: its static export (kaleido) is posted
             if self.cards:
@@ -742,7 +766,10 @@ class ChatMagics(Magics):
         from .images import Figures
 
         name = (args.to or "").strip() or self.to.strip() or None
-        return Figures.collect(images, to=name, max_figures=max(0, args.max_figures)), sections, result
+        figures = Figures.collect(images, to=name, max_figures=max(0, args.max_figures))
+        if figures.postable and result_at in figures.taken:
+            result = None  # the result is the card's image: no "Out: [image/png]" line too
+        return figures, sections, result
 
     # -- %chat -----------------------------------------------------------------
 
@@ -938,18 +965,34 @@ class ChatMagics(Magics):
         if not (failed or (slow and not auto.get("on_error"))):
             return
         raw = getattr(frame.info, "raw_cell", "") or ""
+        figures, sections, shown = self._auto_rich(frame, result)
         report = self._report(
             title=cell_title(raw),
             error=error,
             duration=duration,
             capture=frame.capture,
-            result=result.result,
+            result=shown,
             number=getattr(result, "execution_count", None),
             webhook=auto["webhook"],
             mention=auto.get("mention"),
             max_lines=self.max_lines,
+            drop_images=_posted_displays(figures, frame.capture),
         )
-        self._post(report, auto["webhook"])
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        report.sections = sections
+        self._post(report, auto["webhook"], figures)
+
+    def _auto_rich(self, frame: _Cell, result: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+        """An announced cell's figures and tables, as ``%%chat`` takes them (the first :data:`images.MAX_FIGURES`)."""
+        from types import SimpleNamespace
+
+        from .images import MAX_FIGURES
+
+        number = getattr(result, "execution_count", None)
+        ran = SimpleNamespace(capture=frame.capture, number=number)
+        opts = SimpleNamespace(no_figures=False, no_output=False, max_figures=MAX_FIGURES, to=(self._auto or {}).get("to"))
+        return self._rich(ran, result.result, opts)  # type: ignore[arg-type]
 
     # -- %chat_compose ----------------------------------------------------------------
 

@@ -1020,6 +1020,7 @@ class Outbox:
         from .webhook import parse_webhook_url
 
         kept = waiting = 0
+        wanted: set[str] = set()  # image bytes that salvaged messages still need
         try:
             src = sqlite3.connect(str(source), timeout=1.0)
         except sqlite3.Error:
@@ -1046,6 +1047,9 @@ class Outbox:
                                [row.get(c) for c in cols])
                     kept += 1
                     waiting += row["state"] == PENDING
+                    if row.get("images") and row["state"] == PENDING:
+                        wanted.update(re.findall(r"[0-9a-f]{64}", str(row["images"])))
+                _salvage_blobs(src, db, wanted)
         finally:
             src.close()
         return kept, waiting
@@ -1096,6 +1100,23 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
             elif lo < hi:
                 mid = (lo + hi) // 2
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
+
+
+def _salvage_blobs(src: sqlite3.Connection, db: sqlite3.Connection, wanted: set[str]) -> int:
+    """Copy the image bytes ``wanted`` that can still be read, and still hash to their name; return how many."""
+    import hashlib
+
+    copied = 0
+    for digest in sorted(wanted):
+        try:
+            row = src.execute("SELECT data, mime FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue  # a damaged page: this figure posts as lost (unless the store has it already)
+        if row is None or hashlib.sha256(bytes(row[0])).hexdigest() != digest:
+            continue  # gone, or damaged bytes: never post a picture that was not shown
+        db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, bytes(row[0]), str(row[1])))
+        copied += 1
+    return copied
 
 
 def _copy_blobs(src: sqlite3.Connection, db: sqlite3.Connection, images: list[str | None]) -> None:
