@@ -927,6 +927,10 @@ def dispatcher() -> Dispatcher:
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
+    from .deadman import fire_orphans
+
+    if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
+        d.ensure_running()
     return d
 
 
@@ -1050,6 +1054,10 @@ def _at_exit() -> None:
             if not d._drain_held():
                 _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
+            from .deadman import exit_wait
+
+            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:
                 d.wait_for(mine, left)

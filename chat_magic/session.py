@@ -237,6 +237,11 @@ class Session:
         self.announce = True  # False: notices that say where they come from themselves need no header
 
     def _make_key(self) -> str:
+        from .jobs import identity, thread_key
+
+        job = identity()
+        if job:  # every rank of a distributed job derives the same key: one thread per job
+            return thread_key(job)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.started))
         return f"chat-magic-{_slug(self.source)}-{stamp}-{secrets.token_hex(3)}"
 
