@@ -956,7 +956,16 @@ def dispatcher() -> Dispatcher:
             d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
+    from .deadman import fire_orphans
+
+    if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
+        d.ensure_running()
     return d
+
+
+def dispatchers() -> list[Dispatcher]:
+    """Every dispatcher this process runs: this host's, and an old single file being drained."""
+    return list(_dispatchers.values())
 
 
 def running_dispatcher(path: str | os.PathLike[str]) -> Dispatcher | None:
@@ -1095,6 +1104,10 @@ def _at_exit() -> None:
             if not d.drain_held():
                 _say(f"{d.held_count()} message(s) could not be queued and are lost with this process: {d.held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
+            from .deadman import exit_wait
+
+            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:
                 d.wait_for(mine, left)

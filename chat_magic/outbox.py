@@ -70,6 +70,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("chat_magic")
 
 PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed", "merged"
+# a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
+# only deadman.fire turns it into a pending message, or closing deletes it
+ARMED = "armed"
+STATES = (PENDING, SENDING, SENT, FAILED, MERGED, ARMED)  # every state this version knows (``chat-magic outbox list``)
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """
@@ -107,6 +111,12 @@ CREATE TABLE IF NOT EXISTS pacing (
     space_key TEXT PRIMARY KEY,
     next_slot REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS job_failure (
+    job     TEXT PRIMARY KEY,
+    rank    TEXT,
+    summary TEXT,
+    at      REAL
+);
 CREATE TABLE IF NOT EXISTS blob (
     sha256 TEXT PRIMARY KEY,
     data   BLOB NOT NULL,
@@ -119,6 +129,11 @@ CREATE TABLE IF NOT EXISTS blob (
 _ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("message", "images", "TEXT"),  # figures to upload before the POST: {"store": ..., "images": [[sha256, mime]]} (images.py)
     ("message", "own_payload", "TEXT"),  # a head that carries merged messages: its own body, to rebuild from
+    ("message", "armed", "TEXT"),  # an armed death notice: what to say if its owner dies (deadman.py); NULL otherwise
+    ("message", "progress", "TEXT"),  # armed rows: the last progress line the owner recorded
+    ("message", "beat", "REAL"),  # armed rows: when the owner last showed a sign of life
+    ("message", "peak", "INTEGER"),  # armed rows: the owner's peak memory (bytes) when it last recorded progress
+    ("message", "important", "INTEGER NOT NULL DEFAULT 0"),  # a completion, failure or death notice: the exit waits for it
 ]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
@@ -1006,6 +1021,7 @@ class Outbox:
         from .webhook import parse_webhook_url
 
         kept = waiting = 0
+        wanted: set[str] = set()  # image bytes that salvaged messages still need
         try:
             src = sqlite3.connect(str(source), timeout=1.0)
         except sqlite3.Error:
@@ -1027,10 +1043,14 @@ class Outbox:
                         row.update(state=PENDING, owner=None, lease_until=None)
                     if row["state"] == PENDING:
                         row["next_at"] = time.time()  # after a recovery, try again at once
-                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
-                               [row.get(c) for c in _COLUMNS])
+                    cols = _COLUMNS + tuple(c for t, c, _ in _ADDED_COLUMNS if t == "message" and c in row and c not in _COLUMNS)
+                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                               [row.get(c) for c in cols])
                     kept += 1
                     waiting += row["state"] == PENDING
+                    if row.get("images") and row["state"] == PENDING:
+                        wanted.update(re.findall(r"[0-9a-f]{64}", str(row["images"])))
+                _salvage_blobs(src, db, wanted)
         finally:
             src.close()
         return kept, waiting
@@ -1078,6 +1098,23 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
             elif lo < hi:
                 mid = (lo + hi) // 2
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
+
+
+def _salvage_blobs(src: sqlite3.Connection, db: sqlite3.Connection, wanted: set[str]) -> int:
+    """Copy the image bytes ``wanted`` that can still be read, and still hash to their name; return how many."""
+    import hashlib
+
+    copied = 0
+    for digest in sorted(wanted):
+        try:
+            row = src.execute("SELECT data, mime FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue  # a damaged page: this figure posts as lost (unless the store has it already)
+        if row is None or hashlib.sha256(bytes(row[0])).hexdigest() != digest:
+            continue  # gone, or damaged bytes: never post a picture that was not shown
+        db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, bytes(row[0]), str(row[1])))
+        copied += 1
+    return copied
 
 
 def _copy_blobs(src: sqlite3.Connection, db: sqlite3.Connection, images: list[str | None]) -> None:

@@ -271,8 +271,19 @@ class _Job:
             if _ranks.should_post(report.kind, None, self.rank):
                 self.receipts.append(self.session.send(to=self.webhook, keep_on_fault=True,
                                                        **report.payload_kwargs(cards=self.args.cards)))
+                if report.kind != _ranks.START:
+                    from .deadman import mark_important
+
+                    mark_important(self.receipts[-1])
         except Exception as e:
             _say(f"notice not posted: {e if isinstance(e, ChatMagicError) else f'{type(e).__name__}: {e}'}")
+
+    def arm(self) -> Any:
+        """The death notice, in the outbox before the command starts: reported if chat-magic run itself is killed."""
+        from . import deadman
+
+        return deadman.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
+                           cards=self.args.cards, to=self.args.to)
 
     def post_start(self) -> None:
         from .report import STARTED, Report
@@ -390,10 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.notify_start:
         job.post_start()
+    armed = job.arm()
     ended = _execute(command)
     if ended.start_error:
         _say(ended.start_error)
     job.post_end(ended)
+    if armed is not None:
+        armed.disarm()  # after the notice is queued
     if job.receipts:
         _wait_delivery(args.wait)
     return ended.exit_code
