@@ -318,9 +318,6 @@ class notify_when_done:
         finally:
             run.disarm()  # after the completion notice is queued
 
-    # the old private names, while branches written against them are merged (remove after)
-    _ready, _begin, _end = ready, begin, end
-
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
         from .report import FAILED, Report, should_post
 
