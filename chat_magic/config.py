@@ -45,6 +45,12 @@ from typing import Any
 from .errors import ConfigError, NoDestinationError, SecretAccessError
 from .webhook import Webhook, parse_webhook_url, redact
 
+__all__ = [
+    "ENV_REDIS", "ENV_URL", "check_space_name", "config_path", "describe", "destination_names", "env_secret",
+    "forget_secrets", "from_secrets", "home", "hosted_service", "load_config", "redis_url", "remove_space",
+    "resolve", "save_space", "secret_name", "webhook_by_digest", "write_config"
+]
+
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
 ENV_CONFIG = "CHAT_MAGIC_CONFIG"
 ENV_HOME = "CHAT_MAGIC_HOME"
