@@ -4,7 +4,8 @@ When a ``notify_when_done`` block, a ``%%chat`` cell, an auto-notified cell,
 a training callback's run or ``chat-magic run`` opens, its death notice is
 written to the outbox *before the work starts*, as a row in the state
 ``armed`` owned by this process (``host:pid/start``). Closing normally
-deletes it, right after the completion notice is queued. An armed row is
+deletes it in the transaction that queues the completion notice
+(``send(..., disarm=armed.replacing())``), or right after when none is posted. An armed row is
 never claimed, merged or counted as waiting: only :func:`fire_dead` turns
 it into a pending message, in one transaction (``DELETE ... WHERE
 state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
@@ -59,6 +60,7 @@ class Armed:
     last_write: float = 0.0
     last_progress: str = ""
     closed: bool = False
+    replaced: bool = False  # a completion card queued with ``disarm=`` took the row with it (see :meth:`replacing`)
     extra: dict[str, Any] = field(default_factory=dict)  # stalls.py and lost.py keep their state here
 
     def record(self, text: str | None = None, *, force: bool = False) -> None:
@@ -86,6 +88,16 @@ class Armed:
             # not worth a line (the notice is armed already), nor a training loop held up: try again in 30 s
             self.last_write = now + 30.0
 
+    def replacing(self) -> int | None:
+        """The ``disarm=`` of the completion or failure card that replaces this notice (None: nothing to replace).
+
+        ``send(..., disarm=armed.replacing())`` queues the card and deletes
+        the armed row in one transaction (:meth:`Outbox.enqueue`): a kill at
+        any moment leaves one of the two, never both. Once ``send`` returns,
+        set :attr:`replaced`; :meth:`disarm` then has no row to delete.
+        """
+        return self.id if not self.closed and self.pid == os.getpid() else None
+
     def disarm(self) -> None:
         """The block closed normally: forget its death notice. Never raises."""
         if self.closed or self.pid != os.getpid():
@@ -101,6 +113,8 @@ class Armed:
         from . import termination
 
         termination.uninstall()
+        if self.replaced:
+            return  # gone with the card's transaction (or, the card kept in memory, when it is queued)
         if not _delete(self.outbox, self.id):
             _undone.append((self.outbox, self.id))  # the outbox is locked or full: retried later, and at exit
 

@@ -377,7 +377,7 @@ class Outbox:
 
     @_guarded("write to")
     def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool] | tuple[str, bool, str | None]], *,
-                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None) -> list[int]:
+                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None, disarm: int | None = None) -> list[int]:
         """Store messages (in order, in one transaction) and return their ids. Each gets a fresh requestId.
 
         ``bodies`` are ``(JSON Message, mergeable)`` pairs: plain-text messages
@@ -385,7 +385,10 @@ class Outbox:
         at most ``caller_timeout`` for another process's lock; a background
         thread (``patient``) the full busy timeout. A body may carry a third
         item, its ``images`` (see :mod:`chat_magic.images`); ``blobs`` are
-        their bytes, stored in the same transaction.
+        their bytes, stored in the same transaction. ``disarm``: the id of the
+        armed death notice these messages (a completion or failure card)
+        replace: deleted in the same transaction, and they are marked
+        important, so a kill at any moment posts one or the other, never both.
         """
         now = time.time()
         db = self._db()
@@ -406,6 +409,8 @@ class Outbox:
                 ).lastrowid or 0)
                 for b in bodies
             ]
+            if disarm is not None:  # the card replaces the death notice: both in one transaction (deadman.py)
+                _replace_armed(db, disarm, ids)
         self._dests[webhook.id] = dest  # committed: no need to look it up again
         return ids
 
@@ -1141,6 +1146,12 @@ def _forget_blobs(db: sqlite3.Connection) -> None:
     for (digest,) in db.execute("SELECT sha256 FROM blob").fetchall():
         if digest not in wanted:
             db.execute("DELETE FROM blob WHERE sha256 = ?", (digest,))
+
+
+def _replace_armed(db: sqlite3.Connection, armed: int, ids: list[int]) -> None:
+    """Inside :meth:`Outbox.enqueue`'s transaction: forget the armed notice ``armed``; ``ids`` are important now."""
+    db.execute(f"DELETE FROM message WHERE id=? AND state='{ARMED}'", (armed,))
+    db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
 
 
 def _images(body: tuple[Any, ...]) -> str | None:

@@ -1,0 +1,112 @@
+"""Never silent, at its edges: nothing is posted twice, and a vanished host's death is reported.
+
+- A kill at the worst moment: right after a block's completion card is
+  queued (the transaction committed), before anything else runs. Queuing the
+  card and disarming the death notice are one transaction, so the space gets
+  one notice, never the card *and* a death notice. The kill is a real
+  SIGKILL, sent by the process to itself from a ``sys.settrace`` hook on the
+  return of ``Outbox.enqueue`` (deterministic: the same instant every run).
+- A container restarted under a new hostname: the process killed with its
+  whole host (a UTS+PID namespace, its watcher too) left its death notice
+  armed in a shared folder; the new host's first process takes the file over
+  and posts that death, once, in the job's thread.
+
+Real processes, real signals, the emulator over loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cluster_support import unshare_works
+from conftest import assert_no_secret, wait_until
+from test_watcher import card_facts, deaths, script_env
+
+# SIGKILL this process the moment Outbox.enqueue returns from queuing a card (its transaction committed)
+KILL_AFTER_CARD = """
+import os, signal, sys
+from chat_magic.outbox import Outbox
+_enqueue = Outbox.enqueue.__wrapped__.__code__  # the method under its storage-error guard
+
+def _local(frame, event, arg):
+    if event == "return" and arg is not None and any('"cardsV2"' in b[0] for b in frame.f_locals.get("bodies") or ()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _local
+
+def _calls(frame, event, arg):
+    return _local if frame.f_code is _enqueue else None
+
+sys.settrace(_calls)
+"""
+
+BODIES = {
+    "notify_when_done": """
+        import chat_magic
+        with chat_magic.notify_when_done("nightly training") as n:
+            n.update("epoch 3: loss 0.250")
+        print("NOT KILLED", flush=True)
+    """,
+    "%%chat": """
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        shell.run_cell("%load_ext chat_magic")
+        shell.run_cell("%%chat\\n# nightly training\\nprint('epoch 3: loss 0.250')")
+        print("NOT KILLED", flush=True)
+    """,
+    "chat-magic run": """
+        from chat_magic import run
+        run.main(["--label", "nightly training", "--", sys.executable, "-c", "print('epoch 3: loss 0.250')"])
+        print("NOT KILLED", flush=True)
+    """,
+}
+
+
+def _notices(space) -> list[str]:
+    """Every completion card and death notice of the job (progress lines and headers left out)."""
+    out = []
+    for m in space.messages():
+        text = (m.get("fallbackText") or "") + (m.get("text") or "")
+        if "nightly training" in text and ("💀" in text or "⏹" in text or m.get("cardsV2")):
+            out.append(text)
+    return out
+
+
+@pytest.mark.parametrize("front", sorted(BODIES))
+def test_a_kill_right_after_the_completion_card_is_queued_posts_one_notice_not_two(fast_space, tmp_path, front):
+    home = tmp_path / "home"
+    env = script_env(fast_space, home)
+    script = tmp_path / "job.py"
+    script.write_text(KILL_AFTER_CARD + textwrap.dedent(BODIES[front]), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "NOT KILLED" not in proc.stdout
+    # the watcher delivers what the dead process left (its completion card is important); a death notice would
+    # come within 10 s
+    wait_until(lambda: _notices(fast_space), timeout=15, what="a notice from the killed job")
+    # and whatever is still queued: the next process on the host delivers it (and fires any death left armed)
+    later = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "30"], env=env,
+                           capture_output=True, text=True, timeout=90)
+    assert later.returncode == 0, later.stderr
+    notices = _notices(fast_space)
+    assert len(notices) == 1, notices  # the completion card, never also "died"
+    assert "💀" not in notices[0] and "finished" in notices[0], notices
+    assert _armed(home) == 0
+
+
+def _armed(home: Path) -> int:
+    n = 0
+    for f in home.glob("outbox-*.sqlite3"):
+        db = sqlite3.connect(f, timeout=10)
+        try:
+            n += db.execute("SELECT count(*) FROM message WHERE state='armed'").fetchone()[0]
+        finally:
+            db.close()
+    return n
