@@ -426,7 +426,6 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     transaction; a row another process fired meanwhile is skipped.
     """
     from . import lost  # noqa: F401  (its hook forgets the block in Redis)
-    from .message import build_payloads
     from .outbox import _owner_alive, _request_id
 
     db = box._db()
@@ -437,21 +436,10 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
         rows = [r for r in rows if not _owner_alive(r["owner"])]
     queued: list[int] = []
     for row in rows:
-        try:
-            spec = json.loads(row.get("armed") or "{}")
-        except ValueError:
-            spec = {}
+        spec = _spec(row)
         webhook = box.webhook(row["dest"])
         text = cause_text or cause(exit_status, oom_kills)
-        kwargs = death_message(spec, row, cause_text=text, died_at=died_at, peak=peak, **wording)
-        if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
-            from . import jobs
-
-            first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), text, box=box)
-            if first is not None:
-                kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), text, first)}
-        payloads = build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
-                                  thread_key=row["thread_key"], truncate=True, webhook=webhook)
+        payloads = notice_payloads(box, spec, row, webhook, cause_text=text, died_at=died_at, peak=peak, **wording)
         now = time.time()
         with box._write() as wdb:
             if wdb.execute("DELETE FROM message WHERE id=? AND state='armed'", (row["id"],)).rowcount != 1:
@@ -463,12 +451,61 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
                     (_request_id(), row["dest"], row["space_key"], row["thread_key"],
                      json.dumps(p, ensure_ascii=False, separators=(",", ":")), now, now, now),
                 ).lastrowid or 0))
-        for hook in list(_fired_hooks):
-            try:
-                hook(spec, row)
-            except Exception:
-                pass
+        fired(spec, row)
     return queued
+
+
+def _spec(row: dict[str, Any]) -> dict[str, Any]:
+    """What an armed row says to post (its ``armed`` column); {} when unreadable."""
+    try:
+        spec = json.loads(row.get("armed") or "{}")
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def notice_payloads(box: Any, spec: dict[str, Any], row: dict[str, Any], webhook: Any, *, cause_text: str,
+                    died_at: float | None, peak: int = 0, **wording: str) -> list[dict[str, Any]]:
+    """The built messages of one armed row's death notice (a rank's after the job's first failure: a line)."""
+    from .message import build_payloads
+
+    kwargs = death_message(spec, row, cause_text=cause_text, died_at=died_at, peak=peak, **wording)
+    if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
+        from . import jobs
+
+        first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), cause_text, box=box)
+        if first is not None:
+            kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), cause_text, first)}
+    return build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
+                          thread_key=row["thread_key"], truncate=True, webhook=webhook)
+
+
+def fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
+    """A death notice was queued for ``row``: tell the hooks (lost.py forgets the job in Redis). Never raises."""
+    for hook in list(_fired_hooks):
+        try:
+            hook(spec, row)
+        except Exception:
+            pass
+
+
+def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Death notices for the armed rows of a vanished host's file (:meth:`Outbox.take_over`), as JSON bodies.
+
+    Their owners ran on a host no process uses the file of any more: they
+    are dead, and nobody saw how. Built before the take-over's transaction
+    (a distributed job's first failure is recorded in its own).
+    """
+    from .webhook import parse_webhook_url
+
+    out = []
+    for row in rows:
+        spec = _spec(row)
+        host = str(spec.get("host") or str(row.get("owner") or "").rpartition(":")[0] or "its host")
+        text = f"its host {host} is gone (the machine or container stopped, or restarted under another name)"
+        payloads = notice_payloads(box, spec, row, parse_webhook_url(urls[row["dest"]]), cause_text=text, died_at=None)
+        out.append((row, [json.dumps(p, ensure_ascii=False, separators=(",", ":")) for p in payloads]))
+    return out
 
 
 _fired_hooks: list[Any] = []  # called with (spec, row) when a death notice is fired (lost.py forgets the job)

@@ -976,6 +976,7 @@ def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
     for f in files:
         if d.outbox.take_over(f.path):
             d.ensure_running()
+    d.mine.update(d.outbox.adopted)  # the death notices of the jobs that host ran: this process's exit waits for them
 
 
 _inherited: list[Dispatcher] = []

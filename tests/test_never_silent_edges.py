@@ -22,7 +22,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +109,59 @@ def _armed(home: Path) -> int:
         finally:
             db.close()
     return n
+
+
+# -- a container restarted under a new hostname reports its predecessor's death ------------------------------
+
+NO_HOSTS = unshare_works()
+
+HOST_JOB = """
+    import time, chat_magic
+    with chat_magic.notify_when_done("nightly training") as n:
+        n.update("epoch 3: loss 0.250")
+        print("READY", flush=True)
+        time.sleep(300)
+"""
+
+
+def _as_host(name: str, *argv: str, env: dict, whole: bool = False) -> subprocess.Popen:
+    """``argv`` run by Python under the hostname ``name`` (``whole``: in a PID namespace too, to kill it whole)."""
+    ns = ["--uts", "--pid", "--fork", "--mount-proc"] if whole else ["--uts"]
+    cmd = ["unshare", *ns, "sh", "-c", 'hostname "$1" && shift && exec "$@"', "sh", name, sys.executable, *argv]
+    return subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(NO_HOSTS), reason=NO_HOSTS or "")
+def test_a_container_restarted_under_a_new_hostname_reports_its_predecessors_death_once_in_its_thread(fast_space, tmp_path):
+    from test_jobs import _ns_init
+
+    home = tmp_path / "home"  # a folder the containers share (a volume)
+    env = script_env(fast_space, home)
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(HOST_JOB), encoding="utf-8")
+    pod_a = _as_host("pod-a", str(job), env=env, whole=True)
+    assert pod_a.stdout.readline().strip() == "READY", pod_a.stderr.read()
+    progress = wait_until(lambda: [m for m in fast_space.messages() if "epoch 3" in (m.get("text") or "")],
+                          what="pod-a's progress line")
+    os.kill(_ns_init(pod_a.pid), signal.SIGKILL)  # the container is gone: the job, its watcher, everything
+    pod_a.wait(30)
+    assert _armed(home) == 1 and deaths(fast_space) == []  # nobody was left to report it
+    # the container comes back as pod-b: its first chat_magic process takes the file over
+    pod_b = _as_host("pod-b", "-m", "chat_magic.cli", "send", "pod-b is up", env=env)
+    out, err = pod_b.communicate(timeout=90)
+    assert pod_b.returncode == 0, out + err
+    found = wait_until(lambda: deaths(fast_space), timeout=30, what="pod-a's job's death notice")
+    assert "the death notice of 1 job(s) still running there" in err and err.count("\n") == 1, err
+    death = found[0]
+    assert "nightly training died (found later" in death["fallbackText"]
+    facts = card_facts(death)
+    assert facts["Cause"].startswith("its host pod-a is gone") and facts["Last progress"] == "epoch 3: loss 0.250"
+    assert death["thread"]["name"] == progress[0]["thread"]["name"], "into the job's thread"
+    # exactly once: nothing stays armed anywhere, and the next process (here or on pod-b) fires nothing more
+    assert _armed(home) == 0
+    again = _as_host("pod-b", "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "30", env=env)
+    out, err = again.communicate(timeout=90)
+    assert again.returncode == 0, out + err
+    assert len(deaths(fast_space)) == 1
+    assert_no_secret(out, err, death)
