@@ -165,3 +165,34 @@ def test_a_container_restarted_under_a_new_hostname_reports_its_predecessors_dea
     assert again.returncode == 0, out + err
     assert len(deaths(fast_space)) == 1
     assert_no_secret(out, err, death)
+
+
+# -- a card the outbox cannot take yet keeps its death notice armed until it is queued --------------------------
+
+
+def _armed_in(box) -> int:
+    return box._db().execute("SELECT count(*) FROM message WHERE state='armed'").fetchone()[0]
+
+
+@pytest.mark.slow  # the outbox is locked past the caller's 2 s: about 6 s
+def test_a_card_kept_in_memory_keeps_its_death_notice_armed_until_the_card_is_queued(fast_space, monkeypatch):
+    from test_hardening import _lock
+
+    import chat_magic
+    from chat_magic import deadman, delivery
+
+    monkeypatch.setenv("CHAT_MAGIC_WATCHER", "off")  # this test's process is the one that must not die unreported
+    chat_magic.send("before the lock").wait(10)
+    box = delivery.dispatcher().outbox
+    with chat_magic.notify_when_done("kept-block"):
+        assert _armed_in(box) == 1
+        locker = _lock(box.path, 5.0)  # another process holds the write lock past the caller's 2 s
+    try:
+        # the card waits in memory: were this process killed now, its death notice is what would be posted
+        assert _armed_in(box) == 1
+    finally:
+        assert locker.wait(30) == 0
+    wait_until(lambda: any("kept-block finished" in (m.get("fallbackText") or "") for m in fast_space.messages()),
+               timeout=30, what="the card once the outbox works again")
+    wait_until(lambda: _armed_in(box) == 0, timeout=10, what="the death notice disarmed with the card's transaction")
+    assert deadman._undone == [] and deaths(fast_space) == []
