@@ -963,9 +963,10 @@ class Outbox:
             src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
         for row, _ in fired:
             deadman.fired(deadman._spec(row), row)
-        also = f", and the death notice of {len(fired)} job(s) still running there" if fired else ""
-        self._tell(f"delivering {sum(1 for r in rows if r['state'] in (PENDING, MERGED))} message(s) left in {src_name(src)} "
-                   f"by a host no process uses any more{also}")
+        left = sum(1 for r in rows if r["state"] in (PENDING, MERGED))
+        what = [f"{left} message(s) left"] if left or not fired else []
+        what += [f"the death notice of {len(fired)} job(s) still running"] if fired else []
+        self._tell(f"delivering {' and '.join(what)} in {src_name(src)} by a host no process uses any more")
         self.adopted += [i for _, i in fired]
         return len(moved)
 

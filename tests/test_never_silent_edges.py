@@ -152,7 +152,7 @@ def test_a_container_restarted_under_a_new_hostname_reports_its_predecessors_dea
     out, err = pod_b.communicate(timeout=90)
     assert pod_b.returncode == 0, out + err
     found = wait_until(lambda: deaths(fast_space), timeout=30, what="pod-a's job's death notice")
-    assert "the death notice of 1 job(s) still running there" in err and "Traceback" not in err, err
+    assert "delivering the death notice of 1 job(s) still running in outbox-pod-a.sqlite3 by a host no process uses" in err and "Traceback" not in err, err
     death = found[0]
     assert "nightly training died (found later" in death["fallbackText"]
     facts = card_facts(death)
