@@ -5,7 +5,8 @@ a training callback's run or ``chat-magic run`` opens, its death notice is
 written to the outbox *before the work starts*, as a row in the state
 ``armed`` owned by this process (``host:pid/start``). Closing normally
 deletes it in the transaction that queues the completion notice
-(``send(..., disarm=armed.replacing())``), or right after when none is posted. An armed row is
+(``send(..., disarm=armed.replacing())``), or right after when none is
+posted. An armed row is
 never claimed, merged or counted as waiting: only :func:`fire_dead` turns
 it into a pending message, in one transaction (``DELETE ... WHERE
 state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
