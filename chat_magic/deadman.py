@@ -4,7 +4,9 @@ When a ``notify_when_done`` block, a ``%%chat`` cell, an auto-notified cell,
 a training callback's run or ``chat-magic run`` opens, its death notice is
 written to the outbox *before the work starts*, as a row in the state
 ``armed`` owned by this process (``host:pid/start``). Closing normally
-deletes it, right after the completion notice is queued. An armed row is
+deletes it in the transaction that queues the completion notice
+(``send(..., disarm=armed.replacing())``), or right after when none is
+posted. An armed row is
 never claimed, merged or counted as waiting: only :func:`fire_dead` turns
 it into a pending message, in one transaction (``DELETE ... WHERE
 state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
@@ -64,6 +66,7 @@ class Armed:
     last_write: float = 0.0
     last_progress: str = ""
     closed: bool = False
+    replaced: bool = False  # a completion card queued with ``disarm=`` took the row with it (see :meth:`replacing`)
     extra: dict[str, Any] = field(default_factory=dict)  # stalls.py and lost.py keep their state here
 
     def record(self, text: str | None = None, *, force: bool = False) -> None:
@@ -91,6 +94,16 @@ class Armed:
             # not worth a line (the notice is armed already), nor a training loop held up: try again in 30 s
             self.last_write = now + 30.0
 
+    def replacing(self) -> int | None:
+        """The ``disarm=`` of the completion or failure card that replaces this notice (None: nothing to replace).
+
+        ``send(..., disarm=armed.replacing())`` queues the card and deletes
+        the armed row in one transaction (:meth:`Outbox.enqueue`): a kill at
+        any moment leaves one of the two, never both. Once ``send`` returns,
+        set :attr:`replaced`; :meth:`disarm` then has no row to delete.
+        """
+        return self.id if not self.closed and self.pid == os.getpid() else None
+
     def disarm(self) -> None:
         """The block closed normally: forget its death notice. Never raises."""
         if self.closed or self.pid != os.getpid():
@@ -106,6 +119,8 @@ class Armed:
         from . import termination
 
         termination.uninstall()
+        if self.replaced:
+            return  # gone with the card's transaction (or, the card kept in memory, when it is queued)
         if not _delete(self.outbox, self.id):
             _undone.append((self.outbox, self.id))  # the outbox is locked or full: retried later, and at exit
 
@@ -417,7 +432,6 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     transaction; a row another process fired meanwhile is skipped.
     """
     from . import lost  # noqa: F401  (its hook forgets the block in Redis)
-    from .message import build_payloads
     from .outbox import _owner_alive, _request_id
 
     db = box._db()
@@ -428,21 +442,10 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
         rows = [r for r in rows if not _owner_alive(r["owner"])]
     queued: list[int] = []
     for row in rows:
-        try:
-            spec = json.loads(row.get("armed") or "{}")
-        except ValueError:
-            spec = {}
+        spec = _spec(row)
         webhook = box.webhook(row["dest"])
         text = cause_text or cause(exit_status, oom_kills)
-        kwargs = death_message(spec, row, cause_text=text, died_at=died_at, peak=peak, **wording)
-        if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
-            from . import jobs
-
-            first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), text, box=box)
-            if first is not None:
-                kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), text, first)}
-        payloads = build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
-                                  thread_key=row["thread_key"], truncate=True, webhook=webhook)
+        payloads = notice_payloads(box, spec, row, webhook, cause_text=text, died_at=died_at, peak=peak, **wording)
         now = time.time()
         with box._write() as wdb:
             if wdb.execute("DELETE FROM message WHERE id=? AND state='armed'", (row["id"],)).rowcount != 1:
@@ -454,12 +457,61 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
                     (_request_id(), row["dest"], row["space_key"], row["thread_key"],
                      json.dumps(p, ensure_ascii=False, separators=(",", ":")), now, now, now),
                 ).lastrowid or 0))
-        for hook in list(_fired_hooks):
-            try:
-                hook(spec, row)
-            except Exception:
-                pass
+        fired(spec, row)
     return queued
+
+
+def _spec(row: dict[str, Any]) -> dict[str, Any]:
+    """What an armed row says to post (its ``armed`` column); {} when unreadable."""
+    try:
+        spec = json.loads(row.get("armed") or "{}")
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def notice_payloads(box: Any, spec: dict[str, Any], row: dict[str, Any], webhook: Any, *, cause_text: str,
+                    died_at: float | None, peak: int = 0, **wording: str) -> list[dict[str, Any]]:
+    """The built messages of one armed row's death notice (a rank's after the job's first failure: a line)."""
+    from .message import build_payloads
+
+    kwargs = death_message(spec, row, cause_text=cause_text, died_at=died_at, peak=peak, **wording)
+    if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
+        from . import jobs
+
+        first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), cause_text, box=box)
+        if first is not None:
+            kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), cause_text, first)}
+    return build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
+                          thread_key=row["thread_key"], truncate=True, webhook=webhook)
+
+
+def fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
+    """A death notice was queued for ``row``: tell the hooks (lost.py forgets the job in Redis). Never raises."""
+    for hook in list(_fired_hooks):
+        try:
+            hook(spec, row)
+        except Exception:
+            pass
+
+
+def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Death notices for the armed rows of a vanished host's file (:meth:`Outbox.take_over`), as JSON bodies.
+
+    Their owners ran on a host no process uses the file of any more: they
+    are dead, and nobody saw how. Built before the take-over's transaction
+    (a distributed job's first failure is recorded in its own).
+    """
+    from .webhook import parse_webhook_url
+
+    out = []
+    for row in rows:
+        spec = _spec(row)
+        host = str(spec.get("host") or str(row.get("owner") or "").rpartition(":")[0] or "its host")
+        text = f"its host {host} is gone (the machine or container stopped, or restarted under another name)"
+        payloads = notice_payloads(box, spec, row, parse_webhook_url(urls[row["dest"]]), cause_text=text, died_at=None)
+        out.append((row, [json.dumps(p, ensure_ascii=False, separators=(",", ":")) for p in payloads]))
+    return out
 
 
 _fired_hooks: list[Any] = []  # called with (spec, row) when a death notice is fired (lost.py forgets the job)

@@ -318,6 +318,7 @@ class _Held:
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
     blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
+    disarm: int | None = None  # the armed death notice these bodies replace (deleted when they are queued)
 
 
 class Dispatcher:
@@ -342,7 +343,7 @@ class Dispatcher:
     # -- caller side -----------------------------------------------------
 
     def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
-               figures: Any = None) -> Receipt:
+               figures: Any = None, disarm: int | None = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
@@ -350,14 +351,17 @@ class Dispatcher:
         and queued by the worker as soon as the outbox works again. Else the
         caller gets the one-line :class:`OutboxError`. ``figures``
         (:class:`chat_magic.images.Figures`): the images' bytes go into the
-        outbox with the bodies that show them.
+        outbox with the bodies that show them. ``disarm``: the id of the armed
+        death notice this completion card replaces, deleted in the same
+        transaction (see :meth:`Outbox.enqueue`; a card kept in memory keeps
+        it armed until it is queued).
         """
         thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
         bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
         blobs = None
         if figures is not None and figures.postable:
             bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs)
+        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs, disarm)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -372,7 +376,8 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs,
+                                  disarm=held.disarm)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -1016,6 +1021,7 @@ def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
     for f in files:
         if d.outbox.take_over(f.path):
             d.ensure_running()
+    d.mine.update(d.outbox.adopted)  # the death notices of the jobs that host ran: this process's exit waits for them
 
 
 _inherited: list[Dispatcher] = []
@@ -1048,6 +1054,7 @@ def send(
     header: str | None = None,
     image: Any = None,
     figures: Any = None,
+    disarm: int | None = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -1057,7 +1064,7 @@ def send(
     that must never lose a notice (the magics, ``notify_when_done``) set it.
     ``image``: a figure (or a list of them) shown in a card under the text;
     ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
-    whose image widgets the cards carry.
+    whose image widgets the cards carry. ``disarm``: see :meth:`Dispatcher.submit`.
 
     The thread-key rule is checked here, where every front end passes (the
     magics, ``chat_magic.send``, ``chat-magic send --thread``, the composer,
@@ -1075,7 +1082,8 @@ def send(
         text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
+    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures,
+                               disarm=disarm)
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -536,11 +536,15 @@ class ChatMagics(Magics):
         except ConfigError as e:
             raise _usage(f"{magic}: {e}") from None
 
-    def _post(self, report: Report, webhook: Webhook, figures: Any = None) -> None:
-        """Queue ``report`` into the session thread; a problem is one warning line."""
+    def _post(self, report: Report, webhook: Webhook, figures: Any = None, armed: Any = None) -> None:
+        """Queue ``report`` into the session thread (disarming ``armed`` in the same transaction); a problem is one warning line."""
         try:
             cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
-            receipt = self._session().send(to=webhook, keep_on_fault=True, figures=figures, **report.payload_kwargs(cards=cards))
+            receipt = self._session().send(to=webhook, keep_on_fault=True, figures=figures,
+                                           disarm=armed.replacing() if armed is not None else None,
+                                           **report.payload_kwargs(cards=cards))
+            if armed is not None:
+                armed.replaced = True  # the card's transaction disarmed it
             _tell_if_refused(receipt)
             from .deadman import mark_important
 
@@ -718,8 +722,8 @@ class ChatMagics(Magics):
         if figures is not None:
             report.figures, report.note = figures.widgets(), figures.note()
         report.sections = sections
-        self._post(report, webhook, figures)
-        self._disarm(armed)  # after the completion notice is queued
+        self._post(report, webhook, figures, armed)
+        self._disarm(armed)  # the notice's transaction deleted it (else: now)
         return None
 
     def _rich(self, ran: NestedRun, result: Any, args: Any) -> tuple[Any, list[dict[str, Any]], Any]:
@@ -969,7 +973,7 @@ class ChatMagics(Magics):
         if figures is not None:
             report.figures, report.note = figures.widgets(), figures.note()
         report.sections = sections
-        self._post(report, auto["webhook"], figures)
+        self._post(report, auto["webhook"], figures, frame.armed)
 
     def _auto_rich(self, frame: _Cell, result: Any) -> tuple[Any, list[dict[str, Any]], Any]:
         """An announced cell's figures and tables, as ``%%chat`` takes them (the first :data:`images.MAX_FIGURES`)."""

@@ -343,8 +343,12 @@ class notify_when_done:
         if figures is not None:
             report.figures, report.note = figures.widgets(), figures.note()
         cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
-        receipt = run.post(report.kind, "notice", figures=figures, **report.payload_kwargs(cards=cards))
+        armed = run.armed
+        receipt = run.post(report.kind, "notice", figures=figures, disarm=armed.replacing() if armed is not None else None,
+                           **report.payload_kwargs(cards=cards))
         if receipt is not None:
+            if armed is not None:
+                armed.replaced = True  # the card's transaction disarmed it
             run.receipt = self.receipt = receipt
             if report.status == FAILED:
                 mark_reported(exc)  # a Run All summary names this failure instead of repeating it
@@ -366,9 +370,13 @@ class notify_when_done:
         first = jobs.first_failure(job, jobs.describe_rank(run.rank), report.error)
         if first is None or not jobs.consequential(exc):
             return False
-        receipt = run.post(_ranks.FAILURE, "line", text=jobs.as_line(run.title, report.error, first), truncate=True)
+        armed = run.armed
+        receipt = run.post(_ranks.FAILURE, "line", text=jobs.as_line(run.title, report.error, first), truncate=True,
+                           disarm=armed.replacing() if armed is not None else None)
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            if armed is not None:
+                armed.replaced = True  # the line's transaction disarmed it
         return True
 
     def _figures(self, run: _Run) -> Any:

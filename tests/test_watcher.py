@@ -257,6 +257,7 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
 # -- the last notice leaves before the process ------------------------------------------
 
 
+@pytest.mark.slow  # three messages at 1.5 s each, and the script's start: about 9 s
 def test_a_short_scripts_completion_card_is_delivered_before_it_exits_at_1_5_s_latency(tmp_path):
     from conftest import KEY, TOKEN, Space
 
