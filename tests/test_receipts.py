@@ -184,3 +184,34 @@ def test_a_receipt_read_during_a_recovery_never_calls_its_message_lost(fast_spac
     assert chat_magic.flush(60)
     assert r.wait(30).name and r.status == "sent"
     assert [m["text"] for m in fast_space.messages()] == ["waits through a recovery"], "delivered once"
+
+
+QUEUER = """
+import sys, chat_magic
+from chat_magic import delivery
+delivery.settings.exit_timeout = 0
+for i in range(int(sys.argv[1])):
+    chat_magic.send(f"queued {i:02d}", thread_key=f"q{i:02d}")
+"""
+
+
+def test_a_flush_is_not_done_while_the_worker_still_salvages(space, outbox_home):
+    """What made ``test_damaged_outbox_found_by_the_next_process`` fail now and then, made certain.
+
+    The CLI's worker finds the damage (its integrity check) and recovers while
+    the CLI's main thread waits for the queued ids: read half-way, the new file
+    held none of them, so ``flush`` was done at once (exit 0) with nothing
+    delivered. A large file makes the salvage long enough to be caught every time.
+    """
+    space.emu.set_down(True)
+    try:
+        subprocess.run([sys.executable, "-c", QUEUER, "3"], env=dict(os.environ), check=True, timeout=60)
+    finally:
+        space.emu.set_down(False)
+    path = outbox_path(outbox_home)
+    _fill(path, 20_000)
+    _damage_a_filler_page(path)
+    out = _cli("outbox", "flush", "--timeout", "60")
+    assert "salvaged" in out.stderr, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert [m["text"] for m in space.messages()] == ["queued 00", "queued 01", "queued 02"]  # was: [] (and exit 0)
