@@ -304,6 +304,7 @@ class _Held:
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
     blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
+    disarm: int | None = None  # the armed death notice these bodies replace (deleted when they are queued)
 
 
 class Dispatcher:
@@ -328,7 +329,7 @@ class Dispatcher:
     # -- caller side -----------------------------------------------------
 
     def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
-               figures: Any = None) -> Receipt:
+               figures: Any = None, disarm: int | None = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
@@ -336,14 +337,17 @@ class Dispatcher:
         and queued by the worker as soon as the outbox works again. Else the
         caller gets the one-line :class:`OutboxError`. ``figures``
         (:class:`chat_magic.images.Figures`): the images' bytes go into the
-        outbox with the bodies that show them.
+        outbox with the bodies that show them. ``disarm``: the id of the armed
+        death notice this completion card replaces, deleted in the same
+        transaction (see :meth:`Outbox.enqueue`; a card kept in memory keeps
+        it armed until it is queued).
         """
         thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
         bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
         blobs = None
         if figures is not None and figures.postable:
             bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs)
+        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs, disarm)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -358,7 +362,8 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs,
+                                  disarm=held.disarm)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -946,6 +951,10 @@ def dispatcher() -> Dispatcher:
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
+    from .deadman import fire_orphans
+
+    if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
+        d.ensure_running()
     return d
 
 
@@ -986,6 +995,7 @@ def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
     for f in files:
         if d.outbox.take_over(f.path):
             d.ensure_running()
+    d.mine.update(d.outbox.adopted)  # the death notices of the jobs that host ran: this process's exit waits for them
 
 
 _inherited: list[Dispatcher] = []
@@ -1018,6 +1028,7 @@ def send(
     header: str | None = None,
     image: Any = None,
     figures: Any = None,
+    disarm: int | None = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -1027,7 +1038,7 @@ def send(
     that must never lose a notice (the magics, ``notify_when_done``) set it.
     ``image``: a figure (or a list of them) shown in a card under the text;
     ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
-    whose image widgets the cards carry.
+    whose image widgets the cards carry. ``disarm``: see :meth:`Dispatcher.submit`.
     """
     webhook = config.resolve(to)
     if image is not None:
@@ -1040,7 +1051,8 @@ def send(
         text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
+    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures,
+                               disarm=disarm)
 
 
 def flush(timeout: float | None = 30.0) -> bool:
@@ -1069,6 +1081,10 @@ def _at_exit() -> None:
             if not d._drain_held():
                 _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
+            from .deadman import exit_wait
+
+            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:
                 d.wait_for(mine, left)

@@ -154,6 +154,7 @@ def _trainer(L, tmp_path, callback, epochs=4):
                      callbacks=[callback], num_sanity_val_steps=0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_lightning_fit_posts_start_epochs_and_a_card_with_both_metrics_and_sparklines(space, tmp_path):
     L, torch = _lightning()
@@ -188,6 +189,7 @@ def test_lightning_fit_posts_start_epochs_and_a_card_with_both_metrics_and_spark
     assert "epoch=3 (4/4)" in text_of(msgs[:at])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_lightning_crash_in_epoch_2_posts_the_exception_and_it_reaches_the_caller(space, tmp_path):
     L, torch = _lightning()
@@ -211,6 +213,7 @@ def test_lightning_crash_in_epoch_2_posts_the_exception_and_it_reaches_the_calle
     assert [n for n, _ in epoch_lines(msgs, 4)] == ["1"]
 
 
+@pytest.mark.slow
 def test_lightning_callback_is_accepted_by_pytorch_lightning_too(space):
     pl = pytest.importorskip("pytorch_lightning", reason=f"pytorch_lightning {MISSING}")
     from chat_magic.integrations.lightning import ChatCallback
@@ -242,6 +245,7 @@ def _xy(np, n=64):
     return x, (x.sum(axis=1, keepdims=True) + 0.1 * rng.standard_normal((n, 1))).astype("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_keras_fit_with_validation_split_gives_loss_and_val_loss(space):
     keras, np = _keras()
@@ -264,6 +268,7 @@ def test_keras_fit_with_validation_split_gives_loss_and_val_loss(space):
         assert SPARK.match(metric[name]["bottomLabel"]) and len(metric[name]["bottomLabel"]) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_keras_crash_posts_the_failure_and_the_same_exception_reaches_the_caller(space):
     keras, np = _keras()
@@ -288,6 +293,7 @@ def test_keras_crash_posts_the_failure_and_the_same_exception_reaches_the_caller
     assert "started:" not in text_of(msgs) and not epoch_lines(msgs, 4), "on='end': no start or epoch lines"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_keras_every_n_epochs_and_the_metric_filter(space):
     keras, np = _keras()
@@ -306,6 +312,7 @@ def test_keras_every_n_epochs_and_the_metric_filter(space):
     assert len(metric_rows(card)["val_loss"]["bottomLabel"]) == 4, "every epoch recorded, whatever is posted"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_keras_on_rank_1_posts_only_its_failure(space, monkeypatch):
     keras, np = _keras()
@@ -361,6 +368,7 @@ def _hf(tmp_path, callback, epochs=3, crash: bool = False):
     return transformers.Trainer(model=model, args=args, train_dataset=Tokens(32), eval_dataset=Tokens(16), callbacks=[callback])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_hf_trainer_with_eval_strategy_epoch_gives_eval_loss(space, tmp_path):
     pytest.importorskip("transformers", reason=f"transformers {MISSING}")
@@ -385,6 +393,7 @@ def test_hf_trainer_with_eval_strategy_epoch_gives_eval_loss(space, tmp_path):
     assert SPARK.match(metric["eval_loss"]["bottomLabel"]) and len(metric["eval_loss"]["bottomLabel"]) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_hf_trainer_crash_posts_the_failure_and_reaches_the_caller(space, tmp_path):
     pytest.importorskip("transformers", reason=f"transformers {MISSING}")
@@ -409,6 +418,7 @@ def test_training_callbacks_notebook_is_committed_clean():
     assert "key=" not in raw and "token=" not in raw
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_training_callbacks_notebook_posts_epochs_a_metrics_card_and_one_run_summary(space, monkeypatch, tmp_path):
     _lightning()
@@ -474,6 +484,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_lightning_ddp_on_two_processes_posts_once_from_global_rank_zero(space, tmp_path):
     _lightning()

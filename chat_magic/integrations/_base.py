@@ -18,6 +18,9 @@ What it posts, by ``on=``:
 - ``"end"``: the final card only.
 - ``"error"``: failures only (a crash, or a run whose metrics went NaN/inf).
 
+``stall_after=`` (seconds): one line when no step or epoch ends for that
+long, one when training moves again (see :mod:`chat_magic.stalls`).
+
 Cadence: at most one progress message per ``progress_every`` seconds (default
 300): the lines of that span are merged into one message; the start line and
 the final card are always posted. ``progress_every=0`` posts every line (the
@@ -135,6 +138,7 @@ class TrainingWatch:
         thread_key: str | None = None,
         cards: bool = True,
         ranks: str | None = None,
+        stall_after: float | None = None,
     ) -> None:
         if on not in ON:
             raise ConfigError(f"on={on!r}: use 'epoch' (start, progress, end), 'end' (the final card) or 'error' (failures only)")
@@ -149,7 +153,8 @@ class TrainingWatch:
         self.progress_every = float(progress_every)
         self.label = label
         self.notifier = notify_when_done(label or "training", to=to, thread_key=thread_key, mention=mention,
-                                         on="error" if on == "error" else "always", cards=cards, ranks=ranks)
+                                         on="error" if on == "error" else "always", cards=cards, ranks=ranks,
+                                         stall_after=stall_after)
         self.notifier._ready()  # no webhook configured: say so now, not after the run
         self.run: Any = None
         self.planned: int | None = None
@@ -176,7 +181,7 @@ class TrainingWatch:
         """
         try:
             if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
-                self._forget()
+                self._forget().disarm()
             self.run = self.notifier._begin(self.label or name)
             if rank is not None:
                 self.run.rank = rank
@@ -222,6 +227,12 @@ class TrainingWatch:
         except Exception as e:
             _warn(f"training notices: epoch {number}: {exception_summary(e)}")
 
+    def alive(self) -> None:
+        """A training step ended: a sign of life for ``stall_after`` and death notices (nothing is posted)."""
+        run = self.run
+        if run is not None and run.armed is not None:
+            run.armed.record()
+
     def step(self, number: int, values: Mapping[str, Any], *, line: bool = True) -> None:
         """Step-based training logged ``values`` at global step ``number``: record, queue a line."""
         run = self.run
@@ -242,6 +253,8 @@ class TrainingWatch:
     def progress(self, line: str) -> None:
         """Queue a progress line; post the queued lines as one message once ``progress_every`` has passed."""
         self._lines.append(line)
+        if self.run is not None and self.run.armed is not None:
+            self.run.armed.record(line)  # the last progress line of a death or stall notice, posted or not
         now = time.monotonic()
         if self.progress_every and now - self._posted_at < self.progress_every:
             return

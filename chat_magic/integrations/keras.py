@@ -146,6 +146,9 @@ class ChatCallback(keras.callbacks.Callback):
         self._logs[int(epoch) + 1] = dict(logs or {})
         self.watch.epoch(int(epoch) + 1, dict(logs or {}))
 
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.watch.alive()
+
     def on_train_end(self, logs: Any = None) -> None:
         try:
             ending = self._ending()

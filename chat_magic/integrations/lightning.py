@@ -104,6 +104,7 @@ class ChatCallback(*_bases()):  # type: ignore[misc]
             self.watch.goal(getattr(cb, "monitor", None), getattr(cb, "mode", None))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.watch.alive()  # a sign of life for stall_after and death notices
         if not self._steps:
             return
         step = int(trainer.global_step)

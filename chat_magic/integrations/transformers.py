@@ -110,6 +110,9 @@ class ChatCallback(TrainerCallback):
         if self._steps:
             self.watch.epoch(self._epoch, {})
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.watch.alive()
+
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if not logs or "train_runtime" in logs:  # the closing summary repeats the run's figures
             return
