@@ -47,7 +47,7 @@ from . import config, hosts, pacing, rules
 from .console import say
 from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
-from .outbox import FAILED, SENT, Job, Outbox
+from .outbox import DROPPED, FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
 
 log = logging.getLogger("chat_magic")
@@ -822,6 +822,7 @@ class Receipt:
         self.destination = destination
         self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
         self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
+        self._final: tuple[str, str | None, list[Delivered]] | None = None  # (status, error, results), once it cannot change
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -833,22 +834,41 @@ class Receipt:
             status = "unknown (outbox unreadable)"
         return f"<Receipt {list(self.ids)} {status} to {self.destination}>"
 
-    def _rows(self) -> tuple[list[Any], int]:
-        """The rows of this message's parts, and how many parts are no longer in the outbox."""
-        rows = self._d.outbox.resolve(self.ids)
-        return rows, len(self.ids) - len(rows)
+    def _read(self) -> tuple[list[Any], dict[int, str]]:
+        """Each part's row (None where no longer in the outbox), and why each such part is gone (``Outbox.account``)."""
+        return self._d.outbox.account(self.ids)
+
+    def _judge(self, found: list[Any], gone: dict[int, str]) -> tuple[str, str | None, list[Delivered]]:
+        """(status, error, results) from what the outbox holds; remembered once it can no longer change.
+
+        Delivered is final (a delivered part later pruned from the outbox reads
+        ``sent``, its name no longer known); so is dropped. A part the space
+        refused is not remembered: ``chat-magic outbox retry`` may queue it again.
+        """
+        if self._final is not None:
+            return self._final
+        rows = [r for r in found if r is not None]
+        results = [Delivered(r.name, r.thread_name) if r is not None else Delivered(None, None)
+                   for i, r in zip(self.ids, found) if r is not None or gone.get(i) == SENT]
+        lost = [i for i, why in gone.items() if why != SENT]
+        refused = [r for r in rows if r.state == FAILED]
+        if refused or lost:
+            status = "failed"
+            error = next((r.error for r in refused if r.error), None) or (self._gone_text(lost[0], gone[lost[0]]) if lost else None)
+        else:
+            status = "sent" if all(r.state == SENT for r in rows) else "pending"
+            error = next((r.error for r in rows if r.error), None)
+        outcome = (status, error, results)
+        if status == "sent" or DROPPED in gone.values():
+            self._final = outcome
+        return outcome
 
     @property
     def status(self) -> str:
-        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed or was dropped)."""
+        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed, was dropped or was lost)."""
         if self._held:
             return "pending"
-        rows, gone = self._rows()
-        if gone or any(r.state == FAILED for r in rows):
-            return "failed"
-        if rows and all(r.state == SENT for r in rows):
-            return "sent"
-        return "pending"
+        return self._judge(*self._read())[0]
 
     def done(self) -> bool:
         return self.status != "pending"
@@ -858,23 +878,19 @@ class Receipt:
         """The one-line reason when delivery failed, else the last transient error, else None."""
         if self._held:
             return f"kept in memory: {self._d.held_reason}" if self._d.held_reason else None
-        rows, gone = self._rows()
-        for r in rows:
-            if r.state == FAILED and r.error:
-                return r.error
-        if gone:
-            return self._gone_text()
-        for r in rows:
-            if r.error:
-                return r.error
-        return None
+        return self._judge(*self._read())[1]
 
-    def _gone_text(self) -> str:
-        return (f"message {self.ids[0]} is no longer in the outbox {self._d.outbox.path}: it was dropped "
-                "(chat-magic outbox drop) or lost with a damaged outbox")
+    def _gone_text(self, i: int, why: str) -> str:
+        where = f"message {i} is no longer in the outbox {self._d.outbox.path}"
+        if why == DROPPED:
+            return f"{where}: it was dropped (chat-magic outbox drop)"
+        return f"{where} and no record says it was delivered: lost with a damaged outbox, or removed by an older chat_magic"
 
     def results(self) -> list[Delivered]:
-        return [Delivered(r.name, r.thread_name) for r in self._d.outbox.resolve(self.ids)]
+        """Each delivered part's ``name`` and ``thread.name``; None for a part pruned from the outbox since (no longer known)."""
+        if self._held:
+            return []
+        return self._judge(*self._read())[2]
 
     def wait(self, timeout: float | None = 30.0) -> Delivered:
         """Block until delivered and return the message's ``name`` and ``thread.name``.
@@ -883,6 +899,8 @@ class Receipt:
         dropped from the outbox) and :class:`DeliveryTimeout` when it is still
         queued after ``timeout`` seconds (it stays queued and will still be
         delivered); an :class:`OutboxError` when the outbox cannot be read.
+        ``name`` is None when the message was delivered but pruned from the
+        outbox since (``CHAT_MAGIC_KEEP_SENT``): its name is no longer known.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
@@ -892,19 +910,20 @@ class Receipt:
             if self._held:
                 time.sleep(0.1)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._d.wait_for(list(self.ids), left):
+        if self._final is None and not self._d.wait_for(list(self.ids), left):
             last = self.error
             more = f"; last error: {last}" if last else ""
             raise DeliveryTimeout(f"not delivered within {timeout:g} s (still queued, will retry){more}")
-        rows, gone = self._rows()
-        for r in rows:
-            if r.state == FAILED:
+        found, gone = (None, {}) if self._final is not None else self._read()
+        for r in found or ():
+            if r is not None and r.state == FAILED:
                 self.mark_reported()
                 raise DeliveryFailed(r.error or "delivery failed", code=r.error_code or 0, status=r.error_status or "")
-        if gone:
+        status, error, results = self._judge(found or [], gone)
+        if status == "failed":
             self.mark_reported()
-            raise DeliveryFailed(self._gone_text())
-        return Delivered(rows[0].name, rows[0].thread_name)
+            raise DeliveryFailed(error or "delivery failed")
+        return results[0] if results else Delivered(None, None)
 
     def mark_reported(self) -> None:
         """The caller has told the user about this message's failure: the exit summary skips it."""
