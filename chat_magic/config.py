@@ -51,7 +51,7 @@ ENV_HOME = "CHAT_MAGIC_HOME"
 ENV_REDIS = "CHAT_MAGIC_REDIS_URL"
 
 log = logging.getLogger("chat_magic")
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a signal handler's send() may run while this thread holds it
 _cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
 _warned_modes: set[str] = set()
 SECRET_TTL = 60.0  # seconds a hosted secret (or its absence) is remembered: each look-up is a round trip

@@ -29,6 +29,7 @@ in order, as soon as the outbox works again.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import config, hosts, pacing
+from . import outbox as _outbox
 from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
@@ -162,6 +164,7 @@ class _Lane:
         self.space_key = space_key
         self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: wake up (stopping)
         self.busy = False
+        self.current: int | None = None  # the id being sent now
         self.session: Any = None
         self.thread = threading.Thread(target=self._run, name="chat_magic-lane", daemon=True)
 
@@ -183,15 +186,28 @@ class _Lane:
                 continue
             if job is None:
                 continue
+            self.current = job.id
             try:
                 self.d._deliver(job, self)
-            except Exception as e:  # never die: log (redacted) and go on
+            except BaseException as e:  # never die (a dead lane would strand its space): log (redacted) and go on
                 log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
             finally:
                 with self.d._lock:
                     self.busy = False
+                    self.current = None
                 self.d._finished()
                 self.d._wake.set()
+
+
+class _Inline:
+    """The lane of :meth:`Dispatcher.deliver_now`: the calling thread itself."""
+
+    session: Any = None
+
+    def http(self) -> Any:
+        if self.session is None:
+            self.session = _new_session()
+        return self.session
 
 
 @dataclass
@@ -214,7 +230,7 @@ class Dispatcher:
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
         self._lanes: dict[str, _Lane] = {}
         self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
         self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
@@ -223,6 +239,7 @@ class Dispatcher:
         self._watchers: list[Receipt] = []
         self.mine: set[int] = set()  # ids this process queued
         self.reported: set[int] = set()  # ids whose failure the caller has already been told
+        self._orphaned = False  # a claim may have been cut short by an interrupt: put it back
 
     # -- caller side -----------------------------------------------------
 
@@ -234,9 +251,7 @@ class Dispatcher:
         and queued by the worker as soon as the outbox works again. Else the
         caller gets the one-line :class:`OutboxError`.
         """
-        thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
-        bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted))
+        held = _make_held(self, webhook, payloads, skip)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -254,6 +269,15 @@ class Dispatcher:
         ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
+        self.ensure_running()
+        self._wake.set()
+
+    def _adopt(self, held: _Held) -> None:
+        """Queue a message sent from inside the outbox (a signal handler), behind what is kept in memory."""
+        held.receipt._d = self
+        with self._lock:
+            self._held.append(held)
+        self._drain_held(blocking=False)
         self.ensure_running()
         self._wake.set()
 
@@ -287,6 +311,8 @@ class Dispatcher:
             self._drain_lock.release()
 
     def ensure_running(self) -> None:
+        if _late_mode():
+            return  # after chat_magic's exit hook: no new thread (it might never run); send() delivers inline
         if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
@@ -317,6 +343,7 @@ class Dispatcher:
         stands in (said in one line on stderr).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        _adopt_late()
         while not self._drain_held(patient=True):
             if deadline is not None and time.monotonic() >= deadline:
                 _say(f"{len(self._held)} message(s) still kept in memory: {self._held_reason}")
@@ -334,6 +361,30 @@ class Dispatcher:
                  f"{self.outbox.problem}")
             return False
         return ok
+
+    def deliver_now(self, ids: list[int], timeout: float) -> bool:
+        """Deliver in this thread, paced, until ``ids`` are sent or failed; return whether they are.
+
+        For a send after chat_magic's exit hook ran: the worker is stopped and
+        a new thread might never run (interpreter shutdown).
+        """
+        deadline = time.monotonic() + timeout
+        lane = _Inline()
+        while True:
+            rows = self.outbox.resolve(ids)
+            if all(r.state in (SENT, FAILED) for r in rows):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            busy = self._busy()
+            ready = self.outbox.next_ready(time.time(), exclude=busy)
+            if ready is None or ready > 0:
+                time.sleep(min(left, 0.05 if ready is None else ready))
+                continue
+            job = self.outbox.claim(time.time(), interval=settings.interval, lease=settings.lease, exclude=busy)
+            if job is not None:
+                self._deliver(job, lane)  # type: ignore[arg-type]
 
     def watch(self, receipt: Receipt) -> None:
         with self._lock:
@@ -359,18 +410,41 @@ class Dispatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                wait = self._step()
-            except Exception as e:  # never die: log (redacted) and go on
-                log.warning("chat_magic: delivery worker error: %s", redact(f"{type(e).__name__}: {e}"))
-                wait = 1.0
+            wait = self._turn()
             if wait:
                 self._wake.wait(wait)
                 self._wake.clear()
 
+    def _turn(self) -> float:
+        """One :meth:`_step`; never lets an error (nor an asynchronous exception) end the worker."""
+        try:
+            return self._step()
+        except Exception as e:  # never die: log (redacted) and go on
+            log.warning("chat_magic: delivery worker error: %s", redact(f"{type(e).__name__}: {e}"))
+            return 1.0
+        except BaseException as e:  # an asynchronous exception: a claim it cut short must not be left behind
+            log.warning("chat_magic: delivery worker interrupted: %s", type(e).__name__)
+            self._orphaned = True
+            return 0.05
+
+    def _release_orphans(self) -> bool:
+        """Put back rows this process claimed that no lane holds (a claim cut short); return whether done."""
+        if not self._orphaned:
+            return True
+        with self._lock:
+            keep = {lane.current for lane in self._lanes.values() if lane.current is not None}
+            keep |= {j.id for lane in self._lanes.values() for j in list(lane.jobs.queue) if j is not None}
+        try:
+            self.outbox.release_mine(keep)
+        except OutboxError:
+            return False
+        self._orphaned = False
+        return True
+
     def _step(self) -> float:
         """Hand one message to its space's lane if one is ready; return how long to sleep (0: go on)."""
-        if not self._settle() or not self._drain_held(patient=True):
+        _adopt_late(self)
+        if not self._settle() or not self._release_orphans() or not self._drain_held(patient=True):
             return 1.0  # the outbox cannot be written yet
         busy = self._busy()
         if len(busy) >= MAX_LANES:
@@ -422,12 +496,19 @@ class Dispatcher:
         return True
 
     def _record(self, write: Callable[[], None]) -> None:
-        """Write an outcome to the outbox; if it cannot be written now, owe it (never lose a delivery)."""
+        """Write an outcome to the outbox; if it cannot be written now, owe it (never lose a delivery).
+
+        Interrupted (an asynchronous exception), it is owed too: each outcome
+        write may be made twice.
+        """
         try:
             write()
         except OutboxError as e:
             log.warning("chat_magic: %s; will record the outcome when the outbox works again", e)
             self._owed.append(write)
+        except BaseException:
+            self._owed.append(write)
+            raise
 
     # -- a lane ----------------------------------------------------------
 
@@ -612,7 +693,8 @@ class Receipt:
     def error(self) -> str | None:
         """The one-line reason when delivery failed, else the last transient error, else None."""
         if self._held:
-            return f"kept in memory: {self._d._held_reason}" if self._d._held_reason else None
+            reason = self._d._held_reason if self._d is not None else ""
+            return f"kept in memory: {reason}" if reason else None
         rows, gone = self._rows()
         for r in rows:
             if r.state == FAILED and r.error:
@@ -642,8 +724,11 @@ class Receipt:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self._d._held_reason})")
-            self._d._drain_held(patient=True)
+                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self.error})")
+            if self._d is None:  # sent from a signal handler: queued by the call it interrupted, or now
+                _adopt_late()
+            else:
+                self._d._drain_held(patient=True)
             if self._held:
                 time.sleep(0.1)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -684,15 +769,66 @@ class Receipt:
                 log.warning("chat_magic: receipt callback failed: %s", redact(e))
 
 
+def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> _Held:
+    """A message as the outbox will store it, with its receipt (ids come when it is queued)."""
+    thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
+    bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted))  # type: ignore[arg-type]
+
+
 # -- the process-wide dispatchers, one per outbox folder ------------------------
 
 _dispatchers: dict[str, Dispatcher] = {}
 _dlock = threading.Lock()
+_registered = False  # _at_exit is registered (once per process, inherited by a forked child)
+_exited = False  # _at_exit has run: a later send delivers inline, or says it could not
+_state = threading.local()  # .depth: this thread is inside send()/flush() (a signal handler may run in there)
+_late: dict[str, collections.deque[tuple[Any, _Held]]] = {}  # sent from inside the outbox: queued right after
+
+
+def _inside() -> bool:
+    """Whether this thread is already inside chat_magic's delivery (a signal handler interrupted it there)."""
+    return getattr(_state, "depth", 0) > 0 or _outbox._gate.held()
+
+
+def _late_mode() -> bool:
+    """After chat_magic's exit hook ran, or once the interpreter finalizes: no thread may be started."""
+    return _exited or sys.is_finalizing()
+
+
+def _send_later(webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> Receipt:
+    """Keep a message sent from inside the outbox (a signal handler) in memory: no lock, no SQLite.
+
+    The outer call (when it leaves ``send``) or the worker queues it right after.
+    """
+    home = config.home()
+    held = _make_held(_dispatchers.get(str(hosts.outbox_path(home))), webhook, payloads, skip)
+    _late.setdefault(str(hosts.outbox_path(home)), collections.deque()).append((home, held))
+    return held.receipt
+
+
+def _adopt_late(d: Dispatcher | None = None) -> None:
+    """Queue what signal handlers sent from inside the outbox (only ``d``'s, from its worker)."""
+    if not _late or _inside():
+        return
+    for path, waiting in list(_late.items()):
+        if d is not None and _dispatchers.get(path) is not d:
+            continue
+        while waiting:
+            home, held = waiting.popleft()
+            try:
+                _dispatcher_at(home)._adopt(held)
+            except OutboxError as e:
+                _say(f"a message sent from a signal handler could not be queued: {e}")
 
 
 def dispatcher() -> Dispatcher:
     """The dispatcher of this host's outbox in the current ``CHAT_MAGIC_HOME`` (made on first use)."""
-    home = config.home()
+    return _dispatcher_at(config.home())
+
+
+def _dispatcher_at(home: Any) -> Dispatcher:
+    global _registered
     path = str(hosts.outbox_path(home))
     d = _dispatchers.get(path)
     if d is not None:
@@ -700,8 +836,9 @@ def dispatcher() -> Dispatcher:
     with _dlock:
         d = _dispatchers.get(path)
         if d is None:
-            if not _dispatchers:
+            if not _registered:
                 atexit.register(_at_exit)
+                _registered = True
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
     return d
@@ -735,12 +872,21 @@ _inherited: list[Dispatcher] = []
 def _after_fork_in_child() -> None:
     """A forked child (a data-loader worker, multiprocessing) starts afresh on first use.
 
-    SQLite connections and the worker thread do not survive a fork; the
-    parent's objects are kept (not closed) so nothing touches the parent's
-    database handles from the child.
+    The worker threads do not survive a fork, and a lock another parent thread
+    held at the fork stays held in the child forever: every lock on the way of
+    ``send`` is made anew (the outbox's own are, in outbox.py). The parent's
+    objects are kept (not closed) so nothing touches the parent's handles
+    from the child.
     """
+    global _dlock, _state
     _inherited.extend(_dispatchers.values())
     _dispatchers.clear()
+    _dlock = threading.Lock()
+    _state = threading.local()
+    _late.clear()
+    config._lock = threading.RLock()
+    pacing._slots.clear()  # a Redis connection is not shared with the parent
+    pacing._slots_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -768,11 +914,41 @@ def send(
     webhook = config.resolve(to)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+    if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
+        return _send_later(webhook, lead + payloads, len(lead))
+    _state.depth = 1
+    try:
+        d = dispatcher()
+        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+    finally:
+        _state.depth = 0
+        _adopt_late()
+    if _late_mode():
+        _deliver_late(d, receipt)
+    return receipt
+
+
+def _deliver_late(d: Dispatcher, receipt: Receipt) -> None:
+    """A send after chat_magic's exit hook ran (an earlier atexit handler, a ``__del__``): deliver it now,
+    bounded, or say in one line where it waits. Never raises, never hangs."""
+    try:
+        if receipt.ids and d.deliver_now(list(receipt.ids), max(0.5, settings.exit_timeout)) and receipt.status == "sent":
+            return
+        what = receipt.error or "not delivered in time"
+    except Exception as e:  # shutting down: an import or a module may be gone
+        what = f"{type(e).__name__}: {e}"
+    _say(f"a message sent after chat_magic's exit hook is still queued ({what}); "
+         "the next chat_magic process or `chat-magic outbox flush` delivers it")
 
 
 def flush(timeout: float | None = 30.0) -> bool:
-    return dispatcher().flush(timeout)
+    if _inside():
+        return False  # a signal handler inside send(): it cannot wait for the outbox it interrupted
+    _state.depth = 1
+    try:
+        return dispatcher().flush(timeout)
+    finally:
+        _state.depth = 0
 
 
 def shutdown(timeout: float = 5.0) -> None:
@@ -791,7 +967,12 @@ def _at_exit() -> None:
     Says in one line on stderr what was not delivered, unless the caller was
     told already, and loudly what could not even be queued.
     """
+    global _exited
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
+    try:
+        _import_requests()  # while imports still work: a __del__ late in shutdown may still deliver
+    except Exception:
+        pass
     for d in list(_dispatchers.values()):
         try:
             if not d._drain_held():
@@ -815,3 +996,4 @@ def _at_exit() -> None:
                 _say(f"{len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them")
         except Exception as e:
             _say(f"could not check what is left in the outbox: {type(e).__name__}: {e}")
+    _exited = True  # from now on a send delivers inline (see _deliver_late)

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,15 +226,20 @@ def _guarded(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     tried once more on the new outbox.
     """
     def decorate(method: Callable[..., T]) -> Callable[..., T]:
+        # a read holds the gate throughout (its cursor is used to the end); a write takes it in its transaction
+        gate = what == "read"
+
         @functools.wraps(method)
         def guarded(self: Outbox, *args: Any, **kwargs: Any) -> T:
             try:
-                return method(self, *args, **kwargs)
+                with _gated(self.busy_timeout if gate else None):
+                    return method(self, *args, **kwargs)
             except (sqlite3.Error, OSError) as e:
                 if not (_is_corrupt(e) and self._recover(_reason(e))):
                     raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
             try:
-                return method(self, *args, **kwargs)
+                with _gated(self.busy_timeout if gate else None):
+                    return method(self, *args, **kwargs)
             except (sqlite3.Error, OSError) as e:
                 raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
         return guarded
@@ -261,8 +267,11 @@ class Outbox:
         self.path = Path(path)
         self.configured = self.path  # the file asked for; ``path`` differs when a temporary outbox stands in
         self.notices: list[str] = []  # what this outbox told the user (recoveries, fallbacks)
+        self._conns: list[sqlite3.Connection] = []  # every thread's connection: closed before a fork
+        _outboxes.add(self)
         try:
-            self._open()
+            with _gated(busy_timeout):
+                self._open()
         except (sqlite3.Error, OSError) as e:
             if _is_busy(e):
                 return  # a lock is brief: opened on first use, a caller meanwhile gets an OutboxError
@@ -297,24 +306,42 @@ class Outbox:
             return conn
         if conn is not None:
             _close_quietly(conn)
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout)
-        self._local.conn, self._local.gen, self._local.caller = conn, self._gen, False
+            with _suppress(ValueError):
+                self._conns.remove(conn)
+        # check_same_thread off: the fork hook closes every thread's connection (under the gate, so none is in use)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        self._local.conn, self._local.gen = conn, self._gen
+        self._conns.append(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.row_factory = sqlite3.Row
         return conn
 
     def _db(self) -> sqlite3.Connection:
-        if not self._opened:
-            self._open()
-        elif self._ino is not None and time.monotonic() >= self._next_look:
-            self._next_look = time.monotonic() + 0.2  # a stat costs as much as an insert: look 5 times a second at most
-            if _inode(self.path) != self._ino:
-                self._open()  # another process replaced the file (a recovery): follow it
-        return self._connect()
+        with _gated(self.busy_timeout):
+            if not self._opened:
+                self._open()
+            elif self._ino is not None and time.monotonic() >= self._next_look:
+                self._next_look = time.monotonic() + 0.2  # a stat costs as much as an insert: look 5 times a second at most
+                if _inode(self.path) != self._ino:
+                    self._open()  # another process replaced the file (a recovery): follow it
+            return self._connect()
 
-    def _write(self) -> _Tx:
-        return _Tx(self._db())
+    def _write(self, wait: float | None = None) -> _Tx:
+        """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
+        return _Tx(self._db(), self.busy_timeout if wait is None else wait, self.busy_timeout)
+
+    def _close_all(self) -> None:
+        """Close every thread's connection (before a fork, under the gate): each reconnects on next use.
+
+        A child must not inherit an open connection: SQLite's per-file lock
+        bookkeeping would make the child's own connection believe it holds
+        locks that only the parent holds.
+        """
+        conns, self._conns = self._conns, []
+        self._gen += 1
+        for conn in conns:
+            _close_quietly(conn)
 
     # -- caller side -----------------------------------------------------
 
@@ -329,12 +356,8 @@ class Outbox:
         thread (``patient``) the full busy timeout.
         """
         now = time.time()
-        db = self._db()
-        if not patient and not self._local.caller:
-            # a caller never waits long for another process's lock: it gets a clear error instead
-            db.execute(f"PRAGMA busy_timeout={int(self.caller_timeout * 1000)}")
-            self._local.caller = True
-        with _Tx(db):
+        # a caller never waits long for another process's lock: it gets a clear error instead
+        with self._write(None if patient else self.caller_timeout) as db:
             dest = self._dests.get(webhook.id) or self._dest_id(db, webhook)
             ids = [
                 int(db.execute(
@@ -581,6 +604,21 @@ class Outbox:
     def unfinished_ids(self) -> list[int]:
         return [r[0] for r in self._db().execute("SELECT id FROM message WHERE state IN ('pending','sending') ORDER BY id")]
 
+    @_guarded("write to")
+    def release_mine(self, keep: Iterable[int] = ()) -> int:
+        """Put back rows this process claimed but no longer sends (a claim cut short by an interrupt).
+
+        ``keep``: ids this process is sending now. Their requestId is kept, so a
+        message that did reach the space is not duplicated when sent again.
+        """
+        keep = set(keep)
+        with self._write() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM message WHERE state=? AND owner=?", (SENDING, self.owner))
+                   if r[0] not in keep]
+            db.executemany("UPDATE message SET state=?, owner=NULL, lease_until=NULL WHERE id=? AND state=?",
+                           [(PENDING, i, SENDING) for i in ids])
+        return len(ids)
+
     def stranded(self) -> int | None:
         """Messages still waiting in the configured outbox while a temporary one stands in.
 
@@ -590,14 +628,18 @@ class Outbox:
             return 0
         for options in ("mode=ro", "mode=ro&immutable=1"):  # immutable: a read-only filesystem, where no -shm can be made
             try:
-                db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
-                try:
-                    return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
-                finally:
-                    db.close()
+                with _gated(self.busy_timeout):
+                    return self._count_configured(options)
             except sqlite3.Error:
                 continue
         return None
+
+    def _count_configured(self, options: str) -> int:
+        db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
+        try:
+            return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
+        finally:
+            db.close()
 
     @_guarded("write to")
     def requeue(self, ids: Iterable[int]) -> int:
@@ -658,7 +700,7 @@ class Outbox:
         if self.path != self.configured:
             return False
         try:
-            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            with _gated(self.busy_timeout), _file_lock(self.path.with_name(self.path.name + ".lock")):
                 if self._healthy():
                     self._open()
                     return True
@@ -792,25 +834,133 @@ class _OlderFormat(sqlite3.DatabaseError):
     """An outbox written by an older chat_magic: rebuilt like a damaged one, nothing lost."""
 
 
-class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes."""
+class _Gate:
+    """The process's one way into SQLite: every outbox call of every thread holds it.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    - Threads of one process queue here, on a Python lock, instead of
+      fighting through SQLite's busy handler (which gives up after its timeout
+      however short each writer's turn is: 96 threads raised "database is locked").
+    - A fork waits for it (:func:`_before_fork`), so no SQLite mutex is held
+      mid-call by another thread when the child is made.
+    - Reentrant; the holder's depth is kept beside the lock, so a hold left by
+      an interrupt that landed between taking the lock and counting it (or
+      between uncounting and releasing) is found and released on the thread's
+      next entry.
+    """
+
+    def __init__(self) -> None:
+        self._lock: Any = threading.RLock()
+        self._local = threading.local()
+
+    def depth(self) -> int:
+        return int(getattr(self._local, "depth", 0))
+
+    def held(self) -> bool:
+        """Whether this thread is inside the outbox now (a signal handler that runs here must not wait for it)."""
+        return self.depth() > 0 or bool(self._lock._is_owned())
+
+    def enter(self, timeout: float) -> None:
+        depth = self.depth()
+        if depth == 0 and self._lock._is_owned():
+            self._lock._release_save()  # a hold an interrupt left behind: release it fully
+            log.warning("chat_magic: released the outbox lock left held by an interrupt")
+        if not self._lock.acquire(True, max(0.0, timeout)):
+            raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+        self._local.depth = depth + 1
+
+    def leave(self) -> None:
+        depth = self.depth()
+        if depth > 0:
+            self._local.depth = depth - 1
+            self._lock.release()
+
+
+_gate = _Gate()
+
+
+@contextmanager
+def _gated(timeout: float | None) -> Iterator[None]:
+    """Hold the gate (``timeout=None``: do not take it)."""
+    if timeout is None:
+        yield
+        return
+    entered = False
+    try:
+        _gate.enter(timeout)
+        entered = True
+        yield
+    finally:
+        if entered:
+            _gate.leave()
+
+
+_TRY_BUSY_MS = 50  # one try at the write lock; between tries the gate lets this process's other threads in
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes, and across this process's threads.
+
+    Safe against an asynchronous exception (Ctrl-C, a signal handler's
+    exception) at any point: ``BEGIN`` runs inside the ``try`` that rolls
+    back, ``__exit__`` rolls back whatever stopped it, and a transaction left
+    open anyway (an interrupt inside the rollback itself) is rolled back, and
+    said, at the start of the connection's next one. ``wait``: how long
+    another process's lock may keep this transaction from starting.
+    """
+
+    def __init__(self, db: sqlite3.Connection, wait: float, busy_timeout: float) -> None:
         self.db = db
+        self.wait = wait
+        self.busy_timeout = busy_timeout
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        waited = 0.0
+        gate_deadline = time.monotonic() + self.busy_timeout
+        while True:
+            entered = False
+            try:
+                _gate.enter(gate_deadline - time.monotonic())
+                entered = True
+                if self.db.in_transaction:
+                    _rollback(self.db)
+                    log.warning("chat_magic: rolled back an outbox transaction left open by an interrupt")
+                t = time.monotonic()
+                if self._begin():
+                    return self.db
+                waited += time.monotonic() - t
+                if waited >= self.wait:
+                    raise sqlite3.OperationalError("database is locked")
+            except BaseException:
+                _rollback(self.db)
+                if entered:
+                    _gate.leave()
+                raise
+            _gate.leave()  # another process holds the write lock: let this process's readers in meanwhile
+            entered = False
+            time.sleep(0.002)
+
+    def _begin(self) -> bool:
+        """One short try at the write lock; False when another process holds it."""
+        self.db.execute(f"PRAGMA busy_timeout={_TRY_BUSY_MS}")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                return False
+            raise
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            try:
+        try:
+            if exc_type is None:
                 self.db.execute("COMMIT")
-            except sqlite3.Error:
-                _rollback(self.db)
-                raise
-        else:
-            _rollback(self.db)
+        finally:
+            try:
+                _rollback(self.db)  # nothing to do after a COMMIT; after anything else, undo
+            finally:
+                _gate.leave()
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -819,6 +969,43 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
     except sqlite3.Error:
         pass
+
+
+_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+_fork_held = False
+
+
+def _before_fork() -> None:
+    """Take the gate and close every connection: the child inherits no SQLite call in progress, no open handle."""
+    global _fork_held
+    try:
+        _gate.enter(5.0)
+    except BaseException:
+        return  # a thread holds it that long (never seen): fork anyway
+    _fork_held = True
+    for box in list(_outboxes):
+        box._close_all()
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_held
+    if _fork_held:
+        _fork_held = False
+        _gate.leave()
+
+
+def _after_fork_in_child() -> None:
+    """Fresh locks: whatever another parent thread held is not held here."""
+    global _gate, _fork_held
+    _gate = _Gate()
+    _fork_held = False
+    for box in list(_outboxes):
+        box._conns = []
+        box._local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 @contextmanager
