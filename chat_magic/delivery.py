@@ -184,19 +184,29 @@ class _Lane:
                 if self.d._retire(self):
                     return
                 continue
-            if job is None:
-                continue
-            self.current = job.id
-            try:
-                self.d._deliver(job, self)
-            except BaseException as e:  # never die (a dead lane would strand its space): log (redacted) and go on
-                log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
-            finally:
-                with self.d._lock:
-                    self.busy = False
-                    self.current = None
-                self.d._finished()
-                self.d._wake.set()
+            if job is not None:
+                self._one(job)
+
+    def _one(self, job: Job) -> None:
+        """Send one job; whatever stops it (even an asynchronous exception), the lane lives on."""
+        cut = False
+        self.current = job.id
+        try:
+            self.d._deliver(job, self)
+        except Exception as e:  # never die: log (redacted) and go on
+            log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
+        except BaseException as e:  # cut short: its row, still ours and leased, is put back by the dispatcher
+            _heal_locks(set())
+            log.warning("chat_magic: delivery interrupted: %s", type(e).__name__)
+            cut = True
+        finally:
+            with self.d._lock:
+                self.busy = False
+                self.current = None
+            if cut:
+                self.d._orphaned = True
+            self.d._finished()
+            self.d._wake.set()
 
 
 class _Inline:
@@ -235,6 +245,7 @@ class Dispatcher:
         self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
         self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
         self._drain_lock = threading.Lock()
+        self._drainer: int | None = None  # the thread draining: an interrupt cannot leave the drain lock held
         self._held_reason = ""
         self._watchers: list[Receipt] = []
         self.mine: set[int] = set()  # ids this process queued
@@ -295,8 +306,11 @@ class Dispatcher:
 
     def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
         """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
+        if not self._held:
+            return True
         if not self._drain_lock.acquire(blocking=blocking):
             return not self._held
+        self._drainer = threading.get_ident()
         try:
             while self._held:
                 try:
@@ -308,7 +322,7 @@ class Dispatcher:
                     self._held.pop(0)
             return True
         finally:
-            self._drain_lock.release()
+            (setattr(self, "_drainer", None), self._drain_lock.release())  # type: ignore[func-returns-value]  # one line: no interrupt between
 
     def ensure_running(self) -> None:
         if _late_mode():
@@ -423,6 +437,7 @@ class Dispatcher:
             log.warning("chat_magic: delivery worker error: %s", redact(f"{type(e).__name__}: {e}"))
             return 1.0
         except BaseException as e:  # an asynchronous exception: a claim it cut short must not be left behind
+            _heal_locks(set())
             log.warning("chat_magic: delivery worker interrupted: %s", type(e).__name__)
             self._orphaned = True
             return 0.05
@@ -779,16 +794,51 @@ def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, 
 # -- the process-wide dispatchers, one per outbox folder ------------------------
 
 _dispatchers: dict[str, Dispatcher] = {}
-_dlock = threading.Lock()
+_dlock = threading.RLock()
 _registered = False  # _at_exit is registered (once per process, inherited by a forked child)
 _exited = False  # _at_exit has run: a later send delivers inline, or says it could not
-_state = threading.local()  # .depth: this thread is inside send()/flush() (a signal handler may run in there)
+_state = threading.local()  # .frame: the send()/flush() this thread is in (a signal handler may run in there)
 _late: dict[str, collections.deque[tuple[Any, _Held]]] = {}  # sent from inside the outbox: queued right after
 
 
 def _inside() -> bool:
-    """Whether this thread is already inside chat_magic's delivery (a signal handler interrupted it there)."""
-    return getattr(_state, "depth", 0) > 0 or _outbox._gate.held()
+    """Whether this thread is already inside chat_magic's delivery (a signal handler interrupted it there).
+
+    The mark is the frame of the ``send``/``flush`` call, looked for on the
+    stack: a mark left by an interrupt (on the line that clears it) is stale,
+    not a reason to hold every later send back.
+    """
+    f = getattr(_state, "frame", None)
+    if f is not None:
+        g: Any = sys._getframe(1)
+        while g is not None:
+            if g is f:
+                return True
+            g = g.f_back
+        _state.frame = None
+    return _outbox._gate.held()
+
+
+def _locks() -> list[Any]:
+    """The reentrant locks on the way of ``send``."""
+    return [config._lock, _dlock] + [d._lock for d in list(_dispatchers.values())]
+
+
+def _owned_locks() -> set[int]:
+    return {id(lk) for lk in _locks() if lk._is_owned()}
+
+
+def _heal_locks(before: set[int]) -> None:
+    """Give back every lock this thread took since ``before`` (an interrupt cut a call short)."""
+    me = threading.get_ident()
+    for lk in _locks():
+        if id(lk) not in before and lk._is_owned():
+            lk._release_save()
+    for d in list(_dispatchers.values()):
+        if d._drainer == me:
+            (setattr(d, "_drainer", None), d._drain_lock.release())  # type: ignore[func-returns-value]
+    if not _outbox._gate.depth():
+        _outbox._gate.restore(0)
 
 
 def _late_mode() -> bool:
@@ -881,7 +931,7 @@ def _after_fork_in_child() -> None:
     global _dlock, _state
     _inherited.extend(_dispatchers.values())
     _dispatchers.clear()
-    _dlock = threading.Lock()
+    _dlock = threading.RLock()
     _state = threading.local()
     _late.clear()
     config._lock = threading.RLock()
@@ -916,12 +966,16 @@ def send(
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
     if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
         return _send_later(webhook, lead + payloads, len(lead))
-    _state.depth = 1
+    before = _owned_locks()
     try:
+        _state.frame = sys._getframe()
         d = dispatcher()
         receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+    except BaseException:
+        _heal_locks(before)  # an interrupt, even on a line that releases: leave no lock held
+        raise
     finally:
-        _state.depth = 0
+        _state.frame = None
         _adopt_late()
     if _late_mode():
         _deliver_late(d, receipt)
@@ -944,11 +998,11 @@ def _deliver_late(d: Dispatcher, receipt: Receipt) -> None:
 def flush(timeout: float | None = 30.0) -> bool:
     if _inside():
         return False  # a signal handler inside send(): it cannot wait for the outbox it interrupted
-    _state.depth = 1
     try:
+        _state.frame = sys._getframe()
         return dispatcher().flush(timeout)
     finally:
-        _state.depth = 0
+        _state.frame = None
 
 
 def shutdown(timeout: float = 5.0) -> None:

@@ -231,23 +231,42 @@ def _guarded(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
         @functools.wraps(method)
         def guarded(self: Outbox, *args: Any, **kwargs: Any) -> T:
+            depth = _gate.depth()
             try:
-                with _gated(self.busy_timeout if gate else None):
-                    return method(self, *args, **kwargs)
-            except (sqlite3.Error, OSError) as e:
-                if not (_is_corrupt(e) and self._recover(_reason(e))):
-                    raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
-            try:
-                with _gated(self.busy_timeout if gate else None):
-                    return method(self, *args, **kwargs)
-            except (sqlite3.Error, OSError) as e:
-                raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+                return self._attempt(method, what, gate, args, kwargs)
+            except BaseException:
+                # an interrupt (anywhere below, even on a line that releases): leave nothing held
+                self._heal(depth)
+                raise
         return guarded
     return decorate
 
 
 class Outbox:
     """The outbox file. Each thread gets its own SQLite connection."""
+
+    def _attempt(self, method: Callable[..., T], what: str, gate: bool, args: Any, kwargs: Any) -> T:
+        try:
+            return _call_gated(self, method, gate, args, kwargs)
+        except (sqlite3.Error, OSError) as e:
+            if not (_is_corrupt(e) and self._recover(_reason(e))):
+                raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+        try:
+            return _call_gated(self, method, gate, args, kwargs)
+        except (sqlite3.Error, OSError) as e:
+            raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+
+    def _heal(self, depth: int) -> None:
+        """After an interrupt: roll back a transaction this call left open, give back the gate holds it took."""
+        conn = getattr(self._local, "conn", None)
+        if depth == 0 and conn is not None:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            except sqlite3.Error:
+                pass
+        _gate.restore(depth)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0,
                  pacer: SqlitePacer | None = None) -> None:
@@ -270,8 +289,7 @@ class Outbox:
         self._conns: list[sqlite3.Connection] = []  # every thread's connection: closed before a fork
         _outboxes.add(self)
         try:
-            with _gated(busy_timeout):
-                self._open()
+            _call_gated(self, Outbox._open, True, (), {})
         except (sqlite3.Error, OSError) as e:
             if _is_busy(e):
                 return  # a lock is brief: opened on first use, a caller meanwhile gets an OutboxError
@@ -318,7 +336,8 @@ class Outbox:
         return conn
 
     def _db(self) -> sqlite3.Connection:
-        with _gated(self.busy_timeout):
+        _gate.enter(self.busy_timeout)
+        try:
             if not self._opened:
                 self._open()
             elif self._ino is not None and time.monotonic() >= self._next_look:
@@ -326,6 +345,8 @@ class Outbox:
                 if _inode(self.path) != self._ino:
                     self._open()  # another process replaced the file (a recovery): follow it
             return self._connect()
+        finally:
+            _gate.leave()
 
     def _write(self, wait: float | None = None) -> _Tx:
         """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
@@ -628,8 +649,7 @@ class Outbox:
             return 0
         for options in ("mode=ro", "mode=ro&immutable=1"):  # immutable: a read-only filesystem, where no -shm can be made
             try:
-                with _gated(self.busy_timeout):
-                    return self._count_configured(options)
+                return _call_gated(self, Outbox._count_configured, True, (options,), {})
             except sqlite3.Error:
                 continue
         return None
@@ -691,6 +711,9 @@ class Outbox:
         self._tell(f"{self.problem}; using the temporary outbox {self.path} meanwhile")
 
     def _recover(self, reason: str) -> bool:
+        return _call_gated(self, Outbox._recover_gated, True, (reason,), {})
+
+    def _recover_gated(self, reason: str) -> bool:
         """Move a damaged (or older-format) file aside, salvage what can be read into a new one; tell the user.
 
         Returns whether the outbox is usable again. One process at a time (a
@@ -700,7 +723,7 @@ class Outbox:
         if self.path != self.configured:
             return False
         try:
-            with _gated(self.busy_timeout), _file_lock(self.path.with_name(self.path.name + ".lock")):
+            with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 if self._healthy():
                     self._open()
                     return True
@@ -842,10 +865,10 @@ class _Gate:
       however short each writer's turn is: 96 threads raised "database is locked").
     - A fork waits for it (:func:`_before_fork`), so no SQLite mutex is held
       mid-call by another thread when the child is made.
-    - Reentrant; the holder's depth is kept beside the lock, so a hold left by
-      an interrupt that landed between taking the lock and counting it (or
-      between uncounting and releasing) is found and released on the thread's
-      next entry.
+    - Reentrant. The thread's depth is counted beside the lock: a hold an
+      interrupt left behind (between taking the lock and counting it, or in a
+      line that releases it) is given back by :meth:`restore`, which every
+      outbox call runs when an exception leaves it, and on the thread's next entry.
     """
 
     def __init__(self) -> None:
@@ -857,41 +880,43 @@ class _Gate:
 
     def held(self) -> bool:
         """Whether this thread is inside the outbox now (a signal handler that runs here must not wait for it)."""
-        return self.depth() > 0 or bool(self._lock._is_owned())
+        return bool(self._lock._is_owned())
 
-    def enter(self, timeout: float) -> None:
+    def enter(self, timeout: float) -> bool:
         depth = self.depth()
         if depth == 0 and self._lock._is_owned():
-            self._lock._release_save()  # a hold an interrupt left behind: release it fully
+            self.restore(0)
             log.warning("chat_magic: released the outbox lock left held by an interrupt")
         if not self._lock.acquire(True, max(0.0, timeout)):
             raise sqlite3.OperationalError("database is locked (by another thread of this process)")
         self._local.depth = depth + 1
+        return True
 
     def leave(self) -> None:
-        depth = self.depth()
-        if depth > 0:
-            self._local.depth = depth - 1
-            self._lock.release()
+        if self._lock._is_owned():
+            self._local.depth, _ = max(0, self.depth() - 1), self._lock.release()
+
+    def restore(self, depth: int) -> None:
+        """Hold the gate exactly ``depth`` times, as this thread did before a call an interrupt cut short."""
+        if self._lock._is_owned():
+            self._lock._release_save()
+        if depth:
+            self._lock._acquire_restore((depth, threading.get_ident()))
+        self._local.depth = depth
 
 
 _gate = _Gate()
 
 
-@contextmanager
-def _gated(timeout: float | None) -> Iterator[None]:
-    """Hold the gate (``timeout=None``: do not take it)."""
-    if timeout is None:
-        yield
-        return
-    entered = False
+def _call_gated(box: Outbox, method: Callable[..., T], gate: bool, args: Any, kwargs: Any) -> T:
+    """``method(box, ...)``, holding the gate when ``gate``."""
+    if not gate:
+        return method(box, *args, **kwargs)
+    _gate.enter(box.busy_timeout)
     try:
-        _gate.enter(timeout)
-        entered = True
-        yield
+        return method(box, *args, **kwargs)
     finally:
-        if entered:
-            _gate.leave()
+        _gate.leave()
 
 
 _TRY_BUSY_MS = 50  # one try at the write lock; between tries the gate lets this process's other threads in
@@ -919,8 +944,7 @@ class _Tx:
         while True:
             entered = False
             try:
-                _gate.enter(gate_deadline - time.monotonic())
-                entered = True
+                entered = _gate.enter(gate_deadline - time.monotonic())
                 if self.db.in_transaction:
                     _rollback(self.db)
                     log.warning("chat_magic: rolled back an outbox transaction left open by an interrupt")
