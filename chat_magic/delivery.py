@@ -185,7 +185,17 @@ class _Lane:
                     return
                 continue
             if job is not None:
-                self._one(job)
+                self._work(job)
+
+    def _work(self, job: Job) -> None:
+        """:meth:`_one`; an interrupt even in its bookkeeping leaves the lane usable and the row to be put back."""
+        try:
+            self._one(job)
+        except BaseException:
+            _heal_locks(set())
+            self.d._orphaned = True
+            self.busy, self.current = False, None
+            self.d._wake.set()
 
     def _one(self, job: Job) -> None:
         """Send one job; whatever stops it (even an asynchronous exception), the lane lives on."""
@@ -237,7 +247,7 @@ class Dispatcher:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self._wake = threading.Event()
-        self._changed = threading.Condition()
+        self._changed = threading.Condition(threading.RLock())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
@@ -821,7 +831,8 @@ def _inside() -> bool:
 
 def _locks() -> list[Any]:
     """The reentrant locks on the way of ``send``."""
-    return [config._lock, _dlock] + [d._lock for d in list(_dispatchers.values())]
+    ds = list(_dispatchers.values())
+    return [config._lock, _dlock] + [d._lock for d in ds] + [d._changed._lock for d in ds]  # type: ignore[attr-defined]
 
 
 def _owned_locks() -> set[int]:

@@ -154,7 +154,7 @@ def assert_clean(d: delivery.Dispatcher) -> None:
     conn = getattr(d.outbox._local, "conn", None)
     assert conn is None or not conn.in_transaction, "a transaction was left open"
     assert outbox_module._gate.depth() == 0 and not outbox_module._gate._lock._is_owned(), "the outbox gate is held"
-    for lock in (outbox_module._gate._lock, d._lock, d._drain_lock, delivery._dlock, config._lock):
+    for lock in (outbox_module._gate._lock, d._lock, d._drain_lock, d._changed, delivery._dlock, config._lock):
         got: list[bool] = []
         t = threading.Thread(target=lambda lk=lock, got=got: got.append(lk.acquire(timeout=5) and (lk.release() or True)))
         t.start()
@@ -273,7 +273,7 @@ def test_an_interrupt_at_every_line_of_the_workers_completion_leaves_nothing_beh
             assert time.monotonic() < deadline
             job = d.outbox.claim(time.time(), interval=0, lease=delivery.settings.lease)
         lane.busy = True
-        fired, what = interrupt_at(n, lambda j=job: lane._one(j), None, skip=("_one",))
+        fired, what = interrupt_at(n, lambda j=job: lane._work(j), None, skip=("_work",))
         assert_clean(d)
         _drive(d, lambda c=cut: _sent(fast_space, c) and not d._owed and not d.outbox.unfinished_ids(),
                f"{cut} delivered and recorded after the interrupt")
