@@ -11,6 +11,7 @@ ipywidgets, requests and sqlite3 load when first needed.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -97,9 +98,25 @@ def send(
     :class:`ConfigError` / :class:`MessageError`); delivery problems never raise
     here: see ``Receipt.wait``.
     """
-    from .delivery import send as _send
-
+    try:
+        from .delivery import send as _send
+    except ImportError:  # a __del__ late in shutdown: no import works, the module already loaded still does
+        _send = _loaded.get("send") or _cannot_send
     return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate)
+
+
+_loaded: dict[str, Any] = {}  # chat_magic.delivery's send, once it is imported
+
+
+def _cannot_send(*args: Any, **kwargs: Any) -> Any:
+    """A first send late in the interpreter's shutdown: nothing can be loaded any more; say so, do not raise."""
+    try:
+        print("chat_magic: a message sent during the interpreter's shutdown, before chat_magic was ever used, "
+              "cannot be queued (nothing can be loaded any more): send it earlier, e.g. from an atexit handler",
+              file=sys.stderr, flush=True)
+    except Exception:
+        pass
+    return None
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from . import config, hosts, pacing
+from . import _loaded, config, hosts, pacing
 from . import outbox as _outbox
 from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
 from .message import build_payloads
@@ -538,7 +538,7 @@ class Dispatcher:
     # -- a lane ----------------------------------------------------------
 
     def _deliver(self, job: Job, lane: _Lane) -> None:
-        import requests
+        requests = _import_requests()  # no import statement: late in shutdown none works
 
         webhook = self.outbox.webhook(job.dest)
         log.debug("chat_magic: POST message %s to %s (attempt %d, carries %d more)",
@@ -607,21 +607,21 @@ class Dispatcher:
 
 
 _requests_ready = False
+_requests: Any = None  # the module, once imported: a send late in shutdown (no import works then) still has it
 
 
-def _import_requests() -> None:
-    global _requests_ready
-    if not _requests_ready:
-        import requests  # noqa: F401
+def _import_requests() -> Any:
+    global _requests_ready, _requests
+    if _requests is None:
+        import requests
 
         _guard_urllib3_logs()
-        _requests_ready = True
+        _requests, _requests_ready = requests, True
+    return _requests
 
 
 def _new_session() -> Any:
-    import requests
-
-    _import_requests()
+    requests = _import_requests()
     session = requests.Session()
     session.headers["Content-Type"] = "application/json; charset=UTF-8"
     session.headers["User-Agent"] = "chat_magic"
@@ -654,7 +654,7 @@ def _guard_urllib3_logs() -> None:
 
 def _describe(e: BaseException) -> str:
     """A short, redacted description of a network error."""
-    import requests
+    requests = _import_requests()
 
     if isinstance(e, requests.Timeout):
         kind = "timed out"
@@ -997,9 +997,12 @@ def _deliver_late(d: Dispatcher, receipt: Receipt) -> None:
     """A send after chat_magic's exit hook ran (an earlier atexit handler, a ``__del__``): deliver it now,
     bounded, or say in one line where it waits. Never raises, never hangs."""
     try:
-        if receipt.ids and d.deliver_now(list(receipt.ids), max(0.5, settings.exit_timeout)) and receipt.status == "sent":
+        if sys.is_finalizing():  # module teardown (a __del__): HTTP cannot work now (urllib3 imports as it goes)
+            what = "the interpreter is shutting down"
+        elif receipt.ids and d.deliver_now(list(receipt.ids), max(0.5, settings.exit_timeout)) and receipt.status == "sent":
             return
-        what = receipt.error or "not delivered in time"
+        else:
+            what = receipt.error or "not delivered in time"
     except Exception as e:  # shutting down: an import or a module may be gone
         what = f"{type(e).__name__}: {e}"
     _say(f"a message sent after chat_magic's exit hook is still queued ({what}); "
@@ -1062,3 +1065,6 @@ def _at_exit() -> None:
         except Exception as e:
             _say(f"could not check what is left in the outbox: {type(e).__name__}: {e}")
     _exited = True  # from now on a send delivers inline (see _deliver_late)
+
+
+_loaded["send"] = send  # chat_magic.send finds it late in shutdown, when no import works

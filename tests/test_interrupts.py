@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -61,6 +63,8 @@ LOCKER = r"""
 import random, sqlite3, sys, time
 path, stop, report = sys.argv[1:4]
 import os
+import random
+import signal
 db = sqlite3.connect(path, isolation_level=None, timeout=30)
 turns = slow = 0
 worst = 0.0
@@ -289,3 +293,315 @@ def test_an_interrupt_at_every_line_of_the_workers_completion_leaves_nothing_beh
     assert len(got) == len(set(got)) and all(t in got for t in after)
     rows = d.outbox.rows(limit=100_000)
     assert all(r.state in (SENT, "merged") for r in rows), "every message ended as sent"
+
+
+# -- real processes: a SIGINT storm, forks, signal handlers, atexit and __del__ -----------------------------
+
+def _run_child(script: str, args: list[str], home: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-c", script, *args], env=_env(home, **env), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process hung (no exit in {timeout:g} s); stderr: {(e.stderr or b'')[-800:]!r}")
+
+
+def _no_trouble(stderr: str) -> None:
+    for bad in ("Traceback", "within a transaction", "database is locked", "ImportError", "Exception ignored"):
+        assert bad not in stderr, f"{bad!r} in stderr: {stderr[-1500:]}"
+
+
+def _stored_texts(home: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{outbox_path(home)}?mode=ro", uri=True)
+    try:
+        return [part for (p,) in db.execute("SELECT payload FROM message") for part in json.loads(p)["text"].split("\n\n")]
+    finally:
+        db.close()
+
+
+STORM = r"""
+import json, os, signal, sys, time
+import chat_magic
+url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sent = []
+it = iter(range(n))
+print("ready", flush=True)
+while True:
+    try:
+        for i in it:
+            try:
+                chat_magic.send(f"storm-{i:04d}", to=url, thread_key="storm")
+                sent.append(i)
+            except KeyboardInterrupt:
+                pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        break
+    except KeyboardInterrupt:
+        continue
+json.dump(sent, open(out, "w"))
+sys.exit(0 if chat_magic.flush(120) else 4)
+"""
+
+
+def test_a_sigint_storm_against_a_sending_process_jams_nothing(fast_space, fast_emulator, tmp_path):
+    home = tmp_path / "storm-home"
+    home.mkdir()
+    chat_magic_home_outbox = outbox_path(home)
+    out = tmp_path / "sent.json"
+    # the outbox exists before the second process takes its lock
+    subprocess.run([sys.executable, "-c", "import chat_magic; from chat_magic import delivery; delivery.dispatcher()"],
+                   env=_env(home), check=True, timeout=60)
+    locker = Locker(chat_magic_home_outbox, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", STORM, fast_space.url, "300", str(out)], env=_env(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+    rnd = random.Random(16)
+    presses = 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not out.exists() and time.monotonic() < deadline:
+        os.kill(proc.pid, signal.SIGINT)
+        presses += 1
+        time.sleep(rnd.uniform(0.0005, 0.008))
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the process hung after the Ctrl-C storm")
+    turns, slow, worst = locker.finish()
+    assert presses > 50, "the storm pressed Ctrl-C many times while the process sent"
+    _no_trouble(stderr)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {stderr[-1500:]}"
+    assert slow == 0, f"another process was kept out of the outbox {slow} time(s) (worst {worst} s)"
+    sent = {f"storm-{i:04d}" for i in json.loads(out.read_text())}
+    got = items(fast_space.messages())
+    assert len(got) == len(set(got)), "nothing duplicated"
+    assert sent <= set(got), f"lost: {sorted(sent - set(got))[:5]}"
+    assert set(got) == set(_stored_texts(home)), "what the outbox took was delivered, and nothing else"
+    storm = [int(t.split("-")[1]) for t in got]
+    assert storm == sorted(storm), "in order"
+
+
+SIGNALLED = r"""
+import json, signal, sys
+import chat_magic
+url, out = sys.argv[1], sys.argv[2]
+handled = []
+
+def handler(signum, frame):
+    k = len(handled)
+    handled.append(k)
+    chat_magic.send(f"sig-{k:04d}", to=url, thread_key="sig")
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.003)  # from before the first send: its setup is hit too
+for i in range(60):
+    chat_magic.send(f"main-{i:04d}", to=url, thread_key="main")
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+json.dump(len(handled), open(out, "w"))
+sys.exit(0 if chat_magic.flush(120) else 4)
+"""
+
+
+def test_a_signal_handler_that_sends_while_send_runs_never_deadlocks(fast_space, tmp_path):
+    for run in range(12):
+        home, out = tmp_path / f"sig-{run}", tmp_path / f"sig-{run}.json"
+        home.mkdir()
+        before = len(items(fast_space.messages()))
+        done = _run_child(SIGNALLED, [fast_space.url, str(out)], home, timeout=150)
+        _no_trouble(done.stderr)
+        assert done.returncode == 0, f"run {run}: exit {done.returncode}: {done.stderr[-1500:]}"
+        handled = json.loads(out.read_text())
+        assert handled > 0, "the signal landed while the process sent"
+        got = items(fast_space.messages())[before:]
+        want = {f"main-{i:04d}" for i in range(60)} | {f"sig-{k:04d}" for k in range(handled)}
+        assert len(got) == len(set(got)) and set(got) == want, f"run {run}: lost {sorted(want - set(got))[:5]}"
+        mains = [t for t in got if t.startswith("main-")]
+        assert mains == sorted(mains), "the main thread's messages in order"
+
+
+FORKS = r"""
+import json, multiprocessing as mp, os, sys, threading, time
+import chat_magic
+url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+stop = threading.Event()
+parent_sent = []
+
+def parent(k):
+    j = 0
+    while not stop.is_set():
+        chat_magic.send(f"parent-{k}-{j:04d}", to=url, thread_key=f"p{k}")
+        parent_sent.append(f"parent-{k}-{j:04d}")
+        j += 1
+        time.sleep(0.005)
+
+def child(i):
+    try:
+        chat_magic.send(f"child-{i:04d}", to=url, thread_key="children")
+    except BaseException as e:
+        sys.stderr.write(f"child {i}: {type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+        os._exit(3)
+    os._exit(0)
+
+chat_magic.send("parent-start", to=url, thread_key="p")
+threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
+for t in threads:
+    t.start()
+ctx = mp.get_context("fork")
+hung, failed = [], []
+for i in range(n):
+    if i % 2:
+        p = ctx.Process(target=child, args=(i,))
+        p.start()
+        p.join(20)
+        if p.is_alive():
+            hung.append(i)
+            p.kill()
+            p.join()
+        elif p.exitcode:
+            failed.append(i)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        child(i)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            if os.waitstatus_to_exitcode(status):
+                failed.append(i)
+            break
+        if time.monotonic() > deadline:
+            hung.append(i)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.002)
+stop.set()
+for t in threads:
+    t.join()
+json.dump({"hung": hung, "failed": failed, "parent": parent_sent}, open(out, "w"))
+sys.exit(0 if chat_magic.flush(180) else 4)
+"""
+
+
+def test_150_forks_sending_while_the_parent_sends_never_hang(fast_space, tmp_path):
+    home, out = tmp_path / "forks", tmp_path / "forks.json"
+    home.mkdir()
+    done = _run_child(FORKS, [fast_space.url, "150", str(out)], home, timeout=400)
+    result = json.loads(out.read_text())
+    assert result["hung"] == [], f"{len(result['hung'])} child(ren) hung: {done.stderr[-1500:]}"
+    assert result["failed"] == [], f"{len(result['failed'])} child(ren) failed: {done.stderr[-1500:]}"
+    _no_trouble(done.stderr)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-1500:]}"
+    got = items(fast_space.messages())
+    want = {f"child-{i:04d}" for i in range(150)} | set(result["parent"]) | {"parent-start"}
+    assert len(got) == len(set(got)), "nothing duplicated"
+    assert set(got) == want, f"lost: {sorted(want - set(got))[:5]}"
+
+
+ATEXIT = r"""
+import atexit, sys
+url = sys.argv[1]
+
+def late():
+    import chat_magic
+    chat_magic.send("from an atexit handler registered first", to=url, thread_key="exit")
+
+atexit.register(late)  # before chat_magic's first use: it runs after chat_magic's own exit hook
+import chat_magic
+chat_magic.send("the job's notice", to=url, thread_key="exit")
+"""
+
+DEL = r"""
+import sys
+import chat_magic
+url = sys.argv[1]
+
+class Notifier:
+    def __del__(self):
+        chat_magic.send("from __del__ at shutdown", to=url, thread_key="del")
+
+keep = Notifier()  # a module global: collected late in the interpreter's shutdown
+chat_magic.send("the job's notice", to=url, thread_key="del")
+"""
+
+DEL_FIRST_USE = r"""
+import sys
+import chat_magic
+url = sys.argv[1]
+
+class Notifier:
+    def __del__(self):
+        chat_magic.send("first use from __del__ at shutdown", to=url, thread_key="del1")
+
+keep = Notifier()
+"""
+
+
+def test_a_send_from_an_atexit_handler_registered_first_is_delivered(fast_space, tmp_path):
+    home = tmp_path / "exit"
+    home.mkdir()
+    done = _run_child(ATEXIT, [fast_space.url], home, timeout=60)
+    _no_trouble(done.stderr)
+    assert done.returncode == 0
+    got = items(fast_space.messages())
+    assert got.count("the job's notice") == 1
+    assert got.count("from an atexit handler registered first") == 1, f"delivered; stderr: {done.stderr[-800:]!r}"
+
+
+def _said(stderr: str, words: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("chat_magic:") and words in line]
+
+
+def test_a_send_from_del_at_shutdown_is_queued_and_said(fast_space, tmp_path):
+    home = tmp_path / "del"
+    home.mkdir()
+    done = _run_child(DEL, [fast_space.url], home, timeout=60)
+    _no_trouble(done.stderr)
+    assert done.returncode == 0
+    got = items(fast_space.messages())
+    assert got.count("the job's notice") == 1
+    # HTTP cannot work during module teardown (urllib3 imports as it goes): queued durably, and said
+    assert len(_said(done.stderr, "still queued")) == 1, done.stderr
+    assert "from __del__ at shutdown" in _stored_texts(home)
+    again = _run_child("import chat_magic, sys; sys.exit(0 if chat_magic.flush(30) else 1)", [], home, timeout=60)
+    assert again.returncode == 0 and items(fast_space.messages()).count("from __del__ at shutdown") == 1
+
+
+def test_a_first_send_from_del_at_shutdown_is_said(fast_space, tmp_path):
+    home = tmp_path / "del-first"
+    home.mkdir()
+    done = _run_child(DEL_FIRST_USE, [fast_space.url], home, timeout=60)
+    _no_trouble(done.stderr)
+    assert done.returncode == 0
+    assert len(_said(done.stderr, "cannot be queued")) == 1, done.stderr
+
+
+# -- many threads of one process ------------------------------------------------------------
+
+def test_96_threads_sending_at_once_never_raise_database_is_locked(fast_space):
+    chat_magic.send("warm up", thread_key="warm").wait(15)
+    errors: list[str] = []
+    start = threading.Barrier(96)
+
+    def sender(k: int) -> None:
+        start.wait()
+        for j in range(8):
+            try:
+                chat_magic.send(f"t{k:02d}-{j}", thread_key=f"t{k:02d}")
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(96)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [], f"{len(errors)} send(s) raised, e.g. {errors[0]}"
+    assert delivery.flush(180)
+    got = items(fast_space.messages())
+    assert len(got) == len(set(got)) == 96 * 8 + 1
+    for k in range(96):
+        mine = [t for t in got if t.startswith(f"t{k:02d}-")]
+        assert mine == [f"t{k:02d}-{j}" for j in range(8)], f"thread {k} in order"
