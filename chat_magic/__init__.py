@@ -11,7 +11,8 @@ ipywidgets, requests and sqlite3 load when first needed.
 
 from __future__ import annotations
 
-import sys
+import _thread
+import sys as _sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -98,14 +99,30 @@ def send(
     :class:`ConfigError` / :class:`MessageError`); delivery problems never raise
     here: see ``Receipt.wait``.
     """
-    try:
-        from .delivery import send as _send
-    except ImportError:  # a __del__ late in shutdown: no import works, the module already loaded still does
-        _send = _loaded.get("send") or _cannot_send
-    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate)
+    args: dict[str, Any] = {"to": to, "thread_key": thread_key, "cards": cards, "fallback_text": fallback_text, "truncate": truncate}
+    impl: Any = _loaded.get("send")  # no import statement once loaded: late in shutdown none works
+    if impl is None:
+        me = _thread.get_ident()
+        if me in _loading:  # a signal handler, while this thread loads the delivery module: queued right after
+            _early.append((text, args))
+            return None  # type: ignore[return-value]
+        _loading.add(me)
+        try:
+            from .delivery import send as impl  # type: ignore[no-redef]
+        except ImportError:  # a __del__ late in shutdown, before any send: nothing can be loaded
+            impl = _cannot_send
+        finally:
+            _loading.discard(me)
+    receipt = impl(text, **args)
+    while _early:
+        early_text, early_args = _early.pop(0)
+        impl(early_text, **early_args)
+    return receipt
 
 
 _loaded: dict[str, Any] = {}  # chat_magic.delivery's send, once it is imported
+_loading: set[int] = set()  # threads importing it now
+_early: list[tuple[Any, dict[str, Any]]] = []  # sent by a signal handler during that import
 
 
 def _cannot_send(*args: Any, **kwargs: Any) -> Any:
@@ -113,7 +130,7 @@ def _cannot_send(*args: Any, **kwargs: Any) -> Any:
     try:
         print("chat_magic: a message sent during the interpreter's shutdown, before chat_magic was ever used, "
               "cannot be queued (nothing can be loaded any more): send it earlier, e.g. from an atexit handler",
-              file=sys.stderr, flush=True)
+              file=_sys.stderr, flush=True)
     except Exception:
         pass
     return None
