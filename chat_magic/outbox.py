@@ -350,7 +350,7 @@ class Outbox:
 
     def _write(self, wait: float | None = None) -> _Tx:
         """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
-        return _Tx(self._db(), self.busy_timeout if wait is None else wait, self.busy_timeout)
+        return _Tx(self, self.busy_timeout if wait is None else wait)
 
     def _close_all(self) -> None:
         """Close every thread's connection (before a fork, under the gate): each reconnects on next use.
@@ -933,10 +933,11 @@ class _Tx:
     another process's lock may keep this transaction from starting.
     """
 
-    def __init__(self, db: sqlite3.Connection, wait: float, busy_timeout: float) -> None:
-        self.db = db
+    def __init__(self, box: Outbox, wait: float) -> None:
+        self.box = box
         self.wait = wait
-        self.busy_timeout = busy_timeout
+        self.busy_timeout = box.busy_timeout
+        self.db: Any = None
 
     def __enter__(self) -> sqlite3.Connection:
         waited = 0.0
@@ -945,6 +946,7 @@ class _Tx:
             entered = False
             try:
                 entered = _gate.enter(gate_deadline - time.monotonic())
+                self.db = self.box._db()  # under the gate: a fork meanwhile may have closed the thread's connection
                 if self.db.in_transaction:
                     _rollback(self.db)
                     log.warning("chat_magic: rolled back an outbox transaction left open by an interrupt")
@@ -955,7 +957,8 @@ class _Tx:
                 if waited >= self.wait:
                     raise sqlite3.OperationalError("database is locked")
             except BaseException:
-                _rollback(self.db)
+                if self.db is not None:
+                    _rollback(self.db)
                 if entered:
                     _gate.leave()
                 raise
