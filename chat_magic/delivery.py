@@ -219,6 +219,14 @@ class _Lane:
             self.d._wake.set()
 
 
+class _Wake(threading.Event):
+    """An Event that a signal handler may set while this thread is inside ``set`` (its lock is reentrant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition(threading.RLock())
+
+
 class _Inline:
     """The lane of :meth:`Dispatcher.deliver_now`: the calling thread itself."""
 
@@ -246,7 +254,7 @@ class Dispatcher:
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
-        self._wake = threading.Event()
+        self._wake = _Wake()
         self._changed = threading.Condition(threading.RLock())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -868,9 +876,12 @@ def _send_later(webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> 
     return held.receipt
 
 
-def _adopt_late(d: Dispatcher | None = None) -> None:
-    """Queue what signal handlers sent from inside the outbox (only ``d``'s, from its worker)."""
-    if not _late or _inside():
+def _adopt_late(d: Dispatcher | None = None, *, force: bool = False) -> None:
+    """Queue what signal handlers sent from inside the outbox (only ``d``'s, from its worker).
+
+    ``force``: the call they interrupted, on its way out.
+    """
+    if not _late or (not force and _inside()):
         return
     for path, waiting in list(_late.items()):
         if d is not None and _dispatchers.get(path) is not d:
@@ -986,8 +997,10 @@ def send(
         _heal_locks(before)  # an interrupt, even on a line that releases: leave no lock held
         raise
     finally:
-        _state.frame = None
-        _adopt_late()
+        try:
+            _adopt_late(force=True)  # still marked: a signal handler's send meanwhile joins the queue below
+        finally:
+            _state.frame = None
     if _late_mode():
         _deliver_late(d, receipt)
     return receipt
