@@ -39,7 +39,7 @@ from chat_magic.outbox import SENT
 
 pytestmark = [pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(chat_magic.__file__).resolve().parents[1]  # the code under test (children import it too)
 PACKAGE = str(ROOT / "chat_magic")
 CORE = {str(ROOT / "chat_magic" / "outbox.py"), str(ROOT / "chat_magic" / "delivery.py")}
 
@@ -287,7 +287,7 @@ def test_an_interrupt_at_every_line_of_the_workers_completion_leaves_nothing_beh
             job = d.outbox.claim(time.time(), interval=0, lease=delivery.settings.lease)
         lane.busy = True
         work = getattr(lane, "_work", None) or (lambda j: d._deliver(j, lane))
-        fired, what = interrupt_at(n, lambda j=job: work(j), None, skip=("_work",))
+        fired, what = interrupt_at(n, lambda j=job, w=work: w(j), None, skip=("_work",))
         assert_clean(d)
         _drive(d, lambda c=cut: _sent(fast_space, c) and not d._owed and not d.outbox.unfinished_ids(),
                f"{cut} delivered and recorded after the interrupt")
