@@ -286,7 +286,7 @@ class Outbox:
         self.path = Path(path)
         self.configured = self.path  # the file asked for; ``path`` differs when a temporary outbox stands in
         self.notices: list[str] = []  # what this outbox told the user (recoveries, fallbacks)
-        self._conns: list[sqlite3.Connection] = []  # every thread's connection: closed before a fork
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []  # every thread's connection: closed before a fork
         _outboxes.add(self)
         try:
             _call_gated(self, Outbox._open, True, (), {})
@@ -324,12 +324,13 @@ class Outbox:
             return conn
         if conn is not None:
             _close_quietly(conn)
-            with _suppress(ValueError):
-                self._conns.remove(conn)
         # check_same_thread off: the fork hook closes every thread's connection (under the gate, so none is in use)
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
         self._local.conn, self._local.gen = conn, self._gen
-        self._conns.append(conn)
+        me = threading.current_thread()
+        for old in [c for t, c in self._conns if c is not conn and (t is me or not t.is_alive())]:
+            _close_quietly(old)  # this thread's previous one, or one of a thread that has ended (a lane)
+        self._conns = [(t, c) for t, c in self._conns if t is not me and t.is_alive()] + [(me, conn)]
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.row_factory = sqlite3.Row
@@ -361,7 +362,7 @@ class Outbox:
         """
         conns, self._conns = self._conns, []
         self._gen += 1
-        for conn in conns:
+        for _, conn in conns:
             _close_quietly(conn)
 
     # -- caller side -----------------------------------------------------
@@ -695,6 +696,7 @@ class Outbox:
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
+            self._conns = [(t, c) for t, c in self._conns if c is not conn]
             _close_quietly(conn)
             self._local.conn = None
 
