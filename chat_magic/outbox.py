@@ -328,9 +328,9 @@ class Outbox:
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
         self._local.conn, self._local.gen = conn, self._gen
         me = threading.current_thread()
-        for old in [c for t, c in self._conns if c is not conn and (t is me or not t.is_alive())]:
+        for old in [c for t, c in self._conns if c is not conn and (t is me or _ended(t))]:
             _close_quietly(old)  # this thread's previous one, or one of a thread that has ended (a lane)
-        self._conns = [(t, c) for t, c in self._conns if t is not me and t.is_alive()] + [(me, conn)]
+        self._conns = [(t, c) for t, c in self._conns if t is not me and not _ended(t)] + [(me, conn)]
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.row_factory = sqlite3.Row
@@ -1059,6 +1059,11 @@ def _suppress(*kinds: type[BaseException]) -> Iterator[None]:
         yield
     except kinds:
         pass
+
+
+def _ended(t: threading.Thread) -> bool:
+    """Whether a thread has ended (the main thread counts as running: at exit it reads as stopped, yet runs atexit)."""
+    return t is not threading.main_thread() and not t.is_alive()
 
 
 def _close_quietly(conn: sqlite3.Connection) -> None:
