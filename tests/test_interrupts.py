@@ -613,14 +613,17 @@ def test_a_first_send_from_del_at_shutdown_is_said(fast_space, tmp_path):
 
 # -- many threads of one process ------------------------------------------------------------
 
-def test_96_threads_sending_at_once_never_raise_database_is_locked(fast_space):
-    chat_magic.send("warm up", thread_key="warm").wait(15)
+SENDS = 16
+
+
+def test_96_threads_sending_at_once_never_raise_database_is_locked(fast_space, locker):
+    """While another process writes a few ms at a time too (the ``locker``)."""
     errors: list[str] = []
     start = threading.Barrier(96)
 
     def sender(k: int) -> None:
         start.wait()
-        for j in range(8):
+        for j in range(SENDS):
             try:
                 chat_magic.send(f"t{k:02d}-{j}", thread_key=f"t{k:02d}")
             except Exception as e:
@@ -631,10 +634,11 @@ def test_96_threads_sending_at_once_never_raise_database_is_locked(fast_space):
         t.start()
     for t in threads:
         t.join(120)
+    locker.finish()
     assert errors == [], f"{len(errors)} send(s) raised, e.g. {errors[0]}"
     assert delivery.flush(180)
     got = items(fast_space.messages())
-    assert len(got) == len(set(got)) == 96 * 8 + 1
+    assert len(got) == len(set(got)) == 96 * SENDS + 1
     for k in range(96):
         mine = [t for t in got if t.startswith(f"t{k:02d}-")]
-        assert mine == [f"t{k:02d}-{j}" for j in range(8)], f"thread {k} in order"
+        assert mine == [f"t{k:02d}-{j}" for j in range(SENDS)], f"thread {k} in order"
