@@ -17,8 +17,10 @@ Scenarios:
 4. ``outage``  the server down while 1,000 events are posted, then back.
 5. ``startup`` ``import chat_magic``, ``%load_ext chat_magic``, ``%%chat`` overhead.
 
-Prints a markdown table and writes it to ``benchmarks/results.md`` with the
-date and the machine, then one PASS/MISS line per goal. Delivery settings are
+Prints a markdown table and, after a full run of every scenario, writes it to
+``benchmarks/results.md`` with the date and the machine (a ``--quick`` or
+``--only`` run only prints it, unless ``--out PATH``), then one PASS/MISS line
+per goal. Delivery settings are
 the defaults (nothing is tuned for the benchmark). Exits 0 even on a MISS (it
 is a measurement), 1 if a scenario crashed.
 """
@@ -640,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs, about a minute")
     ap.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run only these scenarios")
-    ap.add_argument("--out", type=Path, default=HERE / "results.md", help="where to write the table (default: benchmarks/results.md)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write the table (default: benchmarks/results.md after a full run of every scenario; "
+                         "a --quick or --only run prints it only, so the committed results stay those of a full run)")
     args = ap.parse_args(argv)
 
     import logging
@@ -662,7 +666,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {time.monotonic() - ts:.1f} s", file=sys.stderr, flush=True)
     text = render(args.quick, time.monotonic() - t0)
     print(text)
-    args.out.write_text(text, encoding="utf-8")
+    out = args.out or (None if args.quick or args.only else HERE / "results.md")
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+    else:
+        print("(a --quick or --only run: benchmarks/results.md left as it is; --out PATH writes the table)", file=sys.stderr)
     for g in GOALS:
         print(f"{'PASS' if g.ok else 'MISS'} {g.name}: {g.value}")
     return 1 if crashed else 0

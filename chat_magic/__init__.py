@@ -89,6 +89,7 @@ def send(
     cards: list[dict[str, Any]] | None = None,
     fallback_text: str | None = None,
     truncate: bool = False,
+    image: Any = None,
 ) -> Receipt:
     """Queue a message for the space and return a :class:`Receipt` at once.
 
@@ -98,8 +99,14 @@ def send(
     Raises only for a mistake in the call or the set-up (one-line
     :class:`ConfigError` / :class:`MessageError`); delivery problems never raise
     here: see ``Receipt.wait``.
+
+    ``image``: a matplotlib figure, a PIL image, PNG/JPEG bytes or a path (or
+    a list of them), shown in a card under the text. It is uploaded to your
+    image store (``CHAT_MAGIC_IMAGE_STORE``, see the README's "Figures") by
+    the background worker; without a store the text says it was left out.
     """
-    args: dict[str, Any] = {"to": to, "thread_key": thread_key, "cards": cards, "fallback_text": fallback_text, "truncate": truncate}
+    args: dict[str, Any] = {"to": to, "thread_key": thread_key, "cards": cards, "fallback_text": fallback_text, "truncate": truncate,
+                            "image": image}
     impl: Any = _loaded.get("send")  # no import statement once loaded: late in shutdown none works
     if impl is None:
         me = _thread.get_ident()

@@ -173,11 +173,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         counts = box.counts()
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
         print(f"outbox {box.path}: {summary}")
+        _say_unknown_states(counts)
         for r in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
             line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
             if r.state == FAILED or (r.error and r.state != "sent"):
-                line += f"  {r.error}"
+                line += f"  {_shown(r.error)}"
             print(redact(line))
         return EXIT_OK
     if args.action == "flush":
@@ -212,11 +213,35 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if unknown:
             _err(unknown)
             return EXIT_USAGE
+        flying = [str(r.id) for r in box.rows(args.ids)]  # still there: a request carries it right now
+        if flying:
+            _err(f"message {', '.join(flying)} is being sent right now and cannot be stopped (see: chat-magic outbox list)")
+            return EXIT_FAILED
         return EXIT_OK
     if args.action == "prune":
         print(f"{box.prune(7 * 86400)} delivered message(s) older than 7 days forgotten")
         return EXIT_OK
     return EXIT_USAGE
+
+
+def _shown(error: str | None) -> str:
+    """A row's error as ``outbox list`` prints it: scrubbed again (a row an older version stored may hold an echo)."""
+    from .webhook import scrub_error
+
+    return scrub_error(error) if error else ""
+
+
+def _say_unknown_states(counts: dict[str, int], where: str = "") -> None:
+    """One line when the outbox holds rows in states this version does not know (a newer chat_magic wrote them)."""
+    from . import outbox
+
+    known = {outbox.PENDING, outbox.SENDING, outbox.SENT, outbox.FAILED, outbox.MERGED}
+    known.update(getattr(outbox, "STATES", ()))  # a newer outbox module may name more
+    unknown = {s: n for s, n in counts.items() if s not in known}
+    if unknown:
+        states = ", ".join(f"{n} {s!r}" for s, n in sorted(unknown.items()))
+        _err(f"{where}{sum(unknown.values())} message(s) in a state this version does not know ({states}): a newer "
+             "chat_magic wrote them and this version leaves them alone: upgrade chat_magic to deliver or list them")
 
 
 def _unknown_ids(box, ids: list[int]) -> str:
@@ -264,11 +289,12 @@ def _list_host_file(f: HostFile) -> None:
         counts = box.counts()
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
         print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
+        _say_unknown_states(counts, f"{f.label}: ")
         for r in box.rows(states=[PENDING, SENDING, FAILED]):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
             line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
             if r.error:
-                line += f"  {r.error}"
+                line += f"  {_shown(r.error)}"
             print(redact(line))
     finally:
         box.close()

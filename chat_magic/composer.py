@@ -57,7 +57,8 @@ _CSS = """<style>
 .chat-magic-composer a { color: #0b57d0; text-decoration: underline; }
 .chat-magic-composer .cm-history { font-size: 12px; line-height: 18px; color: #444746; }
 .chat-magic-composer .cm-history-title { font-weight: 500; color: #5f6368; }
-.chat-magic-composer .cm-row { display: flex; gap: 10px; white-space: nowrap; }
+.chat-magic-composer .cm-history-box, .chat-magic-composer .cm-history-box > .widget-html-content { min-width: 0; max-width: 100%; }
+.chat-magic-composer .cm-row { display: flex; gap: 10px; white-space: nowrap; min-width: 0; max-width: 100%; }
 .chat-magic-composer .cm-row span { overflow: hidden; text-overflow: ellipsis; }
 .chat-magic-composer .cm-row .cm-t { flex: none; color: #80868b; }
 .chat-magic-composer .cm-row .cm-s { flex: 0 1 auto; max-width: 45%; }
@@ -146,7 +147,10 @@ class Composer(widgets.VBox):
                                           disabled=True, layout=widgets.Layout(flex="none"))
         self.status = widgets.Label(value="")
         self.status.add_class("cm-status")  # a long reason wraps instead of being cut
-        self.history = widgets.HTML()
+        self.history = widgets.HTML(layout=widgets.Layout(width="100%", max_width="100%", min_width="0"))
+        # its rows keep to the composer's width (long parts end in an ellipsis): the widget's inner box would
+        # otherwise grow to the rows' full unwrapped width, past the composer's edge
+        self.history.add_class("cm-history-box")
         help_line = widgets.HTML(f'<span class="cm-help">{html.escape(_HELP)}</span>')
 
         super().__init__(

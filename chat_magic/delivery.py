@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import errno
 import json
 import logging
 import os
@@ -41,14 +42,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _loaded, config, hosts, pacing
 from . import outbox as _outbox
-from .errors import DeliveryFailed, DeliveryTimeout, OutboxError
+from .errors import DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
-from .webhook import Webhook, redact
+from .webhook import Webhook, redact, scrub_error, scrub_known
 
 log = logging.getLogger("chat_magic")
 log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on stderr from the worker thread
@@ -66,9 +68,44 @@ def _say(line: str) -> None:
         pass
 
 
+REPLY_CAP = 64 * 1024  # bytes of a reply read at most: an answer is small, a proxy's page or a flood is not read whole
+ENV_EXIT_TIMEOUT = "CHAT_MAGIC_EXIT_TIMEOUT"
+_said: set[str] = set()  # one-line notices already given in this process (each is said once)
+
+
+def _say_once(topic: str, line: str) -> None:
+    """Say ``line`` on stderr the first time ``topic`` comes up in this process."""
+    if topic not in _said:
+        _said.add(topic)
+        from .console import say
+
+        say(line)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; a bad value is one line (once) and ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        _say_once(f"env {name}={raw}", f"{name}={raw[:40]!r} is not a number of seconds (e.g. {name}=3 or 0.5); "
+                                       f"using {default:g}")
+        return default
+    return value
+
+
 @dataclass
 class Settings:
-    """Delivery knobs; change them with :func:`chat_magic.configure`."""
+    """Delivery knobs; change them with :func:`chat_magic.configure`.
+
+    ``exit_timeout`` (how long the exit waits for this process's messages)
+    comes from ``CHAT_MAGIC_EXIT_TIMEOUT`` unless set here; it is read when
+    needed, never at import, and a bad value is one line and the default.
+    """
 
     interval: float = 1.1  # seconds between two requests to one space (quota: 1/s)
     # and at least this long after the last answer: the server counts a request when it
@@ -80,12 +117,23 @@ class Settings:
     backoff_base: float = 1.0
     backoff_cap: float = 15.0
     give_up_after: float = 24 * 3600.0  # a transient error older than this becomes final
-    exit_timeout: float = float(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "3") or 3)
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
+    lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
+    _exit_timeout: float | None = None  # None: CHAT_MAGIC_EXIT_TIMEOUT, else 3 s
 
     @property
     def lease(self) -> float:
-        return self.connect_timeout + self.read_timeout + 10.0
+        return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
+
+    @property
+    def exit_timeout(self) -> float:
+        if self._exit_timeout is not None:
+            return self._exit_timeout
+        return _env_seconds(ENV_EXIT_TIMEOUT, 3.0)
+
+    @exit_timeout.setter
+    def exit_timeout(self, value: float) -> None:
+        self._exit_timeout = float(value)
 
 
 settings = Settings()
@@ -108,8 +156,8 @@ def backoff(attempts: int, retry_after: float | None = None) -> float:
 
 
 def explain(code: int, status: str, message: str) -> str:
-    """One line for a final refusal, saying what to do about it."""
-    m = redact(message or "").strip()
+    """One line for a final refusal, saying what to do about it (``message`` scrubbed by the caller too)."""
+    m = scrub_error(message or "")
     if code == 400 and ("API_KEY_INVALID" in status or "API key not valid" in m):
         return "the webhook's key is not valid: copy the webhook URL again from the space's Apps & integrations"
     if code in (401, 403):
@@ -122,17 +170,69 @@ def explain(code: int, status: str, message: str) -> str:
     return f"the space refused the message ({code} {status or 'error'}){detail}"
 
 
-def _parse_error(resp) -> tuple[str, str]:
+def _parse_error(body: bytes) -> tuple[str, str]:
+    """``(status, message)`` of an error reply (at most :data:`REPLY_CAP` bytes): Google's JSON, else the text.
+
+    The status is kept to Google's vocabulary (``PERMISSION_DENIED``,
+    ``API_KEY_INVALID``): it is stored and shown apart from the message, so
+    a server cannot echo anything else through it. The message is the
+    caller's to scrub.
+    """
     try:
-        err = resp.json().get("error", {})
+        err = json.loads(body).get("error", {})
         status = str(err.get("status") or "")
         message = str(err.get("message") or "")
         for d in err.get("details") or []:
             if isinstance(d, dict) and d.get("reason"):
                 status = f"{status} {d['reason']}".strip()
-        return status, message
+        return _status_words(status), message
     except Exception:
-        return "", (resp.text or "")[:300]
+        return "", body.decode("utf-8", errors="replace")
+
+
+def _status_words(status: str) -> str:
+    """Only the ``UPPER_CASE`` words of a status, at most four: nothing a server echoes can ride in it."""
+    import re
+
+    return " ".join(re.findall(r"\b[A-Z][A-Z0-9_]{1,39}\b", status)[:4])
+
+
+def _read_capped(resp: Any, cap: int = REPLY_CAP) -> bytes:
+    """The reply's body up to ``cap`` bytes; a longer one is cut (its connection is closed, not drained)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(chunk_size=16 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            break
+    return b"".join(chunks)[:cap]
+
+
+def _created(body: bytes) -> tuple[str, str | None] | None:
+    """``(message name, thread name)`` when a 2xx body is Google's answer: JSON naming ``spaces/...``; else None."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name.startswith("spaces/"):
+        return None
+    thread = data.get("thread")
+    thread_name = thread.get("name") if isinstance(thread, dict) else None
+    return name, thread_name if isinstance(thread_name, str) else None
+
+
+def _not_an_answer(code: int, body: bytes, content_type: str) -> str:
+    """Why a 2xx without a message is no delivery: what came instead, in a few words."""
+    head = body[:512].lstrip().lower()
+    if not head:
+        what = "an empty body"
+    elif head.startswith((b"<!doctype", b"<html")) or "html" in content_type:
+        what = "an HTML page (a proxy or a firewall answering for the server?)"
+    else:
+        what = "a body that names no message"
+    return f"{code} with {what}, not a created message"
 
 
 def _retry_after(resp) -> float | None:
@@ -247,6 +347,7 @@ class _Held:
     bodies: list[tuple[str, bool]]
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
+    blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
 
 
 class Dispatcher:
@@ -272,15 +373,18 @@ class Dispatcher:
 
     # -- caller side -----------------------------------------------------
 
-    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False) -> Receipt:
+    def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
+               figures: Any = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
         disk full) does not lose the message: it is kept in memory, in order,
         and queued by the worker as soon as the outbox works again. Else the
-        caller gets the one-line :class:`OutboxError`.
+        caller gets the one-line :class:`OutboxError`. ``figures``
+        (:class:`chat_magic.images.Figures`): the images' bytes go into the
+        outbox with the bodies that show them.
         """
-        held = _make_held(self, webhook, payloads, skip)
+        held = _make_held(self, webhook, payloads, skip, figures)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -295,7 +399,7 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -546,9 +650,22 @@ class Dispatcher:
     # -- a lane ----------------------------------------------------------
 
     def _deliver(self, job: Job, lane: _Lane) -> None:
+        """POST one job and record what the answer means: delivered, retry later, or refused for good.
+
+        Delivered means Google answered: a 2xx whose JSON names the created
+        message. Anything else that is not a refusal (a proxy's page, an empty
+        200, a redirect, which is never followed) is retried. The body is read
+        to :data:`REPLY_CAP` bytes; every error text is scrubbed with this
+        webhook's key and token in every spelling before it is kept or shown.
+        """
         requests = _import_requests()  # no import statement: late in shutdown none works
 
         webhook = self.outbox.webhook(job.dest)
+        if job.images:  # upload its figures first (not paced: only the POST is)
+            from . import images
+
+            if not images.fill(self, job):
+                return
         log.debug("chat_magic: POST message %s to %s (attempt %d, carries %d more)",
                   job.id, webhook.redacted, job.attempts, job.merged)
         try:
@@ -557,29 +674,46 @@ class Dispatcher:
                 data=job.payload.encode("utf-8"),
                 timeout=(settings.connect_timeout, settings.read_timeout),
                 allow_redirects=False,
+                stream=True,
             )
+            try:
+                body = _read_capped(resp)
+            finally:
+                resp.close()
         except requests.RequestException as e:
-            self._transient(job, 0, "NETWORK", _describe(e))
+            self._transient(job, 0, "NETWORK", scrub_error(_describe(e, webhook), webhook))
             return
         code = resp.status_code
-        if code == 200:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {}
-            name, thread = body.get("name"), (body.get("thread") or {}).get("name")
+        if 200 <= code < 300:
+            created = _created(body)
+            if created is None:
+                self._not_delivered(job, code, webhook, _not_an_answer(code, body, resp.headers.get("Content-Type", "")))
+                return
+            name, thread = created
             free = time.time() + settings.gap_after_answer
             self._record(lambda: self.outbox.ack(job, name, thread, space_free_at=free))
             log.debug("chat_magic: message %s delivered as %s", job.id, name)
             return
-        status, message = _parse_error(resp)
+        if 300 <= code < 400:
+            self._not_delivered(job, code, webhook, _redirected(code, resp.headers.get("Location", "")))
+            return
+        status, message = _parse_error(body)
+        status, message = scrub_error(status, webhook, limit=120), scrub_error(message, webhook)
         if code in RETRY_STATUS:
-            self._transient(job, code, status, f"{code} {status}: {redact(message)}".strip(), _retry_after(resp))
+            self._transient(job, code, status, f"{code} {status}: {message}".strip(), _retry_after(resp))
             return
         reason = explain(code, status, message)
         free = time.time() + settings.gap_after_answer
         self._record(lambda: self.outbox.fail(job, code=code, status=status, error=reason, space_free_at=free))
         log.warning("chat_magic: message not delivered: %s", reason)
+
+    def _not_delivered(self, job: Job, code: int, webhook: Webhook, why: str) -> None:
+        """An answer that is not Google's (a 2xx naming no message, a 3xx): one line per kind, then retried."""
+        why = scrub_error(why, webhook)
+        kind = "redirect" if 300 <= code < 400 else "no message"
+        _say_once(f"answer {kind} {webhook.base}", f"{_host_of(webhook.base)} answered {why}; retrying "
+                                                     "(a proxy, a firewall or a captive portal may stand in the way)")
+        self._transient(job, code, "", why)
 
     def _transient(self, job: Job, code: int, status: str, error: str, retry_after: float | None = None) -> None:
         if time.time() - job.created_at > settings.give_up_after:
@@ -644,7 +778,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:
             return True
-        clean = redact(message)
+        clean = scrub_known(redact(message))  # any spelling of a webhook this process knows, and any key=/token=
         if clean != message:
             record.msg, record.args = clean, ()
         return True
@@ -654,16 +788,71 @@ _redacting_filter = RedactingFilter()
 
 
 def _guard_urllib3_logs() -> None:
-    for name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry", "requests"):
+    for name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry", "requests", "chat_magic"):
         logger = logging.getLogger(name)
         if _redacting_filter not in logger.filters:
             logger.addFilter(_redacting_filter)
 
 
-def _describe(e: BaseException) -> str:
-    """A short, redacted description of a network error."""
-    requests = _import_requests()
+_ERRNO_WORDS = {
+    errno.ECONNREFUSED: "connection refused (is the server running, and is the port right?)",
+    errno.ECONNRESET: "connection reset (by the server, or a proxy or firewall on the way)",
+    errno.ETIMEDOUT: "timed out connecting (is the host up? a firewall?)",
+    errno.ENETUNREACH: "network unreachable (offline?)",
+    errno.EHOSTUNREACH: "host unreachable (offline, or a firewall?)",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed by the server while sending",
+}
 
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions behind it (causes, contexts, urllib3's ``reason``), outermost first."""
+    out: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo and len(out) < 20:
+        x = todo.pop(0)
+        if x is None or any(x is seen for seen in out):
+            continue
+        out.append(x)
+        reason = getattr(x, "reason", None)
+        todo += [x.__cause__, x.__context__, reason if isinstance(reason, BaseException) else None]
+        todo += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+    return out
+
+
+def _plain_words(e: BaseException) -> str | None:
+    """A network error in plain words when it is a common one (refused, reset, timed out, no such host), else None."""
+    import socket
+
+    import requests
+
+    chain = _chain(e)
+    if any(isinstance(x, socket.gaierror) for x in chain) or any(type(x).__name__ == "NameResolutionError" for x in chain):
+        return "the host name could not be resolved (offline, or a typo in the host?)"
+    for x in chain:
+        words = _ERRNO_WORDS.get(getattr(x, "errno", None) or -1)
+        if words:
+            return words
+    if any(type(x).__name__ == "RemoteDisconnected" for x in chain):
+        return "connection closed by the server without an answer (the server or a proxy dropped it)"
+    if isinstance(e, requests.ConnectTimeout):
+        return "timed out connecting (is the host up? a firewall?)"
+    if isinstance(e, requests.ReadTimeout):
+        return f"no answer within {settings.read_timeout:g} s (timed out; the message is sent again with the same requestId)"
+    return None
+
+
+def _describe(e: BaseException, webhook: Webhook | None = None) -> str:
+    """A short, scrubbed description of a network error, in plain words for the common ones.
+
+    ``requests`` puts the whole URL, key and token included, into its
+    messages: the detail is scrubbed (with ``webhook``'s own values) before it is cut.
+    """
+    import requests
+
+    words = _plain_words(e)
+    if words:
+        return f"network: {words}"
     if isinstance(e, requests.Timeout):
         kind = "timed out"
     elif isinstance(e, requests.ConnectionError):
@@ -673,8 +862,27 @@ def _describe(e: BaseException) -> str:
     inner = e
     while inner.__context__ is not None and inner.__context__ is not inner:
         inner = inner.__context__
-    detail = str(inner.args[0] if getattr(inner, "args", None) else inner)
-    return redact(f"network: {kind} ({detail[:200]})")
+    detail = scrub_error(inner.args[0] if getattr(inner, "args", None) else inner, webhook, limit=200)
+    return f"network: {kind} ({detail})"
+
+
+def _redirected(code: int, location: str) -> str:
+    """What a 3xx said, showing only where it points (its host): a Location may carry the key and token."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(location).hostname or ""
+    except ValueError:
+        host = ""
+    where = f" to {host}" if host else ""
+    return f"{code} redirect{where} (not followed)"
+
+
+def _host_of(url: str) -> str:
+    """``host:port`` of a URL without its path or query, for a line on stderr."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or "the server"
 
 
 class Receipt:
@@ -802,11 +1010,19 @@ class Receipt:
                 log.warning("chat_magic: receipt callback failed: %s", redact(e))
 
 
-def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> _Held:
-    """A message as the outbox will store it, with its receipt (ids come when it is queued)."""
+def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, Any]], skip: int,
+               figures: Any = None) -> _Held:
+    """A message as the outbox will store it, with its receipt (ids come when it is queued).
+
+    ``figures`` (:class:`chat_magic.images.Figures`): the images' bytes go into
+    the outbox with the bodies that show them.
+    """
     thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
-    bodies = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
-    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted))  # type: ignore[arg-type]
+    bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+    blobs = None
+    if figures is not None and figures.postable:
+        bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
+    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted), blobs)  # type: ignore[arg-type]
 
 
 # -- the process-wide dispatchers, one per outbox folder ------------------------
@@ -913,6 +1129,7 @@ def _dispatcher_at(home: Any) -> Dispatcher:
                 _registered = True
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
+            _take_over(d, home)
     return d
 
 
@@ -936,6 +1153,23 @@ def _drain_legacy(home: os.PathLike[str]) -> None:
     if old is not None and str(old) not in _dispatchers:
         _dispatchers[str(old)] = _open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
+
+
+def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
+    """Move what previous hosts (a container before a restart) left in this folder into this host's outbox.
+
+    Before this process queues anything, so their messages go first. A file
+    some process still uses is never opened (see ``hosts.claim_orphan``).
+    """
+    if d.outbox.path != d.outbox.configured:
+        return  # a temporary outbox stands in: leave the folder alone
+    try:
+        files = hosts.orphans(Path(home))
+    except OSError:  # a folder that cannot be listed: nothing to take over from here
+        return
+    for f in files:
+        if d.outbox.take_over(f.path):
+            d.ensure_running()
 
 
 _inherited: list[Dispatcher] = []
@@ -975,6 +1209,8 @@ def send(
     truncate: bool = False,
     keep_on_fault: bool = False,
     header: str | None = None,
+    image: Any = None,
+    figures: Any = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -982,8 +1218,19 @@ def send(
     transaction (a session's announcement): both or neither. The receipt is
     the message's. ``keep_on_fault``: see :meth:`Dispatcher.submit`; front ends
     that must never lose a notice (the magics, ``notify_when_done``) set it.
+    ``image``: a figure (or a list of them) shown in a card under the text;
+    ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
+    whose image widgets the cards carry.
     """
     webhook = config.resolve(to)
+    if image is not None:
+        from . import images
+
+        figures = images.Figures.collect(list(image) if isinstance(image, (list, tuple)) else [image],
+                                         to=to if isinstance(to, str) else None, max_figures=10)
+        if not figures.images and figures.problems:
+            raise MessageError(figures.problems[0])
+        text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
     if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
@@ -992,7 +1239,7 @@ def send(
     try:
         _state.frame = sys._getframe()
         d = dispatcher()
-        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault)
+        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
     except BaseException:
         _heal_locks(before)  # an interrupt, even on a line that releases: leave no lock held
         raise

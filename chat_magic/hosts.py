@@ -12,10 +12,20 @@ its hostname after Python started.
 
 Before per-host files there was one ``outbox.sqlite3``; a process that finds
 one with waiting messages still drains it (see ``delivery.dispatcher``).
+
+``CHAT_MAGIC_HOST_ID`` names the file instead of the hostname (a node name
+that outlives containers). Every process using a file holds a shared
+``flock`` on ``<file>.live``: that is what "a live host" means. A file whose
+lock is free belongs to a host that is gone (a container replaced by one
+with a new hostname); the next process on any host moves its waiting
+messages into its own file (``Outbox.take_over``). ``/etc/machine-id`` is not
+used: a container image carries one for every replica, so two machines
+would open one SQLite file over NFS, the one thing that must not happen.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -29,11 +39,23 @@ _PREFIX, _SUFFIX = "outbox-", ".sqlite3"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # another host's file written this recently is taken as still in use
 ACTIVE_WINDOW = 120.0
+ENV_HOST_ID = "CHAT_MAGIC_HOST_ID"
+LIVE_SUFFIX = ".live"
 
 
 def current_host() -> str:
     """This machine's hostname, read now."""
     return socket.gethostname() or "localhost"
+
+
+def host_id() -> str:
+    """The name of this host's outbox file: ``CHAT_MAGIC_HOST_ID`` when set, else the hostname (read now).
+
+    Set ``CHAT_MAGIC_HOST_ID`` to something stable per machine (a node name)
+    where the hostname changes with each container; without it, a new
+    hostname takes over the file the previous one left (:func:`orphans`).
+    """
+    return os.environ.get(ENV_HOST_ID, "").strip() or current_host()
 
 
 def file_label(host: str) -> str:
@@ -44,7 +66,7 @@ def file_label(host: str) -> str:
 
 def outbox_path(home: Path, host: str | None = None) -> Path:
     """The outbox file of ``host`` (default: this one) in the folder ``home``."""
-    return home / f"{_PREFIX}{file_label(host or current_host())}{_SUFFIX}"
+    return home / f"{_PREFIX}{file_label(host or host_id())}{_SUFFIX}"
 
 
 def legacy_path(home: Path) -> Path:
@@ -120,6 +142,89 @@ def in_use(path: Path, now: float | None = None) -> str | None:
             conn.close()
     except sqlite3.Error as e:
         return f"cannot read it ({e})"
-    if lease and lease > now:
+    if lease and now < lease <= now + 330.0:  # further ahead: written before the clock stepped back
         return f"a message is being sent from it (lease for {lease - now:.0f} s more)"
     return None
+
+
+# -- liveness: which files a process still uses -------------------------------------
+
+
+def live_path(path: Path) -> Path:
+    return path.with_name(path.name + LIVE_SUFFIX)
+
+
+def _open_live(path: Path) -> int:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.open(live_path(path), flags, 0o600)
+
+
+def hold_live(path: Path, wait: float = 10.0) -> int | None:
+    """Hold a shared ``flock`` on ``<file>.live`` for as long as this process uses the outbox ``path``.
+
+    Every process using the file holds one (a forked child shares its
+    parent's); the kernel lets go when the process ends, however it ends.
+    A process of another host finds the lock free when no process uses the
+    file, and only then takes over what waits in it (:func:`claim_orphan`).
+    While a takeover holds the lock exclusively (a few milliseconds to copy
+    the rows), this waits up to ``wait`` seconds. Returns the descriptor to
+    keep open, or None where there is no ``flock`` (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = _open_live(path)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                return fd  # no lock to be had (a filesystem without locks): go on, as before liveness locks
+            time.sleep(0.02)
+
+
+def let_go(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def claim_orphan(path: Path) -> int | None:
+    """An exclusive lock on another host's file when no process uses it, else None.
+
+    Liveness is the lock, not a guess: a live process holds ``<file>.live``
+    shared (:func:`hold_live`). A file with no ``.live`` beside it was last
+    used by a chat_magic without these locks, which may still be running:
+    it counts as orphaned only once nothing wrote it for
+    :data:`ACTIVE_WINDOW` seconds. On NFS, Linux forwards ``flock`` to the
+    server as a POSIX lock, so other nodes see it; on a mount with
+    ``nolock`` or ``local_lock=flock`` they do not, and a node's live file
+    could be taken: give each node a home of its own there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no takeover
+        return None
+    known = live_path(path).exists()
+    if not known and in_use(path) is not None:
+        return None
+    try:
+        fd = _open_live(path)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def orphans(home: Path) -> list[HostFile]:
+    """Other hosts' outbox files in ``home``: candidates for a takeover (none is opened here)."""
+    return [f for f in outbox_files(home) if not f.mine and not f.legacy]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import textwrap
 import threading
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from . import config, rules
 from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import Report
+from .report import Report, remember_cell
 from .session import current_session
 from .webhook import Webhook, redact
 
@@ -134,6 +135,26 @@ def describe_display(data: Any) -> str:
     return f"[{rich[0]}]"
 
 
+MAX_KEPT_FIGURES = 16
+
+
+def _display_image(data: dict[str, Any]) -> bytes | None:
+    """The PNG or JPEG bytes of a display (base64 text in a kernel, bytes in a terminal), else None."""
+    for mime in ("image/png", "image/jpeg"):
+        value = data.get(mime)
+        if isinstance(value, str):
+            import base64
+            import binascii
+
+            try:
+                return base64.b64decode(value, validate=False)
+            except (binascii.Error, ValueError):
+                return None
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+    return None
+
+
 class Capture:
     """While installed, keeps a bounded copy of stdout, stderr and display summaries.
 
@@ -150,6 +171,8 @@ class Capture:
         self.active = False
         self._undo: list[tuple[Any, str, Any, bool, Callable]] = []
         self._own = 0  # > 0 while IPython itself writes (IPython 7 has no is_publishing / is_active / showing_traceback)
+        self.figures: list[bytes] = []  # PNG/JPEG bytes of the images displayed, in order (the first few)
+        self.tables: list[str] = []  # text of the DataFrames displayed
 
     def _busy(self) -> bool:
         sh = self.shell
@@ -193,6 +216,7 @@ class Capture:
                         line = describe_display(data)
                         if line:
                             self.tail.write(line if line.endswith("\n") else line + "\n")
+                        self.keep_rich(data)
                     except Exception:
                         pass
                 return quiet(original)(data, *args, **kwargs)
@@ -222,6 +246,18 @@ class Capture:
             if obj is not None and hasattr(obj, attr):
                 self._patch(obj, attr, quiet)
         return self
+
+    def keep_rich(self, data: Any) -> None:
+        """Keep a display's image bytes (PNG/JPEG) and a DataFrame's text, for the notice's card."""
+        if not isinstance(data, dict):
+            return
+        image = _display_image(data)
+        if image is not None and len(self.figures) < MAX_KEPT_FIGURES:
+            self.figures.append(image)
+        elif image is None and "dataframe" in str(data.get("text/html") or "")[:2000] and len(self.tables) < 4:
+            plain = data.get("text/plain")
+            if isinstance(plain, str) and plain.strip():
+                self.tables.append(plain)
 
     def remove(self) -> None:
         """Put back what :meth:`install` wrapped (if nobody wrapped it since)."""
@@ -287,7 +323,10 @@ class _CellNumber:
         original = compiler.cache
 
         def cache(code: str, _number: int = 0, *args: Any, **kwargs: Any) -> Any:
-            return original(code, number, *args, **kwargs)
+            name = original(code, number, *args, **kwargs)
+            if isinstance(name, str):
+                remember_cell(name, number)  # IPython 7 keeps no record of it: the card's traceback needs it
+            return name
 
         compiler.cache = cache
         self._compiler = compiler
@@ -353,12 +392,29 @@ def _destination_args(func: Callable) -> Callable:
     """Options shared by every magic that posts."""
     func = argument(
         "--mention", metavar="WHO",
-        help="mention someone: 'all' (everyone in the space) or a user id. Only this option ever mentions anyone.",
+        help=f"mention someone: {rules.MENTION_HELP}. Only this option ever mentions anyone.",
     )(func)
     func = argument(
         "--to", metavar="NAME",
         help="a space name from the config file (default: ChatMagics.to, else GOOGLE_CHAT_WEBHOOK_URL).",
     )(func)
+    return func
+
+
+def _plain_help(func: Callable) -> Callable:
+    """The help page (``%%chat?``) as plain text: without the reST ``::`` line IPython puts before the usage.
+
+    ``magic_arguments`` writes the usage as a literal block for Sphinx; in a
+    notebook or a terminal the bare ``::`` is noise. Applied above
+    ``@magic_arguments`` (it rewrites the docstring that one built).
+    """
+    doc = func.__doc__ or ""
+    head, sep, rest = doc.partition("\n\n")
+    if head.strip() == "::":
+        usage, sep, rest = rest.partition("\n\n")
+        first, *more = textwrap.dedent(usage).splitlines()
+        indent = " " * (first.find(" ") + 1)  # continuation lines under the first option
+        func.__doc__ = "\n".join([first, *(indent + m.strip() for m in more)]) + sep + rest
     return func
 
 
@@ -459,10 +515,11 @@ class ChatMagics(Magics):
         except ConfigError as e:
             raise _usage(f"{magic}: {e}") from None
 
-    def _post(self, report: Report, webhook: Webhook) -> None:
+    def _post(self, report: Report, webhook: Webhook, figures: Any = None) -> None:
         """Queue ``report`` into the session thread; a problem is one warning line."""
         try:
-            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, **report.payload_kwargs(cards=self.cards)))
+            cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
+            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, figures=figures, **report.payload_kwargs(cards=cards)))
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -531,6 +588,7 @@ class ChatMagics(Magics):
 
     # -- %%chat ----------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("%chat")
     @_destination_args
     @argument("--title", metavar="TEXT", help="the notice's title (default: the cell's first # comment, else 'Cell [n]').")
@@ -538,24 +596,29 @@ class ChatMagics(Magics):
     @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
     @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
     @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
+    @argument("--max-figures", type=int, default=4, metavar="N", help="post at most N of the figures the cell displays (default 4).")
+    @argument("--no-figures", action="store_true", help="post no figures or tables, only the text.")
     @cell_magic("chat")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_cell(self, line: str, cell: str) -> None:
         """Run the cell as usual, then post how it went to Google Chat.
 
         The cell runs exactly as without the magic: its output, its result and
         its traceback show as usual. Then one message goes to this session's
-        thread: the title (``--title``, else the cell's first ``#`` comment,
-        else ``Cell [n]``), ok / failed / interrupted, the duration, and the
-        tail of what the cell printed (stdout, stderr, its result; images and
-        HTML as ``[image/png]``), with the exception and the last traceback
-        lines if it failed. Output never mentions anyone: only ``--mention``
+        thread: the title (`--title`, else the cell's first `#` comment,
+        else `Cell [n]`), ok / failed / interrupted, the duration, and the
+        tail of what the cell printed (stdout, stderr, its result; HTML as
+        `[text/html]`), with the exception and the last traceback lines if it
+        failed. The figures it displays (the first `--max-figures`, 4) go
+        into the card through your image store (`CHAT_MAGIC_IMAGE_STORE`,
+        see the README's "Figures"), and a DataFrame result as a table.
+        Output never mentions anyone: only `--mention`
         does. Posting only queues the message: the cell never waits for the
         network.
 
-        The space is ``GOOGLE_CHAT_WEBHOOK_URL`` or a named space in the
-        config file (``--to NAME``); keep webhook URLs out of notebooks.
+        The space is `GOOGLE_CHAT_WEBHOOK_URL` or a named space in the
+        config file (`--to NAME`); keep webhook URLs out of notebooks.
 
-        Example::
+        Example:
 
             %%chat --on-error --mention all
             # Nightly training
@@ -583,23 +646,63 @@ class ChatMagics(Magics):
         ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
         if args.on_error and ran.error is None:
             return None
+        result = getattr(ran.result, "result", None)
+        figures, sections, result = self._rich(ran, result, args)
         report = self._report(
             title=args.title.strip() if args.title else cell_title(cell),
             error=ran.error,
             duration=ran.duration,
             capture=ran.capture,
-            result=getattr(ran.result, "result", None),
+            result=result,
             number=ran.number,
             webhook=webhook,
             mention=mention,
             max_lines=max_lines,
             with_output=not args.no_output,
         )
-        self._post(report, webhook)
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        report.sections = sections
+        self._post(report, webhook, figures)
         return None
+
+    def _rich(self, ran: NestedRun, result: Any, args: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+        """The figures a cell displayed (and its result, if an image) and its DataFrames as table sections.
+
+        Returns ``(Figures or None, sections, result)``: a DataFrame result
+        shown as a table is not repeated as text. Never raises.
+        """
+        if args.no_figures or ran.capture is None or args.no_output:
+            return None, [], result
+        from . import tables
+
+        sections: list[dict[str, Any]] = []
+        images = list(ran.capture.figures)
+        try:
+            if result is not None and tables.is_frame(result) and self.cards:
+                label = f"Out[{ran.number}]" if ran.number is not None else "Result"
+                sections.append(tables.frame_section(result, label=label))
+                result = None
+            elif result is not None:
+                shown = _display_image(self.shell.display_formatter.format(result)[0])
+                if shown is not None:
+                    images.append(shown)
+                elif type(result).__module__.startswith("plotly"):
+                    images.append(result)  # plotly shows as HTML: its static export (kaleido) is posted
+            if self.cards:
+                sections += [tables.text_section(t) for t in ran.capture.tables]
+        except Exception as e:  # a table or figure never costs the notice
+            _warn(f"a table or figure was left out: {type(e).__name__}: {e}")
+        if not images:
+            return None, sections, result
+        from .images import Figures
+
+        name = (args.to or "").strip() or self.to.strip() or None
+        return Figures.collect(images, to=name, max_figures=max(0, args.max_figures)), sections, result
 
     # -- %chat -----------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat")
     @_destination_args
     @argument("text", nargs="*", help="the message, in Chat syntax (*bold*, _italic_, `code`); $name and {expression} are expanded.")
@@ -607,13 +710,13 @@ class ChatMagics(Magics):
     def chat_line(self, line: str) -> None:
         """Post a line of text to this session's Google Chat thread.
 
-        ``$name`` and ``{expression}`` are replaced by their values, as in any
-        line magic; write ``$$`` for a literal ``$`` and ``{{`` ``}}`` for
-        literal braces (``%chat costs $$5`` posts "costs $5"). The text is
-        yours: Chat syntax such as ``*bold*`` works. Options come first; use
-        ``--`` before text that starts with ``-``.
+        `$name` and `{expression}` are replaced by their values, as in any
+        line magic; write `$$` for a literal `$` and `{{` `}}` for
+        literal braces (`%chat costs $$5` posts "costs $5"). The text is
+        yours: Chat syntax such as `*bold*` works. Options come first; use
+        `--` before text that starts with `-`.
 
-        Example::
+        Example:
 
             %chat Training done: loss *{round(loss, 3)}* after $epochs epochs
         """
@@ -636,6 +739,7 @@ class ChatMagics(Magics):
 
     # -- %chat_autonotify ----------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat_autonotify")
     @_destination_args
     @argument("--threshold", type=float, metavar="SECONDS",
@@ -650,20 +754,20 @@ class ChatMagics(Magics):
     def chat_autonotify(self, line: str) -> None:
         """Announce every cell that fails or runs longer than a threshold.
 
-        From now on, a cell that runs at least ``--threshold`` seconds (default
-        ``ChatMagics.autonotify_threshold``: 60) or fails posts a completion
+        From now on, a cell that runs at least `--threshold` seconds (default
+        `ChatMagics.autonotify_threshold`: 60) or fails posts a completion
         notice to this session's thread: its title, status, duration and the
-        tail of its output. ``%chat_autonotify off`` stops it. ``%%chat`` cells
+        tail of its output. `%chat_autonotify off` stops it. `%%chat` cells
         post their own notice and are not announced twice.
 
-        ``--run-all`` posts one summary per run of back-to-back cells instead
+        `--run-all` posts one summary per run of back-to-back cells instead
         (Run All, nbclient, papermill): cells run, total time, the slowest
-        cells and the failing cell with its error. A run ends ``--quiet``
-        seconds after its last cell (``ChatMagics.runall_quiet``) or when the
-        kernel shuts down. With ``--threshold`` too, slow cells still post
+        cells and the failing cell with its error. A run ends `--quiet`
+        seconds after its last cell (`ChatMagics.runall_quiet`) or when the
+        kernel shuts down. With `--threshold` too, slow cells still post
         their own notice.
 
-        Example::
+        Example:
 
             %chat_autonotify --threshold 300
             %chat_autonotify --run-all
@@ -808,6 +912,7 @@ class ChatMagics(Magics):
 
     # -- %chat_thread --------------------------------------------------------------
 
+    @_plain_help
     @magic_arguments("chat_thread")
     @argument("--new", action="store_true", help="start a fresh thread (announced again) for the rest of this session.")
     @argument("--name", metavar="NAME",
@@ -818,7 +923,7 @@ class ChatMagics(Magics):
         """Show this session's thread key, or start a new thread.
 
         Every message of a kernel session goes into one thread.
-        ``%chat_thread --new`` starts a fresh one; ``%chat_thread KEY`` posts
+        `%chat_thread --new` starts a fresh one; `%chat_thread KEY` posts
         into the thread with that key from now on.
         """
         magic = "%chat_thread"

@@ -118,6 +118,7 @@ class _Run:
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
+        self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
 
     @property
     def title(self) -> str:
@@ -160,8 +161,9 @@ class notify_when_done:
     or ``block at train.py:42``). ``to``: a space name from the config file or
     a webhook URL (default: ``GOOGLE_CHAT_WEBHOOK_URL``). ``thread_key``: post
     into that thread instead of the session's. ``notify_start``: also post when
-    it starts. ``mention``: ``"all"`` or a user id, pinged in the completion
-    notice. ``on``: ``"always"`` or ``"error"`` (only failures are posted).
+    it starts. ``mention``: ``"all"``, a numeric user id or a user's e-mail
+    address, pinged in the completion notice. ``on``: ``"always"`` or
+    ``"error"`` (only failures are posted).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
 
@@ -209,6 +211,8 @@ class notify_when_done:
             # No default webhook yet: a decorator may be applied at import time, in an
             # environment that never runs the job; the work itself checks at its start.
             self.webhook = None
+        if isinstance(to, str) and self.webhook is not None and any(c in to for c in "/?="):
+            self.to = self.webhook  # a URL: kept sealed, never as the string (pickle, yaml.dump, vars())
         self.receipt = None  # the last completion notice's Receipt (None if none was posted)
         self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
@@ -231,6 +235,16 @@ class notify_when_done:
 
     def __repr__(self) -> str:
         return f"<notify_when_done {self.label!r} to {self.webhook or 'the default webhook (not configured yet)'}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle or a copy keeps: the settings, not the runs in progress nor the last receipt.
+
+        The webhook pickles as its digest, never its key and token (see
+        :class:`~chat_magic.webhook.Webhook`).
+        """
+        state = dict(self.__dict__)
+        state.update(_live=[], receipt=None)
+        return state
 
     # -- the run --------------------------------------------------------
 
@@ -273,9 +287,29 @@ class notify_when_done:
         )
         if self.on == "error" and report.status != FAILED:
             return
-        receipt = run.post(report.kind, "notice", **report.payload_kwargs(cards=self.cards))
+        figures = self._figures(run)
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
+        receipt = run.post(report.kind, "notice", figures=figures, **report.payload_kwargs(cards=cards))
         if receipt is not None:
             run.receipt = self.receipt = receipt
+
+    def _figures(self, run: _Run) -> Any:
+        """The images given to image(), and a chart of the logged metrics when a store is set (else sparklines only)."""
+        try:
+            from . import images
+
+            name = self.to if isinstance(self.to, str) else None
+            items = list(run.images)
+            if run.metrics and images.store_spec(name) is not None:
+                chart = images.metrics_chart(run.metrics, title=run.label)
+                if chart is not None:
+                    items.append(chart)
+            return images.Figures.collect(items, to=name, max_figures=images.MAX_FIGURES) if items else None
+        except Exception as e:  # a figure never costs the notice
+            _warn(f"the figures of {run.label!r} were left out: {exception_summary(e)}")
+            return None
 
     # -- context manager -------------------------------------------------
 
@@ -365,6 +399,25 @@ class notify_when_done:
             _warn("log() outside its `with notify_when_done(...)` block or decorated call: not recorded")
             return
         run.log(metrics)
+
+    def image(self, figure: Any, alt: str | None = None) -> None:
+        """Show an image in the completion card: a matplotlib figure, a PIL image, PNG/JPEG bytes or a path.
+
+        It is rendered now (later changes to the figure do not count) and
+        uploaded to the image store by the background worker when the run
+        ends (see the README's "Figures"). Never raises: a problem is one line.
+        """
+        run = _find_run(self)
+        if run is None:
+            _warn("image() outside its `with notify_when_done(...)` block or decorated call: not kept")
+            return
+        from . import images
+        from .errors import MessageError
+
+        try:
+            run.images.append(images.to_image(figure, alt))
+        except MessageError as e:
+            _warn(f"image() not kept: {e}")
 
     # -- decorator -------------------------------------------------------
 

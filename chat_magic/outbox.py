@@ -30,6 +30,12 @@ Storage faults are loud and lose nothing:
   makes the process use a temporary outbox, said in one line on stderr;
   :meth:`Outbox.stranded` counts what still waits in the configured one.
 
+The file is the user's alone (:func:`private_files`), stays small (delivered
+rows are pruned to the newest :data:`KEEP_SENT`, the write-ahead log is cut
+back when idle), and opens in the same time whatever its size (no integrity
+scan on open). Times shared between processes are wall-clock times; one
+implausibly far ahead (the clock stepped back) is not waited for (:func:`_ahead`).
+
 Nothing here knows about IPython or HTTP.
 """
 
@@ -39,7 +45,9 @@ import functools
 import json
 import logging
 import os
+import re
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -52,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import OutboxError
-from .hosts import current_host
+from .hosts import current_host, hold_live, let_go
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,15 +107,31 @@ CREATE TABLE IF NOT EXISTS pacing (
     space_key TEXT PRIMARY KEY,
     next_slot REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS blob (
+    sha256 TEXT PRIMARY KEY,
+    data   BLOB NOT NULL,
+    mime   TEXT NOT NULL
+);
 """
 # Columns added after the first release, applied to an existing file with ALTER TABLE when missing
 # (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.
 # (table, column, declaration)
 _ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("message", "images", "TEXT"),  # figures to upload before the POST: {"store": ..., "images": [[sha256, mime]]} (images.py)
+    ("message", "own_payload", "TEXT"),  # a head that carries merged messages: its own body, to rebuild from
 ]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
-            "error_status", "error")
+            "error_status", "error", "images", "own_payload")
+# Times written by another process's wall clock that lie further ahead than this are not believed:
+# the clock stepped back since (see _ahead). A space is held, or a retry waits, at most 300 s
+# (Retry-After is capped there); a lease is renewed while its request is in flight.
+MAX_HOLD = 330.0
+RENEW_FOR = 600.0  # a lease is renewed while its request is in flight, but no longer than this
+PRUNE_EVERY = 200  # delivered messages recorded between two prunings (and the first of a process)
+KEEP_SENT = 1000  # delivered messages kept for `outbox list` (CHAT_MAGIC_KEEP_SENT)
+KEEP_SENT_FOR = 3600.0  # and every one delivered in the last hour, whatever their number
+WAL_LIMIT = 4 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
 _HEADS = "SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -170,6 +194,7 @@ class Job:
     attempts: int
     created_at: float = 0.0
     merged: int = 0  # how many other messages it carries
+    images: str | None = None  # figures to upload and put in the body before the POST (images.fill)
 
 
 @dataclass
@@ -288,8 +313,18 @@ class Outbox:
         self.notices: list[str] = []  # what this outbox told the user (recoveries, fallbacks)
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []  # every thread's connection: closed before a fork
         _outboxes.add(self)
+        self._live: int | None = None  # the shared lock that tells other hosts a process here uses the file
+        self._acked = 0  # outcomes recorded by this process (prune every PRUNE_EVERY)
+        self._next_tidy = 0.0  # monotonic time of the next idle checkpoint
+        self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
+        self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
+        self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
+        self._lease_lock = threading.Lock()  # guards _leases and _renewer
+        self._renewer: threading.Thread | None = None
         try:
             _call_gated(self, Outbox._open, True, (), {})
+        except OutboxError as e:  # files another user could read or replace: refused, a temporary outbox stands in
+            self._fall_back(e)
         except (sqlite3.Error, OSError) as e:
             if _is_busy(e):
                 return  # a lock is brief: opened on first use, a caller meanwhile gets an OutboxError
@@ -299,11 +334,19 @@ class Outbox:
     # -- connections -----------------------------------------------------
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        if os.stat(self.path).st_mode & 0o077:
-            os.chmod(self.path, 0o600)
+        """Make sure the files are the user's alone, then open and set up the schema.
+
+        No integrity check here: reading the schema catches a file that is
+        not a database, and any damage further in shows up as an error on
+        the page that holds it, which :func:`_guarded` recovers from. A
+        ``quick_check`` would cost the caller's first ``send()`` time in
+        proportion to the file's size: the worker runs one instead, in its
+        first :meth:`ready_spaces`.
+        """
+        if self.path == self.configured and self._live is None:
+            private_folder(self.path.parent)
+            self._live = hold_live(self.path)  # before the file exists: no other host sees it unowned
+        private_files(self.path)
         self._gen += 1
         self._webhooks.clear()
         self._dests.clear()
@@ -313,8 +356,6 @@ class Outbox:
             raise _OlderFormat("an older format, with the webhook URL on every row")
         conn.executescript(_SCHEMA)
         _add_columns(conn)
-        if conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
-            raise sqlite3.DatabaseError("database disk image is malformed")
         self._ino = os.stat(self.path).st_ino
         self._opened = True
 
@@ -333,6 +374,7 @@ class Outbox:
         self._conns = [(t, c) for t, c in self._conns if t is not me and not _ended(t)] + [(me, conn)]
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")  # a burst's log does not stay on disk
         conn.row_factory = sqlite3.Row
         return conn
 
@@ -368,26 +410,31 @@ class Outbox:
     # -- caller side -----------------------------------------------------
 
     @_guarded("write to")
-    def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool]], *,
-                patient: bool = False) -> list[int]:
+    def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool] | tuple[str, bool, str | None]], *,
+                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None) -> list[int]:
         """Store messages (in order, in one transaction) and return their ids. Each gets a fresh requestId.
 
         ``bodies`` are ``(JSON Message, mergeable)`` pairs: plain-text messages
         may be merged with others waiting for the same thread. A caller waits
         at most ``caller_timeout`` for another process's lock; a background
-        thread (``patient``) the full busy timeout.
+        thread (``patient``) the full busy timeout. A body may carry a third
+        item, its ``images`` (see :mod:`chat_magic.images`); ``blobs`` are
+        their bytes, stored in the same transaction.
         """
         now = time.time()
         # a caller never waits long for another process's lock: it gets a clear error instead
         with self._write(None if patient else self.caller_timeout) as db:
             dest = self._dests.get(webhook.id) or self._dest_id(db, webhook)
+            for digest, (data, mime) in (blobs or {}).items():
+                db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, data, mime))
             ids = [
                 int(db.execute(
-                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (_request_id(), dest, webhook.space_key, thread_key, body, int(mergeable), PENDING, now, now, now),
+                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at, updated_at, images)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (_request_id(), dest, webhook.space_key, thread_key, b[0], int(b[1] and not _images(b)),
+                     PENDING, now, now, now, _images(b)),
                 ).lastrowid or 0)
-                for body, mergeable in bodies
+                for b in bodies
             ]
         self._dests[webhook.id] = dest  # committed: no need to look it up again
         return ids
@@ -419,18 +466,33 @@ class Outbox:
     def ready_spaces(self, now: float, *, exclude: Iterable[str] = ()) -> dict[str, float]:
         """Seconds until each waiting space's head may be sent from this host (0 = now), oldest head first."""
         db = self._db()
+        if not self._checked:  # once per process, on the worker's side: damage is found before a page of it is needed
+            self._checked = True
+            if db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
         skip = set(exclude)
         waits: dict[str, float] = {}
         for head in db.execute(f"SELECT space_key, state, next_at, owner, lease_until FROM message WHERE id IN ({_HEADS}) ORDER BY id"):
             if head["space_key"] in skip:
                 continue
             if head["state"] == SENDING:
-                t = head["lease_until"] if _owner_alive(head["owner"]) and (head["lease_until"] or 0) > now else now
+                t = head["lease_until"] if self._leased(head, now) else now
             else:
-                t = head["next_at"]
-            t = max(t, self.pacer.free_at(db, head["space_key"]))
+                t = _ahead(head["next_at"], now, MAX_HOLD)
+            t = max(t, self._free_at(db, head["space_key"], now))
             waits[head["space_key"]] = max(0.0, t - now)
+        if not waits:
+            self._tidy_when_idle()
         return waits
+
+    def _free_at(self, db: sqlite3.Connection, space_key: str, now: float) -> float:
+        """When the space's pacing slot opens; a slot implausibly far ahead (the clock stepped back) is open."""
+        return _ahead(self.pacer.free_at(db, space_key), now, MAX_HOLD)
+
+    def _leased(self, head: sqlite3.Row, now: float) -> bool:
+        """Whether a row being sent is still under its sender's lease (a live sender, a believable lease)."""
+        until = head["lease_until"] or 0.0
+        return _owner_alive(head["owner"]) and now < until <= now + self.lease_cap
 
     def claim(self, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Job | None:
         """Take the next message that may be sent now, merging short ones behind it.
@@ -452,24 +514,29 @@ class Outbox:
         in ``exclude`` are skipped: each space has at most one request in flight.
         """
         skip = set(exclude)
+        self.lease_cap = max(self.lease_cap, lease + 1.0)
+        job = None
         with self._write() as db:
             now = max(now, time.time())  # waiting for the lock took time: pace from when the slot is taken
             for head in db.execute(f"SELECT * FROM message WHERE id IN ({_HEADS}) ORDER BY id").fetchall():
                 if head["space_key"] in skip or (space_key is not None and head["space_key"] != space_key):
                     continue
-                if self.pacer.free_at(db, head["space_key"]) > now:
+                if self._free_at(db, head["space_key"], now) > now:
                     continue
                 if head["state"] == SENDING:
-                    if _owner_alive(head["owner"]) and (head["lease_until"] or 0) > now:
+                    if self._leased(head, now):
                         continue
                     log.debug("chat_magic: taking back message %s from %s", head["id"], head["owner"])
-                elif head["next_at"] > now:
+                elif _ahead(head["next_at"], now, MAX_HOLD) > now:
                     continue
-                return self._take(db, head, now, interval, lease)
-        return None
+                job = self._take(db, head, now, interval, lease)
+                break
+        if job is not None:
+            self._keep_leased(job.id, lease)
+        return job
 
     def _take(self, db: sqlite3.Connection, head: sqlite3.Row, now: float, interval: float, lease: float) -> Job:
-        payload = head["payload"]
+        payload, own = head["payload"], head["own_payload"]
         merged_ids: list[int] = []
         if head["mergeable"] and head["attempts"] == 0:
             payload, merged_ids = self._merge(db, head)
@@ -477,15 +544,19 @@ class Outbox:
                 f"UPDATE message SET state='{MERGED}', merged_into=?, updated_at=? WHERE id=?",
                 [(head["id"], now, i) for i in merged_ids],
             )
+            if merged_ids:
+                own = head["payload"]
+        elif own is not None:  # a retry of a head that carried others: only those still wanted (drop means drop)
+            payload, merged_ids = self._rebuild(db, head["id"], own)
         db.execute(
-            "UPDATE message SET state=?, payload=?, attempts=attempts+1, owner=?, lease_until=?, updated_at=? WHERE id=?",
-            (SENDING, payload, self.owner, now + lease, now, head["id"]),
+            "UPDATE message SET state=?, payload=?, own_payload=?, attempts=attempts+1, owner=?, lease_until=?, updated_at=? WHERE id=?",
+            (SENDING, payload, own, self.owner, now + lease, now, head["id"]),
         )
         self.pacer.take(db, head["space_key"], now + interval)
         return Job(
             id=head["id"], request_id=head["request_id"], dest=head["dest"], space_key=head["space_key"],
             thread_key=head["thread_key"], payload=payload, attempts=head["attempts"] + 1,
-            created_at=head["created_at"], merged=len(merged_ids),
+            created_at=head["created_at"], merged=len(merged_ids), images=head["images"],
         )
 
     @staticmethod
@@ -523,6 +594,17 @@ class Outbox:
         body["text"] = merge_texts(texts)
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")), merged
 
+    @staticmethod
+    def _rebuild(db: sqlite3.Connection, head_id: int, own: str) -> tuple[str, list[int]]:
+        """A head's body carrying the merged messages still in the outbox (a dropped one is gone)."""
+        rows = db.execute(f"SELECT id, payload FROM message WHERE merged_into = ? AND state = '{MERGED}' ORDER BY id",
+                          (head_id,)).fetchall()
+        if not rows:
+            return own, []
+        body = json.loads(own)
+        body["text"] = merge_texts([body["text"]] + [json.loads(r["payload"])["text"] for r in rows])
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")), [r["id"] for r in rows]
+
     @_guarded("read")
     def webhook(self, dest: int) -> Webhook:
         """The destination ``dest`` as a :class:`Webhook`, parsed once per process."""
@@ -538,6 +620,7 @@ class Outbox:
 
     @_guarded("write to")
     def ack(self, job: Job, name: str | None, thread_name: str | None, *, space_free_at: float = 0.0) -> None:
+        self._release_lease(job.id)
         now = time.time()
         with self._write() as db:
             db.execute(
@@ -547,9 +630,13 @@ class Outbox:
             )
             self.pacer.hold(db, job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
+        self._acked += 1
+        if self._acked % PRUNE_EVERY == 1:
+            self._tidy()
 
     @_guarded("write to")
     def retry_later(self, job: Job, delay: float, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
+        self._release_lease(job.id)
         now = time.time()
         with self._write() as db:
             db.execute(
@@ -562,6 +649,7 @@ class Outbox:
 
     @_guarded("write to")
     def fail(self, job: Job, *, code: int, status: str, error: str, space_free_at: float = 0.0) -> None:
+        self._release_lease(job.id)
         now = time.time()
         with self._write() as db:
             db.execute(
@@ -570,6 +658,116 @@ class Outbox:
             )
             self.pacer.hold(db, job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
+
+    # -- leases: renewed while a request is in flight ----------------------------
+
+    def _keep_leased(self, job_id: int, lease: float) -> None:
+        """Renew the job's lease every third of it until its outcome is recorded (or :data:`RENEW_FOR` passes).
+
+        A reply dripped slowly keeps a request alive past any one lease; while
+        it lasts, no other process may take the message back and POST it again.
+        If this process dies, the renewing stops with it and the lease runs out.
+        """
+        with self._lease_lock:
+            self._leases[job_id] = (lease, time.monotonic() + RENEW_FOR)
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew_leases, name="chat_magic-lease", daemon=True)
+                self._renewer.start()
+
+    def _release_lease(self, job_id: int) -> None:
+        with self._lease_lock:
+            self._leases.pop(job_id, None)
+
+    def _renew_leases(self) -> None:
+        while True:
+            with self._lease_lock:
+                if not self._leases:
+                    self._renewer = None
+                    return
+                step = min(lease for lease, _ in self._leases.values()) / 3
+            time.sleep(max(0.05, step))
+            with self._lease_lock:
+                due = {i: lease for i, (lease, end) in self._leases.items() if time.monotonic() < end}
+            try:
+                self._renew(due)
+            except (OutboxError, sqlite3.Error, OSError) as e:  # a busy or full disk: try again next round
+                log.info("chat_magic: could not renew a lease: %s", e)
+
+    @_guarded("write to")
+    def _renew(self, leases: dict[int, float]) -> None:
+        if not leases:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany(f"UPDATE message SET lease_until=? WHERE id=? AND state='{SENDING}' AND owner=?",
+                           [(now + lease, i, self.owner) for i, lease in leases.items()])
+
+    # -- bounded growth ---------------------------------------------------------
+
+    def _tidy(self) -> None:
+        """Prune old delivered messages, then checkpoint and cut back the write-ahead log (never raises)."""
+        try:
+            self.prune_sent(keep_sent())
+            self._checkpoint()
+        except (OutboxError, sqlite3.Error, OSError) as e:
+            log.info("chat_magic: could not tidy the outbox: %s", e)
+
+    def _tidy_when_idle(self) -> None:
+        """Nothing waits: checkpoint the log now and then, so a burst's log does not stay on disk."""
+        if time.monotonic() >= self._next_tidy:
+            self._next_tidy = time.monotonic() + 30.0
+            try:
+                self._checkpoint()
+            except (sqlite3.Error, OSError) as e:
+                log.info("chat_magic: could not checkpoint the outbox: %s", e)
+
+    def _checkpoint(self) -> None:
+        """``wal_checkpoint(TRUNCATE)``, waiting at most 0.1 s for other processes (incomplete then: next time)."""
+        db = self._db()
+        db.execute("PRAGMA busy_timeout=100")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")  # a caller's wait is set per transaction
+
+    @_guarded("write to")
+    def prune_sent(self, keep: int, min_age: float = KEEP_SENT_FOR) -> int:
+        """Forget delivered messages (and what they carried) beyond the newest ``keep``; return how many went.
+
+        Only those delivered more than ``min_age`` seconds ago: a receipt a
+        program still holds after a burst finds its message. Batches of 2,000
+        rows, one short transaction each: another process waits for the lock
+        at most that long.
+        """
+        gone = 0
+        cutoff = time.time() - min_age
+        while True:
+            with self._write() as db:
+                row = db.execute(f"SELECT id FROM message WHERE +state = '{SENT}' ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                 (max(0, keep),)).fetchone()
+                if row is None:
+                    return gone
+                ids = [r[0] for r in db.execute(
+                    f"SELECT id FROM message WHERE +state = '{SENT}' AND id <= ? AND updated_at < ? ORDER BY id LIMIT 2000",
+                    (row[0], cutoff))]
+                if not ids:
+                    return gone
+                marks = ",".join("?" * len(ids))
+                db.execute(f"DELETE FROM message WHERE state = '{MERGED}' AND merged_into IN ({marks})", ids)
+                gone += db.execute(f"DELETE FROM message WHERE id IN ({marks})", ids).rowcount
+
+    @_guarded("read")
+    def blob(self, digest: str) -> bytes | None:
+        """An image's bytes, stored with its message (None when gone)."""
+        row = self._db().execute("SELECT data FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    @_guarded("write to")
+    def set_payload(self, job: Job, payload: str) -> None:
+        """Record the body with its images' URLs filled in (every retry sends it); their bytes are no longer needed."""
+        with self._write() as db:
+            db.execute("UPDATE message SET payload=?, images=NULL, updated_at=? WHERE id=?", (payload, time.time(), job.id))
+            _forget_blobs(db)
 
     def _hold_cluster(self, space_key: str, until: float) -> None:
         """Hold the space in the cluster slot too, after the commit: no network call under the write lock."""
@@ -677,12 +875,37 @@ class Outbox:
 
     @_guarded("write to")
     def drop(self, ids: Iterable[int]) -> int:
-        """Delete messages that are not being sent (``chat-magic outbox drop``)."""
+        """Delete messages that are not being sent (``chat-magic outbox drop``); return how many went.
+
+        Drop means drop: a message merged into another that waits (a retry)
+        is deleted, and the other carries only the messages still wanted when
+        it is sent again (:meth:`_rebuild`). One that a request in flight
+        carries cannot be stopped and stays. A waiting head's own carried
+        messages are still wanted: they go back in the queue, in order.
+        """
+        now = time.time()
         with self._write() as db:
             n = 0
             for i in ids:
-                db.execute("DELETE FROM message WHERE merged_into=? AND state=?", (i, MERGED))
-                n += db.execute("DELETE FROM message WHERE id=? AND state != ?", (i, SENDING)).rowcount
+                row = db.execute("SELECT state, merged_into FROM message WHERE id=?", (i,)).fetchone()
+                if row is None or row["state"] == SENDING:
+                    continue
+                if row["state"] == MERGED:
+                    carrier = db.execute("SELECT id, state, own_payload FROM message WHERE id=?", (row["merged_into"],)).fetchone()
+                    if carrier is not None and carrier["state"] == SENDING:
+                        continue  # on its way now
+                    n += db.execute("DELETE FROM message WHERE id=?", (i,)).rowcount
+                    if carrier is not None and carrier["own_payload"] is not None:  # the text leaves the file now
+                        db.execute("UPDATE message SET payload=? WHERE id=?",
+                                   (self._rebuild(db, carrier["id"], carrier["own_payload"])[0], carrier["id"]))
+                    continue
+                elif row["state"] == PENDING:
+                    db.execute(f"UPDATE message SET state='{PENDING}', merged_into=NULL, next_at=?, updated_at=?"
+                               f" WHERE merged_into=? AND state='{MERGED}'", (now, now, i))
+                else:
+                    db.execute("DELETE FROM message WHERE merged_into=? AND state=?", (i, MERGED))
+                n += db.execute("DELETE FROM message WHERE id=?", (i,)).rowcount
+            _forget_blobs(db)
         return n
 
     @_guarded("write to")
@@ -691,7 +914,83 @@ class Outbox:
         cutoff = time.time() - older_than
         with self._write() as db:
             db.execute("DELETE FROM message WHERE state=? AND merged_into IN (SELECT id FROM message WHERE state=? AND updated_at < ?)", (MERGED, SENT, cutoff))
-            return int(db.execute("DELETE FROM message WHERE state=? AND updated_at < ?", (SENT, cutoff)).rowcount)
+            n = int(db.execute("DELETE FROM message WHERE state=? AND updated_at < ?", (SENT, cutoff)).rowcount)
+            _forget_blobs(db)
+            return n
+
+    # -- another host's file ----------------------------------------------------
+
+    def take_over(self, other: Path) -> int:
+        """Move what waits in another host's file into this one, in order; return how many messages came.
+
+        Only when no process uses that file (its liveness lock is free, see
+        :func:`hosts.claim_orphan`) and no lease in it still runs: a container
+        restarted with a new hostname delivers what the previous one left,
+        before anything it queues itself. Rows keep their ``requestId`` (the
+        copy is idempotent: a row already here is not copied twice); the ones
+        copied are then deleted there. Never raises: a file that cannot be
+        read is left alone (logged).
+        """
+        from .hosts import claim_orphan
+
+        fd = claim_orphan(other)
+        if fd is None:
+            return 0
+        try:
+            private_files(other)
+            src = sqlite3.connect(str(other), timeout=self.busy_timeout, isolation_level=None)
+            try:
+                return self._copy_from(src)
+            finally:
+                src.close()
+        except Exception as e:  # a file we cannot read, a row we cannot parse: never into the caller's send()
+            log.warning("chat_magic: left the outbox %s alone: %s", other, _reason(e))
+            return 0
+        finally:
+            let_go(fd)
+
+    def _copy_from(self, src: sqlite3.Connection) -> int:
+        from .webhook import parse_webhook_url
+
+        src.row_factory = sqlite3.Row
+        now = time.time()
+        if "dest" not in {r[1] for r in src.execute("PRAGMA table_info(message)")}:
+            return 0  # an older format: the old single-file path drains those
+        have = {r[1] for r in src.execute("PRAGMA table_info(message)")}
+        lease = src.execute(f"SELECT max(lease_until) FROM message WHERE state='{SENDING}'").fetchone()[0]
+        if lease and now < lease <= now + self.lease_cap:
+            return 0  # a request from there may still be in flight: next time
+        waiting = f"state IN ('{PENDING}','{SENDING}','{FAILED}')"
+        rows = [dict(r) for r in src.execute(
+            f"SELECT * FROM message WHERE {waiting} OR (state='{MERGED}' AND merged_into IN (SELECT id FROM message WHERE {waiting}))"
+            " ORDER BY id")]
+        if not rows:
+            return 0
+        urls = _readable_destinations(src)
+        moved: dict[int, int] = {}
+        with self._write() as db:
+            for row in rows:
+                hook = parse_webhook_url(urls[row["dest"]])
+                old_id = row.pop("id")
+                row.update(dest=self._dest_id(db, hook), space_key=hook.space_key)
+                if "own_payload" not in have:
+                    row["own_payload"] = None
+                if row["state"] == SENDING:  # its sender is gone: send again, same requestId
+                    row.update(state=PENDING, owner=None, lease_until=None)
+                if row["state"] == PENDING:
+                    row["next_at"] = now
+                if row["state"] == MERGED:
+                    row["merged_into"] = moved.get(row["merged_into"])
+                cols = [c for c in _COLUMNS if c != "id"]
+                db.execute(f"INSERT OR IGNORE INTO message ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                           [row.get(c) for c in cols])
+                moved[old_id] = int(db.execute("SELECT id FROM message WHERE request_id=?", (row["request_id"],)).fetchone()[0])
+            _copy_blobs(src, db, [r.get("images") for r in rows])
+        with _plain_tx(src):
+            src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
+        self._tell(f"delivering {sum(1 for r in rows if r['state'] in (PENDING, MERGED))} message(s) left in {src_name(src)} "
+                   "by a host no process uses any more")
+        return len(moved)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -699,6 +998,10 @@ class Outbox:
             self._conns = [(t, c) for t, c in self._conns if c is not conn]
             _close_quietly(conn)
             self._local.conn = None
+        if self._live is not None:  # used again later: opened again, and the lock taken again
+            let_go(self._live)
+            self._live = None
+            self._opened = False
 
     # -- faults ------------------------------------------------------------
 
@@ -733,7 +1036,9 @@ class Outbox:
                 aside = self.path.with_name(f"{self.path.name}.{'old' if older else 'corrupt'}-{time.strftime('%Y%m%dT%H%M%S')}")
                 self.close()
                 for suffix in ("", "-wal"):
-                    if os.path.exists(f"{self.path}{suffix}"):
+                    if suffix and os.path.isfile(f"{self.path}{suffix}") and not os.path.getsize(f"{self.path}{suffix}"):
+                        os.remove(f"{self.path}{suffix}")  # an empty log (made before SQLite opened the file): nothing to keep
+                    elif os.path.exists(f"{self.path}{suffix}"):
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
                 with _suppress(OSError):
                     os.remove(f"{self.path}-shm")
@@ -843,6 +1148,35 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
 
 
+def _copy_blobs(src: sqlite3.Connection, db: sqlite3.Connection, images: list[str | None]) -> None:
+    """The image bytes the moved messages still need, from another host's file into this one."""
+    digests = {d for i in images if i for d in re.findall(r"[0-9a-f]{64}", i)}
+    for digest in sorted(digests):
+        try:
+            row = src.execute("SELECT data, mime FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        except sqlite3.OperationalError:  # a file from before images: no blob table
+            return
+        if row is not None:
+            db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, row[0], row[1]))
+
+
+def _forget_blobs(db: sqlite3.Connection) -> None:
+    """Delete image bytes that no waiting message names any more (content-addressed: one row serves many)."""
+    if db.execute("SELECT 1 FROM blob LIMIT 1").fetchone() is None:
+        return
+    wanted = set()
+    for (images,) in db.execute("SELECT images FROM message WHERE images IS NOT NULL"):
+        wanted.update(re.findall(r"[0-9a-f]{64}", images))
+    for (digest,) in db.execute("SELECT sha256 FROM blob").fetchall():
+        if digest not in wanted:
+            db.execute("DELETE FROM blob WHERE sha256 = ?", (digest,))
+
+
+def _images(body: tuple[Any, ...]) -> str | None:
+    """The ``images`` of an enqueued body (its optional third item)."""
+    return body[2] if len(body) > 2 else None
+
+
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Add the columns of :data:`_ADDED_COLUMNS` that an existing file lacks."""
     for table, column, decl in _ADDED_COLUMNS:
@@ -853,6 +1187,60 @@ def _add_columns(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as e:
                 if "duplicate column" not in str(e):  # another process added it meanwhile
                     raise
+
+
+def private_files(path: Path) -> None:
+    """Make the outbox's folder and files the user's alone, or refuse in one line (:class:`OutboxError`).
+
+    The file holds every webhook URL (key and token). Another local user who
+    can write the folder could plant a symlink or a world-writable ``-wal``
+    before SQLite opens it and read every message after. So: the folder is
+    made 0700, and must belong to this user and not be writable by group or
+    others; the database, ``-wal`` and ``-shm`` are created 0600 with
+    ``O_EXCL | O_NOFOLLOW`` before SQLite opens them (SQLite then keeps using
+    those files), and one found in place must be a regular file of this user
+    that no one else can write (one only readable by others is made 0600).
+    """
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows: the user's profile folder is private already
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    private_folder(path.parent)
+    for suffix in ("", "-wal", "-shm"):
+        _private_file(Path(f"{path}{suffix}"))
+
+
+def private_folder(folder: Path) -> None:
+    """Make ``folder`` (0700), or check the one there: this user's, writable by no one else."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows
+        return
+    st = os.stat(folder)
+    if st.st_uid != os.geteuid():
+        raise OutboxError(f"the outbox folder {folder} belongs to another user (uid {st.st_uid}): "
+                          "set CHAT_MAGIC_HOME to a folder of your own")
+    if st.st_mode & 0o022:
+        raise OutboxError(f"the outbox folder {folder} is writable by other users: chmod 700 {folder}")
+
+
+def _private_file(p: Path) -> None:
+    """Create ``p`` 0600 (never through a symlink), or check the one already there."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        os.close(os.open(p, flags, 0o600))
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(p)
+    if stat.S_ISLNK(st.st_mode):
+        raise OutboxError(f"{p} is a symbolic link, where the outbox keeps its own file: remove it")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutboxError(f"{p} is not a file (a folder or a device in its place): move it away")
+    if st.st_uid != os.geteuid():
+        raise OutboxError(f"{p} belongs to another user (uid {st.st_uid}): remove it")
+    if st.st_mode & 0o022:
+        raise OutboxError(f"{p} is writable by other users, who may have read it: remove it")
+    if st.st_mode & 0o077:
+        os.chmod(p, 0o600)
 
 
 class _OlderFormat(sqlite3.DatabaseError):
@@ -992,6 +1380,18 @@ class _Tx:
                 _gate.leave()
 
 
+@contextmanager
+def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction on a connection of another file (another host's outbox): no gate, no retries."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+
+
 def _rollback(db: sqlite3.Connection) -> None:
     try:
         if db.in_transaction:
@@ -1078,6 +1478,35 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+def src_name(db: sqlite3.Connection) -> str:
+    """The file name of a connection's main database."""
+    row = db.execute("PRAGMA database_list").fetchone()
+    return Path(row[2]).name if row and row[2] else "another outbox"
+
+
+def _ahead(t: float, now: float, longest: float) -> float:
+    """``t``, or ``now`` when ``t`` lies more than ``longest`` seconds ahead.
+
+    Pacing slots, retry times and leases are shared between processes, so
+    they are wall-clock times. A time further ahead than anything this code
+    ever writes was written before the clock stepped back: waiting for it
+    would stall the space for as long as the step (an hour for -3600 s).
+    """
+    return now if t > now + longest else t
+
+
+def keep_sent() -> int:
+    """How many delivered messages to keep for ``outbox list``: ``CHAT_MAGIC_KEEP_SENT``, else :data:`KEEP_SENT`."""
+    value = os.environ.get("CHAT_MAGIC_KEEP_SENT", "").strip()
+    if not value:
+        return KEEP_SENT
+    try:
+        return max(0, int(value))
+    except ValueError:
+        log.warning("chat_magic: CHAT_MAGIC_KEEP_SENT=%r is not a number of messages; keeping %d", value, KEEP_SENT)
+        return KEEP_SENT
 
 
 def _json_bytes(s: str) -> int:

@@ -28,6 +28,14 @@ does not answer, the host paces itself (one line on stderr per outage) and
 asks Redis again every :data:`RETRY_EVERY` seconds, without a line when it
 is back: nothing is lost or sent twice either way, since claims, leases and
 ``requestId``\\ s live in the outbox.
+
+Round trips are what a distant Redis costs, so a claim across any number of
+busy spaces is *one* round trip (one script tries each space's slot in
+order and takes the first open one), and so is asking how long each space
+must wait (one pipeline). A Redis that answers, but slowly (round trips
+over :data:`SLOW_AFTER` seconds, or ``CHAT_MAGIC_REDIS_SLOW``, several in a
+row), is treated like one that is down: local pacing, one line, asked again
+later.
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ log = logging.getLogger("chat_magic")
 KEY_PREFIX = "chat_magic:slot:"
 SOCKET_TIMEOUT = 0.5  # a Redis that takes longer is treated as down: the host paces itself
 RETRY_EVERY = 2.0  # seconds between two attempts to reach a Redis that did not answer
+SLOW_AFTER = 0.15  # seconds: a call slower than this, SLOW_STREAK times in a row, makes the host pace alone
+SLOW_STREAK = 3
+ENV_SLOW = "CHAT_MAGIC_REDIS_SLOW"
 INSTALL_HINT = 'pip install "chat-magic[redis]"'
 ALONE = "pacing each host alone meanwhile"
 
@@ -63,6 +74,15 @@ local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]); ttl = tonumber(ARGV[2]) end
 if ttl < 1 then ttl = 1 end
 return ttl
+"""
+# KEYS: the slot keys of the spaces that may go now, oldest head first; ARGV[1] token, ARGV[2] interval in ms.
+# Takes the first open slot: its 1-based index, else 0. One round trip however many spaces are busy.
+_TAKE_FIRST = """
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then return i end
+  if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[2]) end
+end
+return 0
 """
 # KEYS[1] slot key; ARGV[1] hold in ms. Lengthens the key's life to ARGV[1], never shortens it.
 _HOLD = """
@@ -125,6 +145,8 @@ class RedisSlot:
         self._down = False
         self._retry_at = 0.0
         self.outages = 0
+        self.slow_after = _slow_after(self._say)
+        self._slow_streak = 0  # calls in a row slower than slow_after
 
     def __repr__(self) -> str:
         return f"<RedisSlot {self.shown} {'down' if self._down else 'up'}>"
@@ -157,6 +179,20 @@ class RedisSlot:
             return 0.0
         return int(wait) / 1000.0
 
+    def take_first(self, space_keys: list[str], interval: float) -> int | None:
+        """Take the first open slot among ``space_keys`` in one round trip: its index, -1 if none is open.
+
+        None when Redis cannot be asked (pace locally).
+        """
+        token = f"{os.getpid()}:{threading.get_ident()}:{time.monotonic_ns()}"
+        got = self._call(lambda c: self._scripts["take_first"](keys=[_key(k) for k in space_keys], args=[token, _ms(interval)]))
+        if got is None:
+            return None
+        if int(got) == 0:
+            return -1
+        self._tokens()[space_keys[int(got) - 1]] = token
+        return int(got) - 1
+
     def release(self, space_key: str) -> None:
         """Free the slot this thread took for ``space_key`` but did not use."""
         token = self._tokens().pop(space_key, None)
@@ -171,14 +207,18 @@ class RedisSlot:
     # -- what the outbox asks ----------------------------------------------------
 
     def waits(self, local: dict[str, float]) -> dict[str, float]:
-        """Each space's local wait, raised to the cluster's: a space is ready when both slots are open."""
+        """Each space's local wait, raised to the cluster's: a space is ready when both slots are open.
+
+        One round trip (a pipeline) for every space that is open locally.
+        """
+        open_here = [space for space, wait in local.items() if wait <= 0]
+        if not open_here:
+            return local
+        ttls = self._call(lambda c: _pttls(c, open_here))
+        if ttls is None:
+            return local
         out = dict(local)
-        for space, wait in local.items():
-            if wait <= 0:
-                shared = self.remaining(space)
-                if shared is None:
-                    return local
-                out[space] = shared
+        out.update({space: max(0.0, int(ttl) / 1000.0) for space, ttl in zip(open_here, ttls)})
         return out
 
     def claim(self, outbox: Outbox, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Job | None:
@@ -187,20 +227,21 @@ class RedisSlot:
         The Redis slot is taken *before* the SQLite transaction, so the outbox's
         write lock is never held across a network call; a slot taken for a
         space with nothing left to claim (another process of this host took it)
-        is released at once.
+        is released at once. Every space is tried in one round trip
+        (:meth:`take_first`), however many are busy.
         """
-        for space, wait in outbox.ready_spaces(now, exclude=exclude).items():
-            if wait > 0:
-                continue
-            got = self.take(space, interval)
-            if got is None:  # Redis does not answer: this host paces alone
+        spaces = [space for space, wait in outbox.ready_spaces(now, exclude=exclude).items() if wait <= 0]
+        while spaces:
+            got = self.take_first(spaces, interval)
+            if got is None:  # Redis does not answer (or too slowly): this host paces alone
                 return outbox.claim_local(now, interval=interval, lease=lease, exclude=exclude)
-            if got > 0:
-                continue
-            job = outbox.claim_local(now, interval=interval, lease=lease, space_key=space)
+            if got < 0:
+                return None
+            job = outbox.claim_local(now, interval=interval, lease=lease, space_key=spaces[got])
             if job is not None:
                 return job
-            self.release(space)
+            self.release(spaces[got])
+            spaces = spaces[got + 1:]
         return None
 
     # -- availability ------------------------------------------------------------
@@ -226,8 +267,8 @@ class RedisSlot:
                     self._broken = True
                     self._say(f"chat_magic: {_where()} {self.shown!r} is not a valid Redis URL ({self._scrub(str(e))}); {ALONE}")
                 else:
-                    self._scripts = {name: self._client.register_script(lua)
-                                     for name, lua in (("take", _TAKE), ("hold", _HOLD), ("release", _RELEASE))}
+                    self._scripts = {name: self._client.register_script(lua) for name, lua in
+                                     (("take", _TAKE), ("take_first", _TAKE_FIRST), ("hold", _HOLD), ("release", _RELEASE))}
         return self._client
 
     def _call(self, fn: Callable[[Any], Any]) -> Any:
@@ -237,16 +278,22 @@ class RedisSlot:
         client = self._connection()
         if client is None:
             return None
+        started = time.monotonic()
         try:
             try:
                 result = fn(client)
             except Exception as e:
                 if self._down or not _dropped(e):
                     raise
+                started = time.monotonic()
                 result = fn(client)  # a connection Redis dropped (a restart): once more, on a fresh one
         except Exception as e:  # redis.RedisError, OSError, a script error: never into delivery
             self._failed(e)
             return None
+        if time.monotonic() - started > self.slow_after:
+            self._slow(time.monotonic() - started)
+            return result  # it did answer: this answer stands, the next calls pace locally
+        self._slow_streak = 0
         if self._down:
             with self._lock:
                 if self._down:
@@ -265,6 +312,21 @@ class RedisSlot:
         self._say(f"chat_magic: Redis at {self.shown} does not answer ({reason}); pacing this host alone until it does "
                   f"(messages stay in this host's outbox)")
 
+    def _slow(self, seconds: float) -> None:
+        """A slow answer: after :data:`SLOW_STREAK` in a row, pace locally as if Redis were down (one line)."""
+        with self._lock:
+            self._slow_streak += 1
+            if not self._down and self._slow_streak < SLOW_STREAK:
+                return
+            self._retry_at = time.monotonic() + RETRY_EVERY
+            if self._down:
+                return
+            self._down = True
+            self.outages += 1
+        self._say(f"chat_magic: Redis at {self.shown} answers slowly ({seconds * 1000:.0f} ms a call, over "
+                  f"{self.slow_after * 1000:.0f} ms); pacing this host alone until it is quick again "
+                  f"(set {ENV_SLOW} to change the limit)")
+
     def _scrub(self, text: str) -> str:
         return scrub(text, self.url)
 
@@ -274,6 +336,29 @@ class RedisSlot:
                 self._client.close()
         except Exception:
             pass
+
+
+def _pttls(client: Any, space_keys: list[str]) -> list[int]:
+    """Each space's slot time to live in ms (<= 0: open), in one pipelined round trip."""
+    pipe = client.pipeline(transaction=False)
+    for space in space_keys:
+        pipe.pttl(_key(space))
+    return [int(t) for t in pipe.execute()]
+
+
+def _slow_after(say: Callable[[str], None]) -> float:
+    """``CHAT_MAGIC_REDIS_SLOW`` (seconds) or :data:`SLOW_AFTER`; a bad value is one line and the default."""
+    raw = os.environ.get(ENV_SLOW, "").strip()
+    if not raw:
+        return SLOW_AFTER
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        say(f"chat_magic: {ENV_SLOW}={raw[:40]!r} is not a number of seconds (e.g. {ENV_SLOW}=0.15); using {SLOW_AFTER:g}")
+        return SLOW_AFTER
+    return value
 
 
 def _dropped(e: BaseException) -> bool:

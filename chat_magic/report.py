@@ -88,15 +88,60 @@ def _is_ipython_frame(frame: Any) -> bool:
     return str(frame.f_globals.get("__name__", "")).startswith("IPython.")
 
 
+# file name -> cell number, for the cells chat_magic itself has IPython compile (a %%chat cell's body): IPython 7's
+# compiler keeps no such map (IPython 8+ has ``_filename_map``). Bounded: the oldest names are forgotten first.
+_COMPILED: dict[str, int] = {}
+_COMPILED_MAX = 1000
+HISTORY_LOOKBACK = 500  # cells searched, newest first, for the one IPython 7 compiled into a file
+
+
+def remember_cell(filename: str, number: int) -> None:
+    """Record that IPython compiled cell ``number`` into ``filename`` (what its tracebacks will name)."""
+    _COMPILED.pop(filename, None)
+    _COMPILED[filename] = number
+    while len(_COMPILED) > _COMPILED_MAX:
+        del _COMPILED[next(iter(_COMPILED))]
+
+
+def _number_in_history(filename: str, shell: Any) -> int | None:
+    """The cell whose code IPython 7 under ipykernel compiled into ``filename``, found through the history.
+
+    ipykernel names that file by a hash of the cell's code and keeps no
+    record of its number; the shell's compiler (``get_code_name``) names each
+    stored cell again until one matches.
+    """
+    name_of = getattr(getattr(shell, "compile", None), "get_code_name", None)
+    cells = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
+    if not callable(name_of) or not isinstance(cells, list):
+        return None
+    try:
+        for n in range(len(cells) - 1, max(0, len(cells) - HISTORY_LOOKBACK), -1):
+            if name_of(cells[n], cells[n], n) == filename:
+                return n
+    except Exception:
+        return None
+    return None
+
+
 def cell_name(filename: str, shell: Any = None) -> str | None:
-    """``Cell In[4]`` for the file IPython compiled cell 4 into, else None (a real file)."""
+    """``Cell In[4]`` for the file IPython compiled cell 4 into, else None (a real file).
+
+    The number comes from IPython 8+'s own map, else from what chat_magic
+    recorded (:func:`remember_cell`), else from the file name (IPython 7's
+    ``<ipython-input-4-…>``), else from the history (IPython 7 in a kernel);
+    ``Cell`` when none of these knows it.
+    """
     number = None
     mapping = getattr(getattr(shell, "compile", None), "_filename_map", None)
     if isinstance(mapping, dict):
         number = mapping.get(filename)
+    if number is None:
+        number = _COMPILED.get(filename)
     m = _CELL_FILE.search(filename)
     if number is None and m is not None and m.group(1):
         number = m.group(1)
+    if number is None and m is not None:
+        number = _number_in_history(filename, shell)
     if number is not None:
         return f"Cell In[{number}]"
     return "Cell" if m is not None else None
@@ -166,11 +211,13 @@ class Report:
     error: str = ""  # "ValueError: bad value", untrusted
     traceback: str = ""  # the last traceback lines, untrusted
     details: dict[str, str] = field(default_factory=dict)  # e.g. {"Host": ..., "Notebook": ..., "Exit code": ...}
-    mention: str | None = None  # "all" or a user id: the only way a mention gets in
+    mention: str | None = None  # "all", a user id or an e-mail: the only way a mention gets in
     max_lines: int | None = 40
     note: str = ""  # one extra trusted line (e.g. "[image/png]" summaries are in output instead)
     output_cut: int = 0  # characters already cut from the front of ``output`` before it got here
     metrics: list[_metrics.MetricSummary] = field(default_factory=list)  # last/best/sparkline per metric (metrics.py)
+    figures: list[dict[str, Any]] = field(default_factory=list)  # card image widgets (images.Figures.widgets)
+    sections: list[dict[str, Any]] = field(default_factory=list)  # more card sections (tables.frame_section)
 
     # -- pieces ----------------------------------------------------------------
 
@@ -284,8 +331,13 @@ class Report:
             widgets.append({"decoratedText": {"topLabel": html.escape(_clip(str(k), 60)), "text": html.escape(_clip(str(v), detail_chars)), "wrapText": True}})
         if len(shown) > max_details:
             widgets.append({"textParagraph": {"text": html.escape(f"[… {len(shown) - max_details:,} more details]")}})
+        if self.note:
+            widgets.append({"textParagraph": {"text": html.escape(self.note)}})
         sections: list[dict[str, Any]] = [{"widgets": widgets or [{"textParagraph": {"text": html.escape(WORDS.get(self.status, self.status))}}]}]
+        if self.figures:
+            sections.append({"widgets": list(self.figures)})
         sections += [s for s in [_metrics.card_section(self.metrics)] if s]
+        sections += self.sections
         for label, t, already in (("Output", self.output, self.output_cut), ("Traceback", self.traceback, 0)):
             if t and t.strip():
                 kept = self._tail(t, output_chars, already)

@@ -21,6 +21,9 @@ from .errors import ConfigError
 
 MAX_THREAD_KEY = 4000
 
+# what every front end's help says a mention may be (the rule below accepts exactly these)
+MENTION_HELP = "'all' (everyone in the space), a numeric user id, or a user's e-mail address"
+
 _MENTION = re.compile(r"(?:users/)?(all|\d{1,64}|[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63})")
 
 

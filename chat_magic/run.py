@@ -1,7 +1,7 @@
 """``chat-magic run``: run a command and post a notice when it ends.
 
     chat-magic run [--to NAME] [--label L] [--notify-start] [--thread KEY]
-                   [--on always|error] [--mention all|ID] [--wait S] -- CMD ARGS...
+                   [--on always|error] [--mention all|ID|EMAIL] [--wait S] -- CMD ARGS...
 
 - The command's stdout and stderr pass through unchanged, byte for byte, as
   they come (read from pipes by two threads, written to our own stdout and
@@ -44,6 +44,7 @@ from . import ranks as _ranks
 from .console import say
 from .errors import ChatMagicError
 from .report import signal_name
+from .rules import MENTION_HELP
 
 TAIL_BYTES = 64 * 1024
 PROG = "chat-magic run"
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notify-start", action="store_true", help="also post when the command starts")
     p.add_argument("--thread", metavar="KEY", help="post into the thread with this key (default: a new thread per run)")
     p.add_argument("--on", choices=("always", "error"), default="always", help="post on every ending (default) or only on failure")
-    p.add_argument("--mention", metavar="WHO", help="'all' or a user id to mention in the notice")
+    p.add_argument("--mention", metavar="WHO", help=f"who to mention in the notice: {MENTION_HELP}")
     p.add_argument("--no-cards", dest="cards", action="store_false", help="post plain text instead of a card")
     p.add_argument("--wait", metavar="S", type=float, default=10.0, help="seconds to wait for delivery before exiting (default 10)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")

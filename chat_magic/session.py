@@ -43,7 +43,10 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     4. in a kernel, the ``.ipynb`` on the command line of the process that started
        it: ``papermill in.ipynb out.ipynb``, ``jupyter nbconvert --execute``,
        ``jupyter execute``;
-    5. ``IPython`` in a shell, else ``sys.argv[0]``.
+    5. in a kernel, the notebook a Jupyter server on this machine runs it for,
+       from the server's sessions API (classic Notebook 6 and other servers
+       that set no ``JPY_SESSION_NAME``): see :func:`_server_notebook`;
+    6. ``IPython`` in a shell, else ``sys.argv[0]``.
     """
     ns = user_ns or {}
     in_shell = user_ns is not None or ("IPython" in sys.modules and _in_ipython())
@@ -63,6 +66,9 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     launcher = _launcher_notebook() if "ipykernel" in sys.modules else None
     if launcher:
         return "notebook", launcher
+    served = _server_notebook() if "ipykernel" in sys.modules else None
+    if served:
+        return "notebook", served
     if in_shell:
         return "ipython", "IPython"
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
@@ -85,6 +91,112 @@ def _launcher_notebook() -> str:
         except Exception:
             return ""
     return next((Path(a).name for a in args if a.endswith(".ipynb")), "")
+
+
+SERVER_TIMEOUT = 1.0  # seconds for all the servers asked together: a server that does not answer costs no more
+
+
+def _server_notebook(timeout: float = SERVER_TIMEOUT) -> str:
+    """The notebook a running Jupyter server has this kernel open for, or ``""``; never raises.
+
+    As Notebook 6 extensions do: this kernel's id from its connection file
+    (``kernel-<id>.json``), the servers from their info files
+    (``jpserver-*.json``, ``nbserver-*.json``) in the connection file's folder
+    and the Jupyter runtime folder, then each server's ``api/sessions`` with
+    its token, for the session whose kernel is this one. Only servers on a
+    loopback address are asked, within ``timeout`` seconds in all. The info
+    files are read directly: importing ``jupyter_server`` or ``notebook`` to
+    list them would cost the kernel seconds (and their listing deletes the
+    files of servers it thinks are gone).
+    """
+    try:
+        connection = _connection_file()
+        m = re.search(r"kernel-(.+)\.json$", connection)
+        if not m:
+            return ""
+        kernel_id = m.group(1)
+        deadline = time.monotonic() + timeout
+        for info in _server_infos(Path(connection).parent):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            name = _session_notebook(info, kernel_id, left)
+            if name:
+                return name
+    except Exception:
+        pass
+    return ""
+
+
+def _connection_file() -> str:
+    """This kernel's connection file, from ipykernel (else its ``-f`` argument), or ``""``."""
+    try:
+        from ipykernel.connect import get_connection_file
+
+        return str(get_connection_file())
+    except Exception:
+        args = sys.argv
+        for i, a in enumerate(args):
+            if a == "-f" and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith("--f="):
+                return a[4:]
+    return ""
+
+
+def _server_infos(folder: Path) -> list[dict[str, Any]]:
+    """The info files of Jupyter servers in ``folder`` and the runtime folder, newest first."""
+    import json
+
+    folders = [folder]
+    try:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        folders.append(Path(jupyter_runtime_dir()))
+    except Exception:
+        pass
+    files: dict[Path, float] = {}
+    for d in folders:
+        for pattern in ("jpserver-*.json", "nbserver-*.json"):
+            for f in d.glob(pattern):
+                try:
+                    files[f.resolve()] = f.stat().st_mtime
+                except OSError:
+                    pass
+    infos = []
+    for f in sorted(files, key=files.__getitem__, reverse=True):
+        try:
+            info = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("url"), str):
+            infos.append(info)
+    return infos
+
+
+def _session_notebook(info: dict[str, Any], kernel_id: str, timeout: float) -> str:
+    """The name of the notebook whose session runs ``kernel_id`` on the server ``info`` describes, or ``""``."""
+    import json
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from .webhook import is_loopback
+
+    url = info["url"] if info["url"].endswith("/") else info["url"] + "/"
+    if not is_loopback(urlsplit(url).hostname or ""):
+        return ""
+    request = urllib.request.Request(url + "api/sessions", headers={"Accept": "application/json"})
+    if info.get("token"):
+        request.add_header("Authorization", f"token {info['token']}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    with opener.open(request, timeout=timeout) as reply:
+        sessions = json.loads(reply.read(1_000_000).decode("utf-8"))
+    for s in sessions if isinstance(sessions, list) else []:
+        if isinstance(s, dict) and (s.get("kernel") or {}).get("id") == kernel_id:
+            path = s.get("path") or (s.get("notebook") or {}).get("path") or ""
+            name = Path(str(path)).name
+            return name if name.endswith(".ipynb") else ""
+    return ""
 
 
 def _in_ipython() -> bool:

@@ -8,7 +8,8 @@
 The URL is read with hidden input (``getpass``; from a pipe, one line of
 stdin), checked, and written under ``[spaces.NAME]`` in the config file with
 mode 0600 (:func:`chat_magic.config.save_space`). ``--test`` first posts a
-hello and waits for the space's answer; only a delivered hello is saved.
+hello and waits for the space's answer; only a delivered hello is saved (a
+hello that did not arrive is dropped from the outbox: no later process sends it).
 Nothing of the URL is ever printed: a bad URL is named by what is wrong with
 it, not by its text.
 """
@@ -18,16 +19,22 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import config
-from .errors import ChatMagicError, ConfigError, DeliveryError, WebhookURLError
+from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, WebhookURLError
 from .webhook import Webhook, parse_webhook_url, redact
+
+if TYPE_CHECKING:
+    from .delivery import Receipt
 
 __all__ = ["add_space", "list_spaces", "main", "remove_space", "setup_magic"]
 
 DEFAULT_NAME = "default"
 TEST_TIMEOUT = 30.0
+WITHDRAW_WAIT = 20.0  # a failed hello's request still in flight: how long to wait to take it back
 HELLO = "👋 chat_magic is set up: messages for *{name}* will arrive in this space."
 
 
@@ -57,14 +64,49 @@ def _checked(url: str) -> Webhook:
 
 
 def _say_hello(name: str, webhook: Webhook, timeout: float) -> str:
-    """Post the hello and wait for the space's answer; return the message's name."""
+    """Post the hello and wait for the space's answer; return the message's name.
+
+    A hello that did not arrive is taken back out of the outbox: nothing was
+    saved, so no later process may deliver it (or keep listing it as failed).
+    """
     from .delivery import send
 
     receipt = send(HELLO.format(name=name), to=webhook)
     try:
         return receipt.wait(timeout).name or "(no name)"
+    except DeliveryTimeout:
+        last = receipt.error
+        arrived = _withdraw(receipt)
+        if arrived:
+            return arrived
+        why = f" (last error: {redact(last)})" if last else ""
+        raise DeliveryError(f"the test message was not delivered within {timeout:g} s{why}, nothing saved") from None
     except DeliveryError as e:
+        _withdraw(receipt)
         raise DeliveryError(f"the test message was not delivered, nothing saved: {redact(e)}") from None
+
+
+def _withdraw(receipt: Receipt, patience: float = WITHDRAW_WAIT) -> str:
+    """Drop the hello's parts from the outbox; return its message name if it arrived after all, else ``""``.
+
+    A part whose request is in flight cannot be dropped: wait up to
+    ``patience`` seconds for that request to end, then drop it, or say how.
+    """
+    from .delivery import dispatcher
+
+    box = dispatcher().outbox
+    deadline = time.monotonic() + patience
+    while True:
+        if receipt.status == "sent":  # answered while we gave up: it did arrive
+            return receipt.results()[0].name or "(no name)"
+        box.drop(receipt.ids)
+        if not box.resolve(receipt.ids):
+            return ""
+        if time.monotonic() > deadline:
+            ids = " ".join(str(i) for i in receipt.ids)
+            raise DeliveryError(f"the test message was not delivered and is still being sent, nothing saved: "
+                                f"chat-magic outbox drop {ids} takes it back")
+        time.sleep(0.1)
 
 
 def add_space(name: str, url: str, *, make_default: bool = False, test: bool = False,

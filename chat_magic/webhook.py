@@ -17,14 +17,26 @@ A Google Chat incoming webhook URL carries two secrets in its query string,
   fragments left at the edge of a text that was cut before it got here.
   Scrub a whole text *before* splitting, tailing or shortening it.
 - :func:`redact` is the fallback for texts that may hold *some* URL: it
-  blanks every ``key=``/``token=`` value (names percent-encoded too).
+  blanks every ``key=``/``token=`` value (names percent-encoded too, ``=``
+  spelled ``%3D``, ``%253D``, ``&#61;``, ``\\u003d``...) and ``"key": "..."``.
+- :func:`scrub_error` is for what a *server* says (an error body): it may
+  echo the secrets in any spelling a web stack produces (percent-encoded
+  twice, HTML entities, JSON ``\\u`` escapes, prose such as "API key X not
+  valid"). It scrubs with the webhook's exact values and the generic
+  patterns, makes it one line and caps it at :data:`ERROR_CAP` characters.
+- A :class:`Webhook` pickles (and ``yaml.dump``\\ s) *without* its secrets:
+  as its digest, found again on unpickling among the process's webhooks or
+  the configured ones; elsewhere it unpickles as a webhook that cannot post
+  and says so in one line. ``copy`` returns the same (immutable) value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html.entities
 import ipaddress
 import re
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -44,10 +56,16 @@ def _spelled(word: str) -> str:
     return "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in word)
 
 
-# key=..., token=... in any text, names and "=" possibly percent-encoded, also after an encoded ?/&
+# what may stand before a parameter name: start, a separator, an encoded ? or & (once or twice, JSON, HTML)
+_BEFORE = r"(?:^|[?&;\s\"'(/]|%26|%3F|%2526|%253F|\\u0026|\\u003F)"
+# "=" as a web stack may spell it: raw, percent-encoded once or twice, an HTML entity, a JSON or Python escape
+_EQUALS = r"(?:=|%3D|%253D|&#0*61;?|&#x0*3D;?|&equals;|\\u003D|\\x3D)"
+# key=..., token=... in any text, names percent-encoded too
 _SECRET_PARAM = re.compile(
-    rf"(?i)((?:^|[?&;\s\"'(/]|%26|%3F)(?:{_spelled('key')}|{_spelled('token')})(?:=|%3D))[^&\s\"<>#]+"
+    rf"(?i)({_BEFORE}(?:{_spelled('key')}|{_spelled('token')}){_EQUALS})[^&\s\"'<>#\\]+"
 )
+# "key": "...", 'token': '...', and the same inside a JSON string (\"key\": \"...\")
+_SECRET_FIELD = re.compile(r"""(?i)((?:\\?["'])(?:api_?key|key|token)(?:\\?["'])\s*:\s*(?:\\?["']))[^"'\\\s]+""")
 
 
 def redact(text: object) -> str:
@@ -57,7 +75,33 @@ def redact(text: object) -> str:
     A text that may hold a *known* webhook's secrets goes through
     :meth:`Webhook.scrub` first.
     """
-    return _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, str(text))
+    text = _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, str(text))
+    return _SECRET_FIELD.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+ERROR_CAP = 2048  # characters of a server's error text kept in the outbox and shown
+# prose that names a secret: "API key AIza... not valid", "token abc...def expired"
+_PROSE_SECRET = re.compile(r"(?i)\b((?:api[ _-]?)?key|token)(\s+|\s*:\s*)([A-Za-z0-9_\-.~+/%=]{16,})")
+_GOOGLE_API_KEY = re.compile(r"AIza[0-9A-Za-z_\-]{20,}")  # Google's API key shape, whoever's it is
+
+
+def scrub_error(text: object, webhook: Webhook | None = None, *, limit: int = ERROR_CAP) -> str:
+    """What a server said (an error body, an exception), safe to store, log and show: one line, capped.
+
+    A server may echo the request's key and token in any spelling its stack
+    produces, so this scrubs with ``webhook``'s exact values in every
+    encoding (:meth:`Webhook.scrub`), and with the generic patterns
+    (:func:`redact`, prose such as "API key X not valid", any Google API
+    key) for a webhook it does not know. Scrubbed *before* the cut.
+    """
+    s = str(text)
+    for hook in [webhook] if webhook is not None else []:
+        s = hook.scrub(s, cut_after=True)  # the server may have cut its echo: a trailing piece goes too
+    s = scrub_known(redact(s))
+    s = _PROSE_SECRET.sub(lambda m: m.group(1) + m.group(2) + REDACTED, s)
+    s = _GOOGLE_API_KEY.sub(REDACTED, s)
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[: max(0, limit - 1)] + REDACTED
 
 
 class Sealed:
@@ -82,27 +126,68 @@ class Sealed:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sealed) and self.reveal() == other.reveal()
+        return type(other) is type(self) and self.reveal() == other.reveal()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
         return hash(self.reveal())
 
-    def __reduce__(self) -> tuple[Any, ...]:  # multiprocessing may pickle a notify_when_done
-        return (Sealed, (self.reveal(),))
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a sealed secret does not pickle: pickle the Webhook (it travels as its digest) or a space's name")
+
+    def __copy__(self) -> Sealed:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Sealed:
+        return self
+
+
+class _Unknown(Sealed):
+    """The secret of a webhook unpickled where neither it nor its configuration is known: using it is one line."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def reveal(self) -> str:
+        from .errors import ConfigError
+
+        raise ConfigError("this webhook was unpickled in a process that does not know it (a pickle never carries the key "
+                          "and token): pass a space's name (to='ml-team', see chat-magic spaces add) or set "
+                          "GOOGLE_CHAT_WEBHOOK_URL in this process")
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+_NAMED: dict[str, list[str]] = {}  # a character -> its HTML5 named entities ("=" -> "equals;")
+for _name, _char in html.entities.html5.items():
+    if len(_char) == 1 and ord(_char) < 128 and _name.endswith(";"):
+        _NAMED.setdefault(_char, []).append(_name)
+
+
+def _char_spellings(c: str) -> list[str]:
+    """Regexes for one character as a web stack may write it: raw, %XX once or twice, HTML entities, escapes."""
+    if ord(c) >= 128:
+        return [re.escape(c)]
+    h = f"{ord(c):02x}"
+    alts = [re.escape(c), f"%(?i:{h})", f"%25(?i:{h})", rf"&#0*{ord(c)};?", rf"&#(?i:x0*{h.lstrip('0') or '0'});?",
+            rf"\\(?i:u00{h})", rf"\\(?i:x{h})"]
+    alts += [re.escape("&" + name) for name in _NAMED.get(c, [])]
+    if c == "/":
+        alts.append(r"\\/")
+    if c == " ":
+        alts.append(r"\+")
+    return alts
 
 
 @lru_cache(maxsize=64)
 def _secret_pattern(value: str) -> re.Pattern[str]:
-    """Matches ``value`` with any of its characters percent-encoded (either case), ``/`` also as ``\\/``."""
-    parts = []
-    for c in value:
-        alts = [re.escape(c), f"%{ord(c):02x}", f"%{ord(c):02X}"] if ord(c) < 128 else [re.escape(c)]
-        if c == "/":
-            alts.append(r"\\/")
-        if c == " ":
-            alts.append(r"\+")
-        parts.append("(?:" + "|".join(alts) + ")")
-    return re.compile("".join(parts))
+    """Matches ``value`` with each character in any spelling of :func:`_char_spellings` (mixed too)."""
+    return re.compile("".join("(?:" + "|".join(_char_spellings(c)) + ")" for c in value))
 
 
 def _spellings(value: str) -> tuple[str, ...]:
@@ -123,12 +208,14 @@ class Webhook:
 
     __slots__ = ("space", "base", "_key", "_token", "_digest")
 
-    def __init__(self, base: str, space: str, key: Sealed, token: Sealed) -> None:
+    def __init__(self, base: str, space: str, key: Sealed, token: Sealed, *, digest: str = "") -> None:
         self.base = base  # scheme://host[:port]/v1/spaces/X/messages: no secret
         self.space = space
         self._key = key
         self._token = token
-        self._digest = ""
+        self._digest = digest
+        if not digest:
+            _remember(self)
 
     # -- identity ------------------------------------------------------------
 
@@ -163,7 +250,14 @@ class Webhook:
         return hash((self.base, self._key, self._token))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Webhook, (self.base, self.space, self._key, self._token))
+        """Pickled (and ``yaml.dump``\\ ed) as its digest, never its secrets: see :func:`_unpickle`."""
+        return (_unpickle, (self.id, self.base, self.space))
+
+    def __copy__(self) -> Webhook:
+        return self  # immutable: a copy is the same value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Webhook:
+        return self
 
     @property
     def redacted(self) -> str:
@@ -196,6 +290,8 @@ class Webhook:
         ``cut_after`` a trailing one that starts a secret.
         """
         for sealed in (self._key, self._token):
+            if isinstance(sealed, _Unknown):
+                continue  # nothing known to scrub (it cannot post either)
             if len(sealed.reveal()) >= MIN_SECRET:
                 text = _secret_pattern(sealed.reveal()).sub(REDACTED, text)
                 if cut_before:
@@ -203,6 +299,59 @@ class Webhook:
                 if cut_after:
                     text = _blank_edge(text, _EDGE_TAIL.search(text), _spellings(sealed.reveal()), str.startswith)
         return text
+
+
+# -- the webhooks this process knows: for unpickling, and for scrubbing texts that may hold any of them --
+
+_known: dict[str, Webhook] = {}  # digest -> the first Webhook parsed with it (guarded by _known_lock)
+_known_lock = threading.Lock()
+_KNOWN_MAX = 256  # a process that parses endless distinct URLs keeps the first ones only
+
+
+def _remember(hook: Webhook) -> None:
+    with _known_lock:
+        if len(_known) < _KNOWN_MAX:
+            _known.setdefault(hook.id, hook)
+
+
+def scrub_known(text: str) -> str:
+    """``text`` without the secrets of any webhook this process has parsed (log lines, errors of unknown origin)."""
+    with _known_lock:
+        hooks = list(_known.values())
+    for hook in hooks:
+        text = hook.scrub(text)
+    return text
+
+
+def _unpickle(digest: str, base: str, space: str) -> Webhook:
+    """The webhook a pickle names by its digest: this process's, a configured one, or one that cannot post.
+
+    A pickle carries no secret: a forked worker finds the webhook among the
+    parent's, another process among its configuration (the default webhook,
+    the named spaces); anywhere else the webhook says in one line, when used,
+    how to name it instead.
+    """
+    hook = _known.get(digest) or _configured(digest)
+    if hook is not None:
+        return hook
+    return Webhook(base, space, _Unknown(), _Unknown(), digest=digest)
+
+
+def _configured(digest: str) -> Webhook | None:
+    from . import config  # config imports this module
+
+    try:
+        names: list[str | None] = [None, *config.destination_names()]
+    except Exception:
+        names = [None]
+    for name in names:
+        try:
+            hook = config.resolve(name)
+        except Exception:
+            continue
+        if hook.id == digest:
+            return hook
+    return None
 
 
 def _blank_edge(text: str, m: re.Match[str] | None, spellings: tuple[str, ...], fits: Callable[[str, str], bool]) -> str:

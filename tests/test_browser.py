@@ -311,6 +311,20 @@ def test_composer_in_jupyterlab_sends_to_the_emulator(space, jupyter_lab, page):
     sync_api.expect(composer.locator(".cm-history")).to_contain_text("delivered")
     path = shot(page, "jupyterlab_composer_delivered.png")
     assert path.stat().st_size > 10_000
+    # every "Last sends" row stays inside the composer: long parts end in an ellipsis, nothing runs past the edge
+    rows = composer.locator(".cm-row").evaluate_all(
+        "(rows) => rows.map(r => { const box = r.closest('.chat-magic-composer').getBoundingClientRect();"
+        " const b = r.getBoundingClientRect(); return {right: b.right, width: b.width, scroll: r.scrollWidth,"
+        " client: r.clientWidth, composer: box.width, composer_right: box.right,"
+        " spans: [...r.querySelectorAll('span')].map(s => s.getBoundingClientRect().right),"
+        " chain: (() => { const out = []; let e = r; while (e && !e.classList.contains('chat-magic-composer')) {"
+        " out.push(e.className + ' ' + Math.round(e.getBoundingClientRect().width) + ' ' + getComputedStyle(e).display"
+        " + ' minw=' + getComputedStyle(e).minWidth + ' w=' + getComputedStyle(e).width); e = e.parentElement; } return out; })()}; })")
+    assert rows, "the history shows the send"
+    for row in rows:
+        assert row["width"] <= row["composer"] + 1 and row["right"] <= row["composer_right"] + 1, json.dumps(row)
+        assert row["scroll"] <= row["client"] + 1, row  # nothing of the row hidden past its own edge
+        assert max(row["spans"]) <= row["composer_right"] + 1, row
     # a long status (a refusal's reason) wraps onto more lines instead of being cut
     long_reason = "failed: " + " ".join(["the-space-refused-the-message"] * 12)
     box = composer.locator(".cm-status").evaluate(

@@ -137,14 +137,14 @@ def test_in_a_real_kernel_the_card_shows_the_cell_not_a_temporary_file(fast_spac
     from chat_magic.message import strip_ansi
 
     shown = strip_ansi("\n".join(error.traceback))
-    # IPython 8+ names a cell by its prompt: the %%chat cell's own. IPython 7 (Colab) names every
-    # cell by ipykernel's temporary file and keeps no record of its number: the card says "Cell".
+    # IPython 8+ names a cell by its prompt: the %%chat cell's own. IPython 7 (Colab) shows ipykernel's
+    # temporary file and keeps no record of its number; the card names the cell's number all the same.
     modern = int(IPython.__version__.split(".")[0]) >= 8
     if modern:
         assert re.search(rf"Cell In\[{prompt}\]", shown), shown  # under prompt [n]: [n]
     wait_until(lambda: [m for m in fast_space.messages() if "cardsV2" in m], 30, what="the notice")
     text = card_text([m for m in fast_space.messages() if "cardsV2" in m][0])
-    assert (f'"Cell In[{prompt}]", line 1' if modern else '"Cell", line 1') in text, text
+    assert f'"Cell In[{prompt}]", line 1' in text, text
     assert "ipykernel_" not in text and "_modified_open" not in text and "/tmp/" not in text
 
 

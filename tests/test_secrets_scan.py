@@ -558,3 +558,157 @@ def test_chat_output_tail_and_run_labels_cut_across_the_secret_leave_no_fragment
     assert len(payloads) >= 2 * len(_secret_span(url))
     for body in payloads:
         assert not _fragments(body), (_fragments(body), body[:300])
+
+
+# --------------------------------------------------------------------------- echoed in another spelling (issue 16)
+
+# A Google-shaped key and a token with characters that every encoder touches ("=", "/", "+")
+ECHO_KEY = "AIzaSyC7Qp2Lm9Vb4Nc8Tg1Rk5Wj3Hd6Fs0Ya2U"
+ECHO_TOKEN = "Zx9-Q_Lm3/Vb7+Nc2=Tg8Rk5Wj3Hd6Fs0=="
+
+
+def _echo_spellings(v: str) -> dict[str, str]:
+    """How a server's stack may echo a secret: the 7+ spellings a scrubber must know."""
+    import html
+
+    pct = "".join(f"%{ord(c):02X}" for c in v)
+    return {
+        "raw": v,
+        "percent once": pct,
+        "percent once, as quote() writes it": quote(v, safe=""),
+        "percent twice": quote(pct, safe=""),
+        "HTML decimal entities": "".join(f"&#{ord(c)};" for c in v),
+        "HTML hex entities": "".join(f"&#x{ord(c):x};" for c in v),
+        "HTML named entities": v.replace("=", "&equals;").replace("/", "&sol;").replace("+", "&plus;"),
+        "html.escape": html.escape(v),
+        "JSON \\u escapes": "".join(f"\\u{ord(c):04x}" for c in v),
+        "JSON ensure_ascii": json.dumps(v)[1:-1],
+    }
+
+
+def _echo_bodies() -> list[tuple[int, str, bytes]]:
+    """Error replies echoing the key (400) and the token (403) in each spelling, in JSON, HTML, plain text and prose."""
+    out = []
+    for name, spelled in _echo_spellings(ECHO_KEY).items():
+        body = {"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                          "message": f"API key {spelled} not valid ({name}). Please pass a valid API key.",
+                          "details": [{"reason": "API_KEY_INVALID"}]}}
+        out.append((400, "application/json", json.dumps(body).encode()))
+    for name, spelled in _echo_spellings(ECHO_TOKEN).items():
+        page = f"<html><body><h1>403 Forbidden</h1><p>token&#61;{spelled} ({name}) refused</p></body></html>"
+        out.append((403, "text/html", page.encode()))
+    # the whole request URL echoed: key= and token= with "=" and "&" escaped as Go's JSON or HTML would
+    q = f"key\\u003d{ECHO_KEY}\\u0026token\\u003d{quote(ECHO_TOKEN, safe='')}"
+    out.append((400, "application/json", json.dumps({"error": {"message": f"bad request to /v1/spaces/X/messages?{q}",
+                                                                "status": f"INVALID_ARGUMENT key={ECHO_KEY}"}}).encode()))
+    out.append((403, "text/plain", f'{{"key": "{ECHO_KEY}", "token": "{ECHO_TOKEN}"}} refused'.encode()))
+    out.append((403, "text/plain", ("x" * 5000 + f" token {ECHO_TOKEN} " + "y" * 5000).encode()))  # long: capped
+    return out
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Refuses each space's message with the body of ``_echo_bodies()[space number]``, as a careless server would."""
+
+    protocol_version = "HTTP/1.1"
+    bodies = _echo_bodies()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        from conftest import validate_message
+
+        validate_message(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8"))
+        n = int(self.path.split("/spaces/E")[1].split("/")[0])
+        code, kind, body = self.bodies[n]
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _echo_needles() -> tuple[str, ...]:
+    """Every spelling of both secrets, and the head and tail of each (a half-scrubbed value leaks too)."""
+    out = set()
+    for v in (ECHO_KEY, ECHO_TOKEN):
+        for spelled in _echo_spellings(v).values():
+            out.update({spelled, spelled[:16], spelled[-16:]})
+        out.update({v[:12], v[-12:]})
+    return tuple(out)
+
+
+def test_secrets_echoed_in_any_spelling_never_stored_nor_shown(outbox_home, evidence, monkeypatch):
+    ev = evidence
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    monkeypatch.setattr(delivery.settings, "interval", 0.0)
+    monkeypatch.setattr(delivery.settings, "gap_after_answer", 0.0)
+    try:
+        receipts = [chat_magic.send(f"echo {n}", to=f"http://127.0.0.1:{port}/v1/spaces/E{n}/messages"
+                                                   f"?key={ECHO_KEY}&token={quote(ECHO_TOKEN, safe='')}")
+                    for n in range(len(_Echo.bodies))]
+        for r in receipts:
+            with pytest.raises(chat_magic.DeliveryFailed) as e:
+                r.wait(30)
+            assert e.value.code in (400, 403) and "\n" not in str(e.value)
+            assert len(str(e.value)) <= 2200, "a stored error is capped"
+            ev.exception("refusal", e.value)
+            ev.add("DeliveryFailed status", e.value.status)
+            ev.add("Receipt.error", str(r.error))
+            ev.add("Receipt repr", repr(r))
+        assert any("key is not valid" in str(r.error) for r in receipts)
+        box = delivery.dispatcher().outbox.path
+        rows = _outbox_rows(box)
+        for row in rows:
+            row.pop("url", None)
+            ev.add("stored row", json.dumps(row, ensure_ascii=False, default=str))
+        for args in (["outbox", "list"], ["outbox", "list", "--all-hosts"]):
+            out = _cli(*args, env=dict(os.environ))
+            assert out.returncode == 0 and "failed" in out.stdout, out.stderr
+            ev.add(f"chat-magic {' '.join(args)}", out.stdout + out.stderr)
+    finally:
+        server.shutdown()
+        server.server_close()
+    ev.finish()  # the conftest secrets, as everywhere
+    texts = "\n".join(text for _, text in ev.items)
+    leaks = [n for n in _echo_needles() if n in texts]
+    assert not leaks, f"echoed secret found in some spelling: {leaks[:5]}"
+
+
+def test_a_webhook_and_notify_when_done_pickle_yaml_and_copy_without_secrets(outbox_home, tmp_path, monkeypatch):
+    import copy
+    import pickle
+
+    import yaml
+
+    url = f"http://127.0.0.1:1/v1/spaces/P/messages?key={ECHO_KEY}&token={quote(ECHO_TOKEN, safe='')}"
+    hook = parse_webhook_url(url)
+    n_url = chat_magic.notify_when_done("job", to=url)
+    monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", url)
+    n_default = chat_magic.notify_when_done("job")
+    needles = _echo_needles()
+    for obj in (hook, n_url, n_default):
+        dumped = [pickle.dumps(obj, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+        shown = [d.decode("latin-1") for d in dumped] + [yaml.dump(obj), repr(vars(obj)) if hasattr(obj, "__dict__") else ""]
+        assert not [n for n in needles for s in shown if n in s], f"{type(obj).__name__} shows its secret"
+        again = pickle.loads(dumped[-1])
+        assert copy.copy(obj) is obj or copy.copy(obj).webhook == hook
+        assert (again if isinstance(obj, type(hook)) else again.webhook) == hook  # this process knows it
+        assert (copy.deepcopy(obj) if isinstance(obj, type(hook)) else copy.deepcopy(obj).webhook) == hook
+    # another process: found again through its configuration, else a one-line error when used
+    blob = tmp_path / "hook.pickle"
+    blob.write_bytes(pickle.dumps(hook))
+    code = ("import pickle, sys, chat_magic; h = pickle.load(open(sys.argv[1], 'rb'))\n"
+            "try:\n    chat_magic.send('x', to=h); print('queued', h.id)\n"
+            "except chat_magic.ChatMagicError as e:\n    print('refused:', e)\n")
+    env = dict(os.environ, CHAT_MAGIC_EXIT_TIMEOUT="0")
+    known = subprocess.run([sys.executable, "-c", code, str(blob)], env=env, capture_output=True, text=True, timeout=60)
+    assert known.stdout.strip() == f"queued {hook.id}", known.stderr
+    env.pop("GOOGLE_CHAT_WEBHOOK_URL")
+    env["CHAT_MAGIC_HOME"] = str(tmp_path / "elsewhere")
+    unknown = subprocess.run([sys.executable, "-c", code, str(blob)], env=env, capture_output=True, text=True, timeout=60)
+    assert unknown.stdout.startswith("refused: this webhook was unpickled") and unknown.stdout.count("\n") == 1, unknown
+    assert "Traceback" not in unknown.stderr

@@ -246,6 +246,41 @@ def _card_problem(cards: list) -> str | None:
             widgets += len(ws) if isinstance(ws, list) else 1
         if widgets > MAX_CARD_WIDGETS:
             return f"Invalid argument: cards_v2[{i}].card has {widgets} widgets; a card can have at most {MAX_CARD_WIDGETS}."
+        problem = _image_url_problem(card, f"cards_v2[{i}].card")
+        if problem:
+            return problem
+    return None
+
+
+_IMAGE_URL_FIELDS = ("imageUrl", "image_url", "iconUrl", "icon_url", "imageUri", "image_uri")
+
+
+def _image_url_problem(node: Any, where: str) -> str | None:
+    """An image URL that Google could not fetch: it must be https (plain http only to a loopback host, for tests)."""
+    from urllib.parse import urlsplit
+
+    from ..webhook import is_loopback
+
+    if isinstance(node, list):
+        for k, v in enumerate(node):
+            problem = _image_url_problem(v, f"{where}[{k}]")
+            if problem:
+                return problem
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            if name in _IMAGE_URL_FIELDS and isinstance(value, str):
+                try:
+                    parts = urlsplit(value)
+                    host = parts.hostname or ""
+                except ValueError:
+                    parts, host = None, ""
+                ok = parts is not None and host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)))
+                if not ok:
+                    return f"Invalid argument: {where}.{name}: an image URL must be an https:// URL that Google can fetch."
+            else:
+                problem = _image_url_problem(value, f"{where}.{name}")
+                if problem:
+                    return problem
     return None
 
 
@@ -492,8 +527,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         query = parse_qs(parts.query, keep_blank_values=True)
-        # the emulator's own pages (and the favicon a browser asks for) are not webhook requests: never counted
-        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz", "/favicon.ico") or path.startswith("/api/"))
+        # the emulator's own pages (and the favicon and robots.txt a browser or crawler asks for) are not webhook
+        # requests: never counted
+        own = self.command in ("GET", "HEAD") and (path in ("/", "/healthz", "/favicon.ico", "/robots.txt") or path.startswith("/api/"))
         rec = {
             "time": wall,
             "method": self.command,
@@ -546,6 +582,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/":
             space = (query.get("space") or [None])[0]
             self._send(200, render_page(emu._page_state(), space=space), "text/html; charset=utf-8")
+        elif path == "/robots.txt":
+            self._send(200, "User-agent: *\nDisallow: /\n", "text/plain; charset=utf-8")
         elif path == "/favicon.ico":
             self.send_response(204)
             self.send_header("Content-Length", "0")
@@ -1061,6 +1099,12 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
     parser = argparse.ArgumentParser(
         prog=prog,
         description="A local Google Chat incoming-webhook emulator, for tests and demos.",
+        epilog=(
+            "On start it prints its webhook URL, one line: 'Google Chat emulator: webhook URL "
+            "http://127.0.0.1:PORT/v1/spaces/SPACE/messages?key=...&token=...' (a local fake: its key and token are "
+            "not secrets). Point chat_magic at it with export GOOGLE_CHAT_WEBHOOK_URL='<that URL>'. Then it prints "
+            "one line per message it accepts; the web view is at http://127.0.0.1:PORT/. Ctrl-C stops it."
+        ),
     )
     parser.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help=f"port (default {DEFAULT_CLI_PORT}; 0: a free port)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")

@@ -3,7 +3,8 @@
 Message text is rendered from Chat syntax and card text from Chat's HTML
 subset by :mod:`chat_magic.chatsyntax`; every other value that came in a
 request is HTML-escaped, so a posted message can never run script in the page.
-The page loads nothing from anywhere else (no fonts, images or scripts) and
+The page loads nothing from anywhere else (no fonts or scripts; images only
+from the ``imageUrl`` a card names, as Chat shows them) and
 keeps itself current: a small script polls ``/api/stats`` every second and,
 when something changed, fetches the page again and swaps its content in
 place. ``/?space=ID`` shows one space.
@@ -97,8 +98,10 @@ def _widget(w: Any, depth: int = 0) -> str:
         img = w["image"] or {}
         url = safe_url(str(img.get("imageUrl") or ""))
         alt = esc(str(img.get("altText") or "image"))
-        inner = f'<a href="{esc(url)}" target="_blank" rel="noopener noreferrer">{alt}</a>' if url else alt
-        return f'<div class="w-image">🖼 {inner} <span class="muted">(images are not loaded here)</span></div>'
+        if url and url.lower().startswith(("https://", "http://")):
+            return (f'<div class="w-image"><a href="{esc(url)}" target="_blank" rel="noopener noreferrer">'
+                    f'<img class="w-img" src="{esc(url)}" alt="{alt}" loading="lazy" referrerpolicy="no-referrer"></a></div>')
+        return f'<div class="w-image">🖼 {alt} <span class="muted">(no image URL)</span></div>'
     if "columns" in w and depth < MAX_DEPTH:
         cols = []
         for col in (w["columns"] or {}).get("columnItems") or []:
@@ -109,6 +112,12 @@ def _widget(w: Any, depth: int = 0) -> str:
         g = w["grid"] or {}
         items = "".join(f'<div class="w-cell">{esc(str((i or {}).get("title") or ""))}</div>' for i in g.get("items") or [])
         title = f'<div class="w-label">{esc(str(g.get("title") or ""))}</div>' if g.get("title") else ""
+        try:
+            columns = max(1, min(12, int(g.get("columnCount") or 0)))
+        except (TypeError, ValueError):
+            columns = 0
+        if g.get("columnCount") and columns:  # a table: its columns line up, as in Chat
+            return f'{title}<div class="w-table" style="grid-template-columns:repeat({columns},auto)">{items}</div>'
         return f'{title}<div class="w-grid">{items}</div>'
     name = next(iter(w), "widget")
     return f'<div class="muted">[{esc(str(name))}]</div>'
@@ -300,7 +309,7 @@ a{color:#0b57d0}
 .btn{display:inline-block;padding:6px 16px;border-radius:18px;border:1px solid #747775;color:#0b57d0;text-decoration:none;font-weight:500}
 .btn:hover{background:#f1f6fe}.btn-off{color:#80868b;border-color:#dadce0}
 .w-columns{display:flex;gap:16px}.w-col{flex:1;min-width:0}
-.w-grid{display:flex;flex-wrap:wrap;gap:8px}.w-cell{border:1px solid #e3e3e3;border-radius:8px;padding:4px 8px}
+.w-grid{display:flex;flex-wrap:wrap;gap:8px}.w-table{display:grid;gap:2px;justify-content:start}.w-table .w-cell{border-radius:2px;font-variant-numeric:tabular-nums}.w-img{max-width:100%;max-height:420px;border-radius:8px;display:block}.w-cell{border:1px solid #e3e3e3;border-radius:8px;padding:4px 8px}
 .w-divider{border:0;border-top:1px solid #e3e3e3;margin:8px 0}
 details summary{cursor:pointer;color:#0b57d0;font-size:13px;margin:4px 0}
 .muted{color:#80868b;font-weight:400;font-size:12px}

@@ -21,8 +21,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import transformers
-from transformers import TrainerCallback
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as e:  # one line saying what to install, as the Lightning callback does
+    raise ModuleNotFoundError(
+        "chat_magic.integrations.transformers needs Hugging Face Transformers and PyTorch: "
+        f"pip install transformers accelerate torch (no module {getattr(e, 'name', None) or str(e)!r})",
+        name=getattr(e, "name", None)) from None
 
 from ..ranks import RankInfo
 from ._base import TrainingWatch, guard, model_name
