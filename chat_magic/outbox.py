@@ -291,6 +291,8 @@ class Outbox:
                 conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             except sqlite3.Error:
                 pass
+        if self._lease_lock._is_owned():  # never held across an outbox call: an interrupt left it
+            self._lease_lock._release_save()
         _gate.restore(depth)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0,
@@ -319,7 +321,7 @@ class Outbox:
         self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
         self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
-        self._lease_lock = threading.Lock()  # guards _leases and _renewer
+        self._lease_lock: Any = threading.RLock()  # guards _leases and _renewer (reentrant: healed after an interrupt)
         self._renewer: threading.Thread | None = None
         try:
             _call_gated(self, Outbox._open, True, (), {})
