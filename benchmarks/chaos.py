@@ -20,7 +20,7 @@ second process taking the outbox's write lock a few ms at a time:
   was interrupted arrives if the outbox took it, never twice;
 - ``forks``: 150 children (``os.fork`` and multiprocessing's fork context)
   each send while the parent sends from 3 threads;
-- ``signals``: 12 processes whose SIGALRM handler sends (every 3 ms) while
+- ``signals``: 12 processes whose SIGALRM handler sends (every 10 ms) while
   the main thread sends.
 
 Each prints lost, duplicated, reordered and hung counts (all must be 0).
@@ -117,7 +117,7 @@ def handler(signum, frame):
     chat_magic.send(f"sig-{len(handled) - 1:05d}", to=url, thread_key="chaos-sig")
 
 signal.signal(signal.SIGALRM, handler)
-signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.003)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.01)
 for i in range(60):
     chat_magic.send(f"ev-{i:05d}", to=url, thread_key="chaos-main")
 signal.setitimer(signal.ITIMER_REAL, 0, 0)

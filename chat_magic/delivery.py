@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 from . import _loaded, config, hosts, pacing
 from . import outbox as _outbox
+from . import webhook as webhook_module
 from .errors import DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import FAILED, SENT, Job, Outbox
@@ -1056,7 +1057,7 @@ def _inside() -> bool:
 def _locks() -> list[Any]:
     """The reentrant locks on the way of ``send``."""
     ds = list(_dispatchers.values())
-    return [config._lock, _dlock] + [d._lock for d in ds] + [d._changed._lock for d in ds]  # type: ignore[attr-defined]
+    return [config._lock, webhook_module._known_lock, _dlock] + [d._lock for d in ds] + [d._changed._lock for d in ds]  # type: ignore[attr-defined]
 
 
 def _owned_locks() -> set[int]:
@@ -1191,6 +1192,7 @@ def _after_fork_in_child() -> None:
     _state = threading.local()
     _late.clear()
     config._lock = threading.RLock()
+    webhook_module._known_lock = threading.RLock()
     pacing._slots.clear()  # a Redis connection is not shared with the parent
     pacing._slots_lock = threading.Lock()
 

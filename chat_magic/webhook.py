@@ -304,7 +304,7 @@ class Webhook:
 # -- the webhooks this process knows: for unpickling, and for scrubbing texts that may hold any of them --
 
 _known: dict[str, Webhook] = {}  # digest -> the first Webhook parsed with it (guarded by _known_lock)
-_known_lock = threading.Lock()
+_known_lock: Any = threading.RLock()  # reentrant: a signal handler's send may run while this thread holds it
 _KNOWN_MAX = 256  # a process that parses endless distinct URLs keeps the first ones only
 
 
