@@ -1224,6 +1224,18 @@ def send(
     ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
     whose image widgets the cards carry.
     """
+    before = _owned_locks()
+    try:
+        return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
+                     keep_on_fault=keep_on_fault, header=header, image=image, figures=figures)
+    except BaseException:
+        _heal_locks(before)  # an interrupt, even on a line that releases (here, or resolving ``to``): leave no lock held
+        raise
+
+
+def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
+          fallback_text: str | None, truncate: bool, keep_on_fault: bool, header: str | None, image: Any,
+          figures: Any) -> Receipt:
     webhook = config.resolve(to)
     if image is not None:
         from . import images
@@ -1237,14 +1249,10 @@ def send(
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
     if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
         return _send_later(webhook, lead + payloads, len(lead))
-    before = _owned_locks()
     try:
         _state.frame = sys._getframe()
         d = dispatcher()
         receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
-    except BaseException:
-        _heal_locks(before)  # an interrupt, even on a line that releases: leave no lock held
-        raise
     finally:
         try:
             _adopt_late(force=True)  # still marked: a signal handler's send meanwhile joins the queue below
