@@ -86,23 +86,23 @@ print(slow)
 STORM = r"""
 import json, signal, sys
 import chat_magic
-url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-sent = []
-it = iter(range(n))
+url, run, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+chat_magic.send(f"ev-{run}-warm", to=url, thread_key="chaos-storm")
 print("ready", flush=True)
+it = iter(range(n))
 while True:
     try:
         for i in it:
             try:
-                chat_magic.send(f"ev-{i:05d}", to=url, thread_key="chaos-storm")
-                sent.append(i)
+                chat_magic.send(f"ev-{run}-{i:05d}", to=url, thread_key="chaos-storm")
+                print(f"ok ev-{run}-{i:05d}", flush=True)
             except KeyboardInterrupt:
                 pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         break
     except KeyboardInterrupt:
         continue
-json.dump(sent, open(out, "w"))
+print("done", flush=True)
 sys.exit(0 if chat_magic.flush(120) else 4)
 """
 
@@ -232,23 +232,28 @@ def _report(name: str, sent: int, delivered: int, lost: int, dups: int, reordere
     return not (lost or dups or reordered or hung)
 
 
-def ctrl_c(rnd: random.Random, runs: int = 5) -> bool:
+def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
+    """Storms of real SIGINTs; a process stopped by one (outside its try) is a program stopped by Ctrl-C."""
+    import threading
+
     emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
     url = emu.webhook_url(space="CHAOSC", key=KEY, token=TOKEN)
-    sent = delivered = lost = dups = reordered = hung = presses = kept_out = 0
+    hung = presses = kept_out = stopped = 0
+    confirmed: set[str] = set()
     t0 = time.monotonic()
-    for _ in range(runs):
-        home = Path(tempfile.mkdtemp(prefix="chaos-ctrl-c-"))
-        env = _edge_env(home)
-        locker, stop = _with_locker(home, env)
-        out = home / "sent.json"
-        before = len(_texts(emu, "CHAOSC").get("chaos-storm", []))
-        proc = subprocess.Popen([sys.executable, "-c", STORM, url, "300", str(out)], env=env,
+    home = Path(tempfile.mkdtemp(prefix="chaos-ctrl-c-"))
+    env = _edge_env(home)
+    locker, stop = _with_locker(home, env)
+    for run in range(runs):
+        proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         proc.stdout.readline()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout))  # type: ignore[misc]
+        reader.start()
         deadline = time.monotonic() + 120
-        while proc.poll() is None and not out.exists() and time.monotonic() < deadline:
+        while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
             os.kill(proc.pid, signal.SIGINT)
             presses += 1
             time.sleep(rnd.uniform(0.0005, 0.008))
@@ -258,18 +263,19 @@ def ctrl_c(rnd: random.Random, runs: int = 5) -> bool:
             proc.kill()
             proc.communicate()
             hung += 1
-        kept_out += _stop_locker(locker, stop)
-        got = _texts(emu, "CHAOSC").get("chaos-storm", [])[before:]
-        confirmed = {f"ev-{i:05d}" for i in json.loads(out.read_text())} if out.exists() else set()
-        sent += len(confirmed)
-        delivered += len(set(got))
-        lost += len(confirmed - set(got))
-        dups += len(got) - len(set(got))
-        reordered += _reordered({"t": got}, ("t",))
+        reader.join(10)
+        stopped += proc.returncode != 0
+        confirmed |= set(re.findall(r"ev-\d+-\d{5}", "".join(lines)))
+    kept_out += _stop_locker(locker, stop)
+    flushed = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "120"], env=env,
+                             capture_output=True, text=True)
+    got = [t for t in _texts(emu, "CHAOSC").get("chaos-storm", []) if not t.endswith("warm")]
     emu.stop()
-    return _report("ctrl-c", sent, delivered, lost, dups, reordered, hung,
-                   f"{runs} storms, {presses} Ctrl-C presses, another process kept out > 2 s {kept_out} time(s); "
-                   f"{time.monotonic() - t0:.0f} s")
+    lost = len(confirmed - set(got))
+    reordered = sum(_reordered({"t": [t for t in got if t.startswith(f"ev-{r}-")]}, ("t",)) for r in range(runs))
+    return _report("ctrl-c", len(confirmed), len(set(got)), lost, len(got) - len(set(got)), reordered, hung,
+                   f"{runs} storms, {presses} Ctrl-C presses ({stopped} process(es) stopped by one), another process "
+                   f"kept out > 2 s {kept_out} time(s), final flush exit {flushed.returncode}; {time.monotonic() - t0:.0f} s")
 
 
 def signals(runs: int = 12) -> bool:
