@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""What the training callbacks add to each epoch, as a ratio of the epoch's own time.
+"""What the training callbacks add to each epoch and each step, as a ratio of its own time.
 
-    python benchmarks/callbacks.py [--quick] [--only lightning keras transformers] [--out PATH]
+    python benchmarks/callbacks.py [--quick] [--only lightning keras transformers ...] [--out PATH]
 
 For each framework that is installed, a tiny model on synthetic data (CPU,
 a few batches an epoch: the worst case, where the callback's share is
 largest) is trained ``repeats`` times without and with ``ChatCallback()``,
-alternating. Two figures per framework:
+alternating, in one run. Per epoch: Lightning, Keras, HF (epoch strategy).
+Per step (step-based training, a point and a line at every step): HF with
+``logging_steps=1``, Lightning with ``max_steps`` and ``every_n_steps=1``.
+Per result: Ray Tune (a trainable reporting every iteration; Tune's hooks run
+in this process) and Ray Train (``TorchTrainer``, one CPU worker; its hooks
+run in Ray's controller actor, so only the wall ratio). Two figures each:
 
 - *hook time*: the time spent inside the callback's own hooks (every
-  ``on_*`` method of ``ChatCallback``, measured around each call), per epoch,
-  start and end included; divided by the median epoch time without the
-  callback, it is the added cost per epoch;
+  ``on_*``/``after_*`` method of ``ChatCallback``, measured around each call),
+  per unit, start and end included; divided by the median unit time without
+  the callback, it is the added cost per epoch (or step, or result);
 - *wall ratio*: median fit time with / without the callback (includes the
   noise of a shared machine; the hook time is the precise figure).
 
@@ -77,7 +82,7 @@ def emulator_space() -> Iterator[None]:
 def hook_timer(cls: type) -> Iterator[list[float]]:
     """Time every call of ``cls``'s own ``on_*`` hooks; yields the list of durations."""
     spent: list[float] = []
-    originals = {n: f for n, f in vars(cls).items() if n.startswith("on_") and callable(f)}
+    originals = {n: f for n, f in vars(cls).items() if n.startswith(("on_", "after_")) and callable(f)}
 
     def timed(fn: Callable) -> Callable:
         def hook(*args: Any, **kwargs: Any) -> Any:
@@ -182,15 +187,137 @@ def transformers_case(epochs: int) -> tuple[Callable[[bool], None], type]:
     return fit, ChatCallback
 
 
-CASES = {
-    "lightning": ("lightning", lightning_case),
-    "keras": ("keras", keras_case),
-    "transformers": ("transformers", transformers_case),
+def transformers_steps_case(steps: int) -> tuple[Callable[[bool], None], type]:
+    import torch
+    import transformers
+
+    from chat_magic.integrations.transformers import ChatCallback
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    ids = torch.randint(1, 32, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[i, 0] > 16)} for i in range(32)]
+    out = tempfile.mkdtemp(prefix="chat-magic-bench-hf-")
+
+    def fit(with_callback: bool) -> None:
+        args = transformers.TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8,
+                                              logging_strategy="steps", logging_steps=1, save_strategy="no",
+                                              report_to=[], use_cpu=True, disable_tqdm=True)
+        trainer = transformers.Trainer(model=transformers.BertForSequenceClassification(config), args=args,
+                                       train_dataset=data, callbacks=[ChatCallback()] if with_callback else [])
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer.train()
+
+    return fit, ChatCallback
+
+
+def lightning_steps_case(steps: int) -> tuple[Callable[[bool], None], type]:
+    import lightning as L
+    import torch
+
+    from chat_magic.integrations.lightning import ChatCallback
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, generator=g)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, 3 * x + 1), batch_size=8)
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+            self.log("train_loss", loss, on_step=True, on_epoch=False)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(with_callback: bool) -> None:
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                            callbacks=[ChatCallback(every_n_steps=1)] if with_callback else [])
+        trainer.fit(Regressor(), train)
+
+    return fit, ChatCallback
+
+
+def _ray_started() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+def _ray_trainable(config: dict) -> None:
+    import ray.tune
+
+    loss = 1.0
+    for _ in range(config["iterations"]):
+        loss *= 0.9
+        ray.tune.report({"loss": loss})
+
+
+def ray_tune_case(iterations: int) -> tuple[Callable[[bool], None], type]:
+    from ray import tune
+
+    from chat_magic.integrations.ray import ChatCallback
+
+    _ray_started()
+    out = tempfile.mkdtemp(prefix="chat-magic-bench-ray-")
+
+    def fit(with_callback: bool) -> None:
+        tuner = tune.Tuner(_ray_trainable, param_space={"iterations": iterations},
+                           run_config=tune.RunConfig(storage_path=out, verbose=0,
+                                                     callbacks=[ChatCallback(metric="loss", mode="min")] if with_callback else []))
+        tuner.fit()
+
+    return fit, ChatCallback
+
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+
+    loss = 1.0
+    for _ in range(config["reports"]):
+        loss *= 0.9
+        ray.train.report({"loss": loss})
+
+
+def ray_train_case(reports: int) -> tuple[Callable[[bool], None], type]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from chat_magic.integrations.ray import ChatCallback
+
+    _ray_started()
+    out = tempfile.mkdtemp(prefix="chat-magic-bench-ray-")
+
+    def fit(with_callback: bool) -> None:
+        TorchTrainer(_ray_train_loop, train_loop_config={"reports": reports}, scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(storage_path=out, callbacks=[ChatCallback()] if with_callback else [])).fit()
+
+    return fit, ChatCallback
+
+
+# name -> (module that must be installed, case, unit, units per fit for (full, quick))
+CASES: dict[str, tuple[str, Callable[[int], tuple[Callable[[bool], None], type]], str, tuple[int, int]]] = {
+    "lightning": ("lightning", lightning_case, "epoch", (20, 8)),
+    "keras": ("keras", keras_case, "epoch", (20, 8)),
+    "transformers": ("transformers", transformers_case, "epoch", (10, 4)),
+    "transformers-steps": ("transformers", transformers_steps_case, "step", (40, 16)),
+    "lightning-steps": ("lightning", lightning_steps_case, "step", (64, 24)),
+    "ray-tune": ("ray", ray_tune_case, "result", (40, 16)),
+    "ray-train": ("ray", ray_train_case, "report", (20, 8)),
 }
 
 
 def measure(name: str, epochs: int, repeats: int) -> dict[str, Any]:
-    module, make = CASES[name]
+    module, make, unit, _ = CASES[name]
     if importlib.util.find_spec(module) is None:
         return {"framework": name, "skipped": f"{module} is not installed"}
     fit, callback_cls = make(epochs)
@@ -212,7 +339,7 @@ def measure(name: str, epochs: int, repeats: int) -> dict[str, Any]:
     epoch = statistics.median(plain) / epochs
     hook = statistics.median(hooks) / epochs
     return {
-        "framework": name, "epochs": epochs, "repeats": repeats,
+        "framework": name, "epochs": epochs, "repeats": repeats, "unit": unit,
         "epoch_ms": epoch * 1000, "hook_ms": hook * 1000, "hook_ratio": hook / epoch,
         "wall_ratio": statistics.median(watched) / statistics.median(plain),
     }
@@ -231,15 +358,17 @@ def log_call_cost(n: int = 2000) -> float:
 
 def table(results: list[dict[str, Any]], log_us: float) -> str:
     lines = [
-        "| Framework | Epochs × repeats | Epoch without callback | Callback hooks per epoch | Added cost per epoch | Wall time with / without |",
-        "|---|---|---|---|---|---|",
+        "| Framework | Unit | Units × repeats | A unit without callback | Callback hooks per unit | Added cost per unit | Wall time with / without |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['framework']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['framework']} | | skipped: {r['skipped']} | | | | |")
             continue
-        lines.append(f"| {r['framework']} | {r['epochs']} × {r['repeats']} | {r['epoch_ms']:.1f} ms | {r['hook_ms']:.2f} ms | "
-                     f"{r['hook_ratio'] * 100:.2f} % | {r['wall_ratio']:.3f} |")
+        hooked = r["hook_ms"] > 0  # Ray Train's hooks run in its controller actor: not timed here
+        hook = f"{r['hook_ms']:.3f} ms" if hooked else "in the actor"
+        share = f"{r['hook_ratio'] * 100:.2f} %" if hooked else "–"
+        lines.append(f"| {r['framework']} | {r['unit']} | {r['epochs']} × {r['repeats']} | {r['epoch_ms']:.1f} ms | {hook} | {share} | {r['wall_ratio']:.3f} |")
     lines.append("")
     lines.append(f"`notify_when_done(...).log(loss=..., acc=...)`: {log_us:.1f} µs a call.")
     return "\n".join(lines)
@@ -252,21 +381,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where to write the table (default: benchmarks/callbacks_results.md after a full run; "
                                               "a --quick or --only run prints it only)")
     args = p.parse_args(argv)
-    epochs, repeats = (8, 2) if args.quick else (20, 5)
+    repeats = 2 if args.quick else 5
     crashed = False
     results = []
     for name in args.only or list(CASES):
+        units = CASES[name][3][1 if args.quick else 0]
         try:
-            results.append(measure(name, epochs if name != "transformers" else max(4, epochs // 2), repeats))
+            results.append(measure(name, units, repeats if not name.startswith("ray") else min(repeats, 3)))
         except Exception:
             traceback.print_exc()
             results.append({"framework": name, "skipped": "crashed (see stderr)"})
             crashed = True
     body = table(results, log_call_cost())
-    head = (f"# Training callbacks: added cost per epoch\n\n{datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
+    head = (f"# Training callbacks: added cost per epoch, step and result\n\n{datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
             f"Python {platform.python_version()}, {os.cpu_count()} CPUs{' (quick)' if args.quick else ''}\n\n"
             "Tiny models, a few batches an epoch (the callback's share is largest there). "
-            "Added cost = time inside the callback's hooks per epoch / the epoch's time without it.\n")
+            "Added cost = time inside the callback's hooks per unit (epoch, step, Ray result) / the unit's time without it. "
+            "All measured side by side in this one run.\n")
     text = head + "\n" + body + "\n"
     print(text)
     out = args.out or (None if args.quick or args.only else HERE / "callbacks_results.md")

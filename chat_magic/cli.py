@@ -6,6 +6,7 @@
     chat-magic emulator [--port N] [--key K --token T]
     chat-magic demo
     chat-magic spaces add NAME [--test] | list | remove NAME
+    chat-magic watch [--lost-after 120]
 
 A user's mistake is one line on stderr and exit status 2; a message that was
 not delivered is one line and exit status 1. No output ever shows a
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("emulator", help="serve a local Google Chat webhook emulator", add_help=False)
     sub.add_parser("demo", help="run the quickstart notebook against the emulator and show the thread", add_help=False)
     sub.add_parser("spaces", help="add (hidden prompt), list or remove named spaces", add_help=False)
+    sub.add_parser("watch", help="post when a job's host stops sending heartbeats to Redis (runs until stopped)",
+                   add_help=False)
     return p
 
 
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.showwarning = _one_line_warning  # a command-line user gets one line, not Python's two
     # subcommands with their own parsers get the rest of the line untouched
-    if argv and argv[0] in ("run", "emulator", "demo", "spaces"):
+    if argv and argv[0] in ("run", "emulator", "demo", "spaces", "watch"):
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
@@ -122,6 +125,10 @@ def _delegate(command: str, rest: list[str]) -> int:
         from .emulator.server import main as emulator_main
 
         return int(emulator_main(rest, prog="chat-magic emulator") or 0)
+    if command == "watch":
+        from .lost import main as watch_main
+
+        return int(watch_main(rest) or 0)
     if command == "spaces":
         from .spaces import main as spaces_main
 

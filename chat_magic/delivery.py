@@ -349,6 +349,7 @@ class _Held:
     skip: int  # leading bodies (a session header) that are not the receipt's
     receipt: Receipt
     blobs: dict[str, tuple[bytes, str]] | None = None  # image bytes, stored with the bodies (images.py)
+    disarm: int | None = None  # the armed death notice these bodies replace (deleted when they are queued)
 
 
 class Dispatcher:
@@ -375,7 +376,7 @@ class Dispatcher:
     # -- caller side -----------------------------------------------------
 
     def submit(self, webhook: Webhook, payloads: list[dict[str, Any]], *, skip: int = 0, keep_on_fault: bool = False,
-               figures: Any = None) -> Receipt:
+               figures: Any = None, disarm: int | None = None) -> Receipt:
         """Queue built payloads in one transaction; the receipt covers those after the first ``skip``.
 
         With ``keep_on_fault``, an outbox that cannot be written (locked,
@@ -383,9 +384,12 @@ class Dispatcher:
         and queued by the worker as soon as the outbox works again. Else the
         caller gets the one-line :class:`OutboxError`. ``figures``
         (:class:`chat_magic.images.Figures`): the images' bytes go into the
-        outbox with the bodies that show them.
+        outbox with the bodies that show them. ``disarm``: the id of the armed
+        death notice this completion card replaces, deleted in the same
+        transaction (see :meth:`Outbox.enqueue`; a card kept in memory keeps
+        it armed until it is queued).
         """
-        held = _make_held(self, webhook, payloads, skip, figures)
+        held = _make_held(self, webhook, payloads, skip, figures, disarm)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -400,7 +404,8 @@ class Dispatcher:
         return held.receipt
 
     def _queue(self, held: _Held, *, patient: bool = False) -> None:
-        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs)
+        ids = self.outbox.enqueue(held.webhook, held.thread_key, held.bodies, patient=patient, blobs=held.blobs,
+                                  disarm=held.disarm)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
         self.ensure_running()
@@ -898,8 +903,8 @@ class Receipt:
         self.ids = tuple(ids)
         self._held = not ids
         self.destination = destination
-        self._callbacks: list[Callable[[Receipt], None]] = []
-        self._fired = False
+        self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
+        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -993,18 +998,29 @@ class Receipt:
         self._d.reported.update(self.ids)
 
     def add_done_callback(self, fn: Callable[[Receipt], None]) -> None:
-        """Call ``fn(receipt)`` from the delivery thread once this is sent or failed."""
-        self._callbacks.append(fn)
-        if self.done():
+        """Call ``fn(receipt)`` once, from the delivery thread, when this is sent or failed.
+
+        Added after completion, ``fn`` is called at once (in this thread).
+        The receipt is registered with the dispatcher *before* "done?" is
+        checked: a delivery that finishes between the two is then seen by
+        one side or the other (or both: :meth:`_fire` hands each callback
+        out once).
+        """
+        with self._cb_lock:
+            self._callbacks.append(fn)
+        self._d.watch(self)
+        try:
+            done = self.done()
+        except OutboxError:
+            done = False  # the dispatcher checks again after each delivery
+        if done:
             self._fire()
-        else:
-            self._d.watch(self)
 
     def _fire(self) -> None:
-        if self._fired:
-            return
-        self._fired = True
-        for fn in self._callbacks:
+        """Call the callbacks not called yet, each once (whoever calls this, however often)."""
+        with self._cb_lock:
+            due, self._callbacks = self._callbacks, []
+        for fn in due:
             try:
                 fn(self)
             except Exception as e:
@@ -1012,7 +1028,7 @@ class Receipt:
 
 
 def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, Any]], skip: int,
-               figures: Any = None) -> _Held:
+               figures: Any = None, disarm: int | None = None) -> _Held:
     """A message as the outbox will store it, with its receipt (ids come when it is queued).
 
     ``figures`` (:class:`chat_magic.images.Figures`): the images' bytes go into
@@ -1023,7 +1039,7 @@ def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, 
     blobs = None
     if figures is not None and figures.postable:
         bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
-    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted), blobs)  # type: ignore[arg-type]
+    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted), blobs, disarm)  # type: ignore[arg-type]
 
 
 # -- the process-wide dispatchers, one per outbox folder ------------------------
@@ -1131,6 +1147,10 @@ def _dispatcher_at(home: Any) -> Dispatcher:
             d = _dispatchers[path] = _open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
+    from .deadman import fire_orphans
+
+    if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
+        d.ensure_running()
     return d
 
 
@@ -1171,6 +1191,7 @@ def _take_over(d: Dispatcher, home: os.PathLike[str]) -> None:
     for f in files:
         if d.outbox.take_over(f.path):
             d.ensure_running()
+    d.mine.update(d.outbox.adopted)  # the death notices of the jobs that host ran: this process's exit waits for them
 
 
 _inherited: list[Dispatcher] = []
@@ -1213,6 +1234,7 @@ def send(
     header: str | None = None,
     image: Any = None,
     figures: Any = None,
+    disarm: int | None = None,
 ) -> Receipt:
     """Build the message once, with its real envelope, and queue it (see ``chat_magic.send``).
 
@@ -1222,12 +1244,12 @@ def send(
     that must never lose a notice (the magics, ``notify_when_done``) set it.
     ``image``: a figure (or a list of them) shown in a card under the text;
     ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
-    whose image widgets the cards carry.
+    whose image widgets the cards carry. ``disarm``: see :meth:`Dispatcher.submit`.
     """
     before = _owned_locks()
     try:
         return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
-                     keep_on_fault=keep_on_fault, header=header, image=image, figures=figures)
+                     keep_on_fault=keep_on_fault, header=header, image=image, figures=figures, disarm=disarm)
     except BaseException:
         _heal_locks(before)  # an interrupt, even on a line that releases (here, or resolving ``to``): leave no lock held
         raise
@@ -1235,7 +1257,7 @@ def send(
 
 def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
           fallback_text: str | None, truncate: bool, keep_on_fault: bool, header: str | None, image: Any,
-          figures: Any) -> Receipt:
+          figures: Any, disarm: int | None) -> Receipt:
     webhook = config.resolve(to)
     if image is not None:
         from . import images
@@ -1252,7 +1274,8 @@ def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None,
     try:
         _state.frame = sys._getframe()
         d = dispatcher()
-        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures)
+        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures,
+                             disarm=disarm)
     finally:
         try:
             _adopt_late(force=True)  # still marked: a signal handler's send meanwhile joins the queue below
@@ -1316,6 +1339,10 @@ def _at_exit() -> None:
             if not d._drain_held():
                 _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
+            from .deadman import exit_wait
+
+            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:
                 d.wait_for(mine, left)

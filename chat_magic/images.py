@@ -56,6 +56,12 @@ log = logging.getLogger("chat_magic")
 ENV_STORE = "CHAT_MAGIC_IMAGE_STORE"
 ENV_BASE_URL = "CHAT_MAGIC_IMAGE_BASE_URL"
 ENV_EXPIRY = "CHAT_MAGIC_IMAGE_EXPIRY"
+ENV_PATIENCE = "CHAT_MAGIC_IMAGE_PATIENCE"
+PATIENCE = 120.0  # seconds a notice waits for a store that does not answer, then goes without its figures
+PATIENCE_ATTEMPTS = 3  # ... or this many upload attempts, whichever comes first
+STORE_TIMEOUT = 10.0  # seconds a store may take to answer one request: an upload attempt stays well inside the lease
+MAX_INPUT_BYTES = 50_000_000  # a file or bytes bigger than this is refused before it is read
+MAX_PIXELS = 60_000_000  # a bigger image is refused before it is decoded (a 50-megapixel figure is shrunk)
 MAX_EXPIRY = 7 * 24 * 3600  # GCS V4 and S3 presigned URLs live at most 7 days
 MAX_SIDE = 1600
 MAX_BYTES = 2_000_000
@@ -137,10 +143,7 @@ def to_image(obj: Any, alt: str | None = None) -> Image:
         data = bytes(obj)
     elif isinstance(obj, (str, os.PathLike)):
         path = Path(obj).expanduser()
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise MessageError(f"cannot read the image {path}: {e.strerror or e}") from None
+        data = _read_image_file(path)
         label = alt or path.name
     elif hasattr(obj, "savefig"):  # a matplotlib Figure
         buf = io.BytesIO()
@@ -162,7 +165,10 @@ def to_image(obj: Any, alt: str | None = None) -> Image:
         except Exception as e:
             raise MessageError(f"cannot export the plotly figure as PNG ({type(e).__name__}): pip install kaleido") from None
     elif callable(getattr(obj, "_repr_png_", None)):
-        data = obj._repr_png_()
+        try:
+            data = obj._repr_png_()
+        except Exception as e:
+            raise MessageError(f"cannot get PNG bytes from {type(obj).__name__}: {type(e).__name__}") from None
         if isinstance(data, tuple):
             data = data[0]
         if not isinstance(data, (bytes, bytearray)):
@@ -170,11 +176,31 @@ def to_image(obj: Any, alt: str | None = None) -> Image:
         data = bytes(data)
     else:
         raise MessageError(f"image= takes a matplotlib figure, a PIL image, PNG/JPEG bytes or a path, not {type(obj).__name__}")
+    if len(data) > MAX_INPUT_BYTES:
+        raise MessageError(f"the image is {len(data) / 1e6:.0f} MB: post one of at most {MAX_INPUT_BYTES // 1_000_000} MB "
+                           "(save it smaller, e.g. a lower dpi)")
     mime = sniff(data)
     if mime is None:
         raise MessageError("the image is neither PNG nor JPEG: save it as PNG (fig.savefig(path)) and pass the path")
     out = fit(data, mime)
     return Image(out, sniff(out) or mime, label[:200])
+
+
+def _read_image_file(path: Path) -> bytes:
+    """A path's bytes: only a regular file, at most :data:`MAX_INPUT_BYTES` (checked before reading: no 500 MB read, no /dev/zero)."""
+    import stat
+
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise MessageError(f"the image {path} is not a file: pass the path of a PNG or JPEG file")
+        if st.st_size > MAX_INPUT_BYTES:
+            raise MessageError(f"the image {path} is {st.st_size / 1e6:.0f} MB: post one of at most "
+                               f"{MAX_INPUT_BYTES // 1_000_000} MB (save it smaller)")
+        with open(path, "rb") as f:
+            return f.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:
+        raise MessageError(f"cannot read the image {path}: {e.strerror or type(e).__name__}") from None
 
 
 _fitted: dict[str, bytes] = {}  # the last few images fitted: a cell's figure is checked once
@@ -192,12 +218,10 @@ def fit(data: bytes, mime: str) -> bytes:
         return hit
     pil = _pillow()
     size = _png_size(data)
-    if pil is not None and size is None:
-        try:
-            with pil.open(io.BytesIO(data)) as im:
-                size = im.size  # reads the header only
-        except Exception:
-            raise MessageError("the image cannot be read: save it again as PNG") from None
+    _check_pixels(size)
+    if pil is not None:
+        size = _checked_size(pil, data)
+        _check_pixels(size)
     small = len(data) <= MAX_BYTES and size is not None and max(size) <= MAX_SIDE
     if small or (pil is None and len(data) <= MAX_BYTES and size is None):
         out = data
@@ -205,11 +229,40 @@ def fit(data: bytes, mime: str) -> bytes:
         raise MessageError(f"the image is larger than {MAX_SIDE} px or {MAX_BYTES // 1_000_000} MB: install Pillow "
                            "(pip install 'chat-magic[plots]') to shrink it, or save it smaller")
     else:
-        out = _shrink(pil, data)
+        try:
+            out = _shrink(pil, data)
+        except MessageError:
+            raise
+        except Exception as e:  # a damaged image body, out of memory: one line, never a traceback
+            raise MessageError(f"the image cannot be read ({type(e).__name__}): save it again as PNG") from None
     if len(_fitted) > 16:
         _fitted.clear()
     _fitted[key] = out
     return out
+
+
+def _check_pixels(size: tuple[int, int] | None) -> None:
+    """Refuse an image too big to decode here (read from its header, before anything is decoded)."""
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise MessageError(f"the image is {size[0]} x {size[1]} pixels: post one of at most {MAX_PIXELS // 1_000_000} "
+                           "megapixels (save it smaller, e.g. a lower dpi)")
+
+
+def _checked_size(pil: Any, data: bytes) -> tuple[int, int]:
+    """The image's size from its header, after Pillow's structural check (PNG chunk CRCs): a damaged file is one line."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the pixel cap below says it in one line
+            with pil.open(io.BytesIO(data)) as im:
+                size = im.size  # reads the header only
+                im.verify()
+    except pil.DecompressionBombError:
+        raise MessageError(f"the image has more than {MAX_PIXELS // 1_000_000} megapixels: save it smaller (e.g. a lower dpi)") from None
+    except Exception:
+        raise MessageError("the image cannot be read (damaged or cut short): save it again as PNG") from None
+    return int(size[0]), int(size[1])
 
 
 def _shrink(pil: Any, data: bytes) -> bytes:
@@ -397,17 +450,22 @@ class Figures:
     problems: list[str] = field(default_factory=list)  # one line per image (or store) that could not be taken
     store_problem: str = ""
     left_out: int = 0  # images beyond max_figures
+    taken: list[int] = field(default_factory=list)  # indices (in the items given) of the images that were taken
 
     @classmethod
     def collect(cls, items: list[Any], *, to: str | None = None, max_figures: int = MAX_FIGURES) -> Figures:
         """Normalise ``items`` (the first ``max_figures``) and find the store; never raises for one bad image."""
         figs = cls()
-        for obj in items[:max(0, max_figures)]:
+        for index, obj in enumerate(items[:max(0, max_figures)]):
             try:
                 img = obj if isinstance(obj, Image) else to_image(obj)
             except MessageError as e:
                 figs.problems.append(str(e))
                 continue
+            except Exception as e:  # a figure object that breaks in its own code: one line, the notice still goes
+                figs.problems.append(f"cannot take the image: {type(e).__name__}")
+                continue
+            figs.taken.append(index)
             if all(i.digest != img.digest for i in figs.images):
                 figs.images.append(img)
         figs.left_out = max(0, len(items) - max(0, max_figures))
@@ -515,7 +573,13 @@ class FolderStore(Store):
         return Path(self.spec.bucket) / self.spec.key(name)
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            return self._path(name).is_file()
+        except OSError as e:  # a name too long, no permission to look: was an exception out of the worker
+            import errno
+
+            raise StoreError(f"cannot read the folder {self.spec.bucket}: {e.strerror or type(e).__name__}",
+                             permanent=isinstance(e, PermissionError) or e.errno == errno.ENAMETOOLONG) from None
 
     def put(self, name: str, data: bytes, mime: str) -> None:
         path = self._path(name)
@@ -540,6 +604,19 @@ class FolderStore(Store):
         return self.public_url(name)
 
 
+class _NoSignatures(logging.Filter):
+    """Drops botocore's DEBUG record of each signature: a presigned URL's signature is a 7-day read key for the figure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Signature:", "StringToSign:", "CanonicalRequest:"))
+
+
+def _hide_signatures() -> None:
+    auth = logging.getLogger("botocore.auth")
+    if not any(isinstance(f, _NoSignatures) for f in auth.filters):
+        auth.addFilter(_NoSignatures())
+
+
 class S3Store(Store):
     """S3 or an S3-compatible store through boto3 (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ... honoured)."""
 
@@ -548,8 +625,11 @@ class S3Store(Store):
         import boto3
         from botocore.config import Config
 
-        cfg = Config(signature_version="s3v4", retries={"max_attempts": 2, "mode": "standard"},
-                     connect_timeout=5, read_timeout=30)
+        # one try per request, answered within STORE_TIMEOUT: the worker's own retries (and patience) decide the rest,
+        # so an upload attempt never outlasts the message's lease (botocore's default: 60 s x 3 tries)
+        cfg = Config(signature_version="s3v4", retries={"total_max_attempts": 1, "mode": "standard"},
+                     connect_timeout=5, read_timeout=STORE_TIMEOUT)
+        _hide_signatures()
         try:
             self.client = boto3.session.Session().client("s3", config=cfg)
         except Exception as e:
@@ -662,7 +742,7 @@ class GCSStore(Store):
 
     def exists(self, name: str) -> bool:
         try:
-            return bool(self.bucket.blob(self.spec.key(name)).exists(timeout=30))
+            return bool(self.bucket.blob(self.spec.key(name)).exists(timeout=(5, STORE_TIMEOUT), retry=_gcs_retry()))
         except Exception as e:
             if getattr(e, "code", None) == 403:
                 return False  # no storage.objects.get for metadata: the upload decides
@@ -672,7 +752,7 @@ class GCSStore(Store):
         blob = self.bucket.blob(self.spec.key(name))
         blob.cache_control = "public, max-age=604800, immutable"
         try:
-            blob.upload_from_string(data, content_type=mime, timeout=60)
+            blob.upload_from_string(data, content_type=mime, timeout=(5, STORE_TIMEOUT * 2))
         except Exception as e:
             raise self._fail(e, "upload") from None
 
@@ -700,6 +780,14 @@ class GCSStore(Store):
                 credentials=None if kwargs else creds, api_access_endpoint=endpoint, **kwargs))
         except Exception as e:
             raise StoreError(f"cannot sign a URL for {self.spec.shown}: {type(e).__name__}", permanent=True) from None
+
+
+def _gcs_retry() -> Any:
+    """google-cloud-storage's retry, cut to one request's time (its default keeps retrying for 120 s)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    cut = getattr(DEFAULT_RETRY, "with_timeout", None) or DEFAULT_RETRY.with_deadline  # with_deadline: api-core < 2.17
+    return cut(STORE_TIMEOUT)
 
 
 _stores: dict[StoreSpec, Store] = {}
@@ -732,7 +820,15 @@ def upload(spec: StoreSpec, images: list[tuple[str, str, bytes | None]]) -> dict
     ``data`` None: the bytes are no longer in the outbox (a salvaged row);
     fine if the store has the object already.
     """
-    store = open_store(spec)
+    try:
+        return _upload(open_store(spec), spec, images)
+    except StoreError:
+        raise
+    except Exception as e:  # a store client's own surprise: retried like a fault, within the patience (never its text)
+        raise StoreError(f"the store {spec.shown} failed: {type(e).__name__}", permanent=False) from None
+
+
+def _upload(store: Store, spec: StoreSpec, images: list[tuple[str, str, bytes | None]]) -> dict[str, str]:
     urls: dict[str, str] = {}
     for digest, mime, data in images:
         name = object_name(digest, mime)
@@ -798,6 +894,28 @@ def _replace(node: Any, lookup: Any) -> None:
 _told: set[str] = set()  # permanent store problems said on stderr once per process
 
 
+def patience() -> float:
+    """Seconds a notice waits for a store that does not answer (``CHAT_MAGIC_IMAGE_PATIENCE``: 120, 90s, 5m; default 2 min).
+
+    Read when needed; a bad value is one line (once) and the default.
+    """
+    raw = os.environ.get(ENV_PATIENCE, "").strip()
+    if not raw:
+        return PATIENCE
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", raw)
+    if m:
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        if seconds <= 24 * 3600:
+            return seconds
+    key = f"env {ENV_PATIENCE}={raw}"
+    if key not in _told:
+        _told.add(key)
+        from .console import say
+
+        say(f"{ENV_PATIENCE}={raw[:40]!r} is not a duration (e.g. 120, 90s or 5m, at most 24h); using {PATIENCE:g} s")
+    return PATIENCE
+
+
 def fill(d: Dispatcher, job: Job) -> bool:
     """Upload the job's images and put their URLs in its body, before the POST (the worker's one call here).
 
@@ -822,8 +940,11 @@ def fill(d: Dispatcher, job: Job) -> bool:
                              permanent=True)
     except StoreError as e:
         if not e.permanent:
-            d._transient(job, 0, "IMAGE_STORE", f"image upload: {e}")
-            return False
+            if job.attempts < PATIENCE_ATTEMPTS and time.time() - job.created_at < patience():
+                d._transient(job, 0, "IMAGE_STORE", f"image upload: {e}")
+                return False
+            # the notice does not wait for its picture any longer: it goes without, and the space's queue goes on
+            e = StoreError(f"the image store did not answer ({e})", permanent=True)
         n = len(wanted)
         line = f"{n} figure{'s' if n != 1 else ''} not posted: {e}"
         if str(e) not in _told:

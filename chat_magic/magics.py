@@ -138,6 +138,26 @@ def describe_display(data: Any) -> str:
 MAX_KEPT_FIGURES = 16
 
 
+def _posted_displays(figures: Any, capture: Capture | None) -> int:
+    """How many of the images a cell displayed go into the card (their ``[image/png]`` lines are left out of the output)."""
+    if figures is None or not figures.postable or capture is None:
+        return 0
+    return sum(1 for i in figures.taken if i < len(capture.figures))
+
+
+def _drop_image_lines(text: str, n: int) -> str:
+    """``text`` without its first ``n`` ``[image/png]`` / ``[image/jpeg]`` lines (those figures are in the card)."""
+    if n <= 0:
+        return text
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if n and line.rstrip("\r\n") in ("[image/png]", "[image/jpeg]"):
+            n -= 1
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
 def _display_image(data: dict[str, Any]) -> bytes | None:
     """The PNG or JPEG bytes of a display (base64 text in a kernel, bytes in a terminal), else None."""
     for mime in ("image/png", "image/jpeg"):
@@ -401,6 +421,16 @@ def _destination_args(func: Callable) -> Callable:
     return func
 
 
+def _output_probe(capture: Any) -> Callable[[], tuple[int, str]]:
+    """(characters printed so far, last line) of a cell: what the stall watcher looks at (stalls.py)."""
+    def probe() -> tuple[int, str]:
+        tail = capture.tail
+        text = tail.text()
+        lines = [ln for ln in text[-2000:].splitlines() if ln.strip()]
+        return tail.dropped + len(text), strip_ansi(lines[-1])[:300] if lines else ""
+    return probe
+
+
 def _plain_help(func: Callable) -> Callable:
     """The help page (``%%chat?``) as plain text: without the reST ``::`` line IPython puts before the usage.
 
@@ -421,13 +451,14 @@ def _plain_help(func: Callable) -> Callable:
 class _Cell:
     """A cell seen by the auto-notify callbacks."""
 
-    __slots__ = ("info", "start", "capture", "handled")
+    __slots__ = ("info", "start", "capture", "handled", "armed")
 
     def __init__(self, info: Any, capture: Capture | None) -> None:
         self.info = info
         self.start = time.perf_counter()
         self.capture = capture
         self.handled = False
+        self.armed: Any = None  # the cell's death notice while it runs (deadman.py)
 
 
 @magics_class
@@ -515,11 +546,19 @@ class ChatMagics(Magics):
         except ConfigError as e:
             raise _usage(f"{magic}: {e}") from None
 
-    def _post(self, report: Report, webhook: Webhook, figures: Any = None) -> None:
-        """Queue ``report`` into the session thread; a problem is one warning line."""
+    def _post(self, report: Report, webhook: Webhook, figures: Any = None, armed: Any = None) -> None:
+        """Queue ``report`` into the session thread (disarming ``armed`` in the same transaction); a problem is one warning line."""
         try:
             cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
-            _tell_if_refused(self._session().send(to=webhook, keep_on_fault=True, figures=figures, **report.payload_kwargs(cards=cards)))
+            receipt = self._session().send(to=webhook, keep_on_fault=True, figures=figures,
+                                           disarm=armed.replacing() if armed is not None else None,
+                                           **report.payload_kwargs(cards=cards))
+            if armed is not None:
+                armed.replaced = True  # the card's transaction disarmed it
+            _tell_if_refused(receipt)
+            from .deadman import mark_important
+
+            mark_important(receipt)
         except (ChatMagicError, OSError, ValueError) as e:
             _warn(f"message not queued: {e}")
         except Exception as e:  # never let a notice break the user's cell
@@ -538,10 +577,11 @@ class ChatMagics(Magics):
         mention: str | None,
         max_lines: int,
         with_output: bool = True,
+        drop_images: int = 0,
     ) -> Report:
         output, cut = "", 0
         if with_output and capture is not None:
-            output, cut = capture.tail.text(), capture.tail.dropped
+            output, cut = _drop_image_lines(capture.tail.text(), drop_images), capture.tail.dropped
             if result is not None:
                 shown = self._result_text(result)
                 if shown:
@@ -562,6 +602,25 @@ class ChatMagics(Magics):
             mention=mention,
             max_lines=max_lines,
         )
+
+    def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None, capture: Any = None) -> Any:
+        """The cell's death notice, written before it runs (deadman.py); None if it cannot be. Never raises."""
+        try:
+            from . import deadman
+            from .notify import origin_details
+
+            session = self._session()
+            return deadman.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
+                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
+                               probe=_output_probe(capture) if capture is not None else None)
+        except Exception as e:
+            _warn(f"could not arm the death notice of {title!r}: {type(e).__name__}: {e}")
+            return None
+
+    @staticmethod
+    def _disarm(armed: Any) -> None:
+        if armed is not None:
+            armed.disarm()
 
     def _needs_running_loop(self, cell: str) -> bool:
         """Whether ``cell`` has top-level ``await`` while an event loop already runs this thread (a kernel)."""
@@ -643,12 +702,22 @@ class ChatMagics(Magics):
 
         for frame in self._cells:  # auto-notify leaves this cell to us
             frame.handled = True
-        ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
+            self._disarm(frame.armed)
+            frame.armed = None
+        title = args.title.strip() if args.title else cell_title(cell)
+        armed = self._arm(title or f"Cell [{self.shell.execution_count}]", webhook)
+        try:
+            ran = NestedRun(self.shell, max(4 * self.max_chars, 8192)).run(cell)
+        except BaseException:
+            self._disarm(armed)
+            raise
         if args.on_error and ran.error is None:
+            self._disarm(armed)
             return None
         result = getattr(ran.result, "result", None)
         figures, sections, result = self._rich(ran, result, args)
         report = self._report(
+            drop_images=_posted_displays(figures, ran.capture),
             title=args.title.strip() if args.title else cell_title(cell),
             error=ran.error,
             duration=ran.duration,
@@ -663,7 +732,8 @@ class ChatMagics(Magics):
         if figures is not None:
             report.figures, report.note = figures.widgets(), figures.note()
         report.sections = sections
-        self._post(report, webhook, figures)
+        self._post(report, webhook, figures, armed)
+        self._disarm(armed)  # the notice's transaction deleted it (else: now)
         return None
 
     def _rich(self, ran: NestedRun, result: Any, args: Any) -> tuple[Any, list[dict[str, Any]], Any]:
@@ -678,6 +748,7 @@ class ChatMagics(Magics):
 
         sections: list[dict[str, Any]] = []
         images = list(ran.capture.figures)
+        result_at = -1  # where the result's own image is in ``images``
         try:
             if result is not None and tables.is_frame(result) and self.cards:
                 label = f"Out[{ran.number}]" if ran.number is not None else "Result"
@@ -687,6 +758,7 @@ class ChatMagics(Magics):
                 shown = _display_image(self.shell.display_formatter.format(result)[0])
                 if shown is not None:
                     images.append(shown)
+                    result_at = len(images) - 1
                 elif type(result).__module__.startswith("plotly"):
                     images.append(result)  # plotly shows as HTML: its static export (kaleido) is posted
             if self.cards:
@@ -698,7 +770,10 @@ class ChatMagics(Magics):
         from .images import Figures
 
         name = (args.to or "").strip() or self.to.strip() or None
-        return Figures.collect(images, to=name, max_figures=max(0, args.max_figures)), sections, result
+        figures = Figures.collect(images, to=name, max_figures=max(0, args.max_figures))
+        if figures.postable and result_at in figures.taken:
+            result = None  # the result is the card's image: no "Out: [image/png]" line too
+        return figures, sections, result
 
     # -- %chat -----------------------------------------------------------------
 
@@ -749,6 +824,8 @@ class ChatMagics(Magics):
               help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
     @argument("--quiet", type=float, metavar="SECONDS",
               help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
+    @argument("--stall-after", type=float, metavar="SECONDS",
+              help="post a line when a running cell prints nothing for this long, and when it moves again.")
     @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
     @line_magic("chat_autonotify")  # type: ignore[arg-type]  # IPython types the decorated method as Never
     def chat_autonotify(self, line: str) -> None:
@@ -791,7 +868,10 @@ class ChatMagics(Magics):
             raise _usage(f"{magic}: --quiet goes with --run-all")
         else:
             self._stop_runall()
-        self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention}
+        if args.stall_after is not None and not args.stall_after > 0:
+            raise _usage(f"{magic}: --stall-after takes seconds > 0, not {args.stall_after}")
+        self._auto = {"threshold": args.threshold, "on_error": args.on_error, "webhook": webhook, "mention": mention,
+                      "to": args.to, "stall_after": args.stall_after}
         if not self._registered:
             for event, fn in self._callbacks.items():
                 self.shell.events.register(event, fn)
@@ -839,6 +919,7 @@ class ChatMagics(Magics):
             self._registered = False
         while self._cells:
             frame = self._cells.pop()
+            self._disarm(frame.armed)
             if frame.capture is not None:
                 frame.capture.remove()
 
@@ -847,7 +928,12 @@ class ChatMagics(Magics):
             capture = None
             if not self._cells and self._auto is not None:
                 capture = Capture(self.shell, max(4 * self.max_chars, 8192)).install()
-            self._cells.append(_Cell(info, capture))
+            frame = _Cell(info, capture)
+            if len(self._cells) == 0 and self._auto is not None and (getattr(info, "raw_cell", "") or "").strip():
+                raw = getattr(info, "raw_cell", "") or ""
+                frame.armed = self._arm(cell_title(raw) or f"Cell [{self.shell.execution_count}]", self._auto["webhook"],
+                                        self._auto.get("stall_after"), capture)
+            self._cells.append(frame)
         except Exception as e:
             _warn(f"auto-notify: {type(e).__name__}: {e}")
 
@@ -858,13 +944,19 @@ class ChatMagics(Magics):
             if idx is None:  # an empty cell, or one that started before auto-notify
                 return
             frame = None
+            popped = []
             while len(self._cells) > idx:
                 frame = self._cells.pop()
+                popped.append(frame)
                 if frame.capture is not None:
                     frame.capture.remove()
-            if self._cells or frame is None or frame.handled or self._auto is None:
-                return  # a nested cell, or a %%chat cell that posted on its own
-            self._announce(frame, result)
+            try:
+                if self._cells or frame is None or frame.handled or self._auto is None:
+                    return  # a nested cell, or a %%chat cell that posted on its own
+                self._announce(frame, result)
+            finally:
+                for f in popped:  # after the completion notice is queued
+                    self._disarm(f.armed)
         except Exception as e:
             _warn(f"auto-notify: {type(e).__name__}: {e}")
 
@@ -877,18 +969,34 @@ class ChatMagics(Magics):
         if not (failed or (slow and not auto.get("on_error"))):
             return
         raw = getattr(frame.info, "raw_cell", "") or ""
+        figures, sections, shown = self._auto_rich(frame, result)
         report = self._report(
             title=cell_title(raw),
             error=error,
             duration=duration,
             capture=frame.capture,
-            result=result.result,
+            result=shown,
             number=getattr(result, "execution_count", None),
             webhook=auto["webhook"],
             mention=auto.get("mention"),
             max_lines=self.max_lines,
+            drop_images=_posted_displays(figures, frame.capture),
         )
-        self._post(report, auto["webhook"])
+        if figures is not None:
+            report.figures, report.note = figures.widgets(), figures.note()
+        report.sections = sections
+        self._post(report, auto["webhook"], figures, frame.armed)
+
+    def _auto_rich(self, frame: _Cell, result: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+        """An announced cell's figures and tables, as ``%%chat`` takes them (the first :data:`images.MAX_FIGURES`)."""
+        from types import SimpleNamespace
+
+        from .images import MAX_FIGURES
+
+        number = getattr(result, "execution_count", None)
+        ran = SimpleNamespace(capture=frame.capture, number=number)
+        opts = SimpleNamespace(no_figures=False, no_output=False, max_figures=MAX_FIGURES, to=(self._auto or {}).get("to"))
+        return self._rich(ran, result.result, opts)  # type: ignore[arg-type]
 
     # -- %chat_compose ----------------------------------------------------------------
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 BARS = "▁▂▃▄▅▆▇█"
-GAP = "·"  # a NaN or an infinity in the course
+BAD = "×"  # a NaN or an infinity in the course (a bucket holding one): never one of BARS
+GAP = BAD  # the old name
 SPARK_WIDTH = 24  # characters of a sparkline; longer histories are averaged into buckets
 MAX_SHOWN = 20  # metrics in one notice: the rest are counted in one line
 MAX_POINTS = 100_000  # values kept per metric (a bound on memory for step-level logging)
@@ -98,7 +99,9 @@ def sparkline(values: Iterable[float], width: int = SPARK_WIDTH) -> str:
     """``▁▂▄▇`` for the course of ``values``, at most ``width`` characters.
 
     A longer series is averaged into ``width`` buckets so the shape stays; a
-    flat series is a row of ``▄``; NaN and infinities show as ``·``.
+    flat series is a row of ``▄`` (a spread within float rounding of the
+    values, as bucket averages of a constant have, counts as flat); NaN and
+    infinities show as ``×``, and so does a bucket holding one.
     """
     points = list(values)
     if not points:
@@ -107,17 +110,24 @@ def sparkline(values: Iterable[float], width: int = SPARK_WIDTH) -> str:
         points = [_mean(points[i * len(points) // width:(i + 1) * len(points) // width]) for i in range(width)]
     finite = [v for v in points if math.isfinite(v)]
     if not finite:
-        return GAP * len(points)
+        return BAD * len(points)
     lo, hi = min(finite), max(finite)
-    if hi == lo:
-        return "".join(BARS[3] if math.isfinite(v) else GAP for v in points)
+    if math.isclose(hi, lo, rel_tol=1e-9, abs_tol=1e-300):
+        return "".join(BARS[3] if math.isfinite(v) else BAD for v in points)
     top = len(BARS) - 1
-    return "".join(BARS[round((v - lo) / (hi - lo) * top)] if math.isfinite(v) else GAP for v in points)
+    return "".join(BARS[round((v - lo) / (hi - lo) * top)] if math.isfinite(v) else BAD for v in points)
 
 
 def _mean(bucket: list[float]) -> float:
-    finite = [v for v in bucket if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+    """The bucket's mean; NaN when it holds a NaN or an infinity (so the mark survives averaging)."""
+    if not all(math.isfinite(v) for v in bucket):
+        return math.nan
+    return math.fsum(bucket) / len(bucket)
+
+
+def point(unit: str, step: int) -> str:
+    """A point of a course by its unit: ``epoch 3``, ``step 1,200``, or Lightning's ``epoch=2`` (as in its checkpoint names)."""
+    return f"epoch={step}" if unit == "epoch=" else f"{unit} {step:,}"
 
 
 @dataclass(frozen=True)
@@ -133,16 +143,27 @@ class MetricSummary:
     low: float | None  # the finite range, for metrics of unknown direction
     high: float | None
     spark: str
+    unit: str = "epoch"  # what a step counts: "epoch", "epoch=" (Lightning's 0-based index) or "step"
+    first_bad: tuple[int | None, float] | None = None  # (step, value) where it first went NaN or infinite
 
     def describe(self) -> str:
-        """``0.2981 · best 0.2790 (min, epoch 3)`` or ``0.001 · range 0.0001–0.001``."""
+        """``0.2981 · best 0.2790 (min, epoch 3)``, ``0.001 · range 0.0001–0.001``, ``… · non-finite: nan at step 40``."""
         text = format_value(self.last)
         if self.best is not None:
-            where = f", epoch {self.best_step}" if self.best_step is not None else ""
+            where = f", {point(self.unit, self.best_step)}" if self.best_step is not None else ""
             text += f" · best {format_value(self.best)} ({self.goal}{where})"
         elif self.goal is None and self.low is not None and self.count > 1 and self.low != self.high:
             text += f" · range {format_value(self.low)}–{format_value(self.high)}"
+        if self.first_bad is not None:
+            text += f" · non-finite: {self.bad_text()}"
         return text
+
+    def bad_text(self) -> str:
+        """``inf at epoch 3``: the first NaN or infinity (empty when the course stayed finite)."""
+        if self.first_bad is None:
+            return ""
+        step, value = self.first_bad
+        return format_value(value) + (f" at {point(self.unit, step)}" if step is not None else "")
 
 
 class MetricHistory:
@@ -153,8 +174,9 @@ class MetricHistory:
     ``goals`` overrides the guessed direction: ``{"score": "min"}``.
     """
 
-    def __init__(self, goals: Mapping[str, str] | None = None) -> None:
+    def __init__(self, goals: Mapping[str, str] | None = None, unit: str = "epoch") -> None:
         self.goals = dict(goals or {})
+        self.unit = unit  # what ``step`` counts, for "best … (min, epoch 3)": "epoch" or "step"
         self._points: dict[str, list[tuple[int | None, float]]] = {}
 
     def __bool__(self) -> bool:
@@ -195,10 +217,25 @@ class MetricHistory:
             best_step, best = pick(finite, key=lambda sv: sv[1])  # the first step reaching it
         values = [v for _, v in points]
         fvals = [v for _, v in finite]
+        bad = next(((s, v) for s, v in points if not math.isfinite(v)), None)
         return MetricSummary(
             name=name, last=values[-1], count=len(values), goal=goal, best=best, best_step=best_step,
             low=min(fvals) if fvals else None, high=max(fvals) if fvals else None, spark=sparkline(values),
+            unit=self.unit, first_bad=bad,
         )
+
+    def first_bad(self) -> tuple[str, int | None, float] | None:
+        """``(name, step, value)`` of the metric that went NaN or infinite first (by step, then logging order)."""
+        found = []
+        for order, (name, points) in enumerate(self._points.items()):
+            for s, v in points:
+                if not math.isfinite(v):
+                    found.append(((s if s is not None else math.inf), order, name, s, v))
+                    break
+        if not found:
+            return None
+        _, _, name, s, v = min(found, key=lambda f: (f[0], f[1]))
+        return name, s, v
 
     def summaries(self) -> list[MetricSummary]:
         return [self.summary(n) for n in self._points]

@@ -54,7 +54,7 @@ from . import rules
 from .console import say as _warn
 from .errors import ConfigError, NoDestinationError
 from .metrics import MetricHistory
-from .report import exception_summary
+from .report import exception_summary, mark_reported
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -117,8 +117,24 @@ class _Run:
         self.receipt = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
+        self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
         self._refused: set[str] = set()  # metric names whose non-numeric value was already reported
         self.images: list[Any] = []  # what image() was given, as PNG/JPEG (images.Image): the final card shows them
+        self.armed: Any = None  # its death notice in the outbox while it runs (deadman.py)
+
+    def arm(self, stall_after: float | None = None) -> None:
+        """Write this run's death notice to the outbox before the work starts (deadman.py). Never raises."""
+        from . import deadman
+
+        if self.owner.webhook is not None and self.armed is None:
+            self.armed = deadman.arm(self.owner.webhook, self.owner.thread_key or self.session.thread_key, title=self.title,
+                                     details=self.details(), cards=self.owner.cards, to=self.owner.to, stall_after=stall_after)
+
+    def disarm(self) -> None:
+        """The run closed: its death notice is not needed (after the completion notice is queued)."""
+        armed, self.armed = self.armed, None
+        if armed is not None:
+            armed.disarm()
 
     @property
     def title(self) -> str:
@@ -131,6 +147,8 @@ class _Run:
     def post(self, kind: str, what: str, **payload: Any):
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
         try:
+            if kind == _ranks.PROGRESS and self.armed is not None:  # update(), chat_magic.tqdm: a sign of life
+                self.armed.record(str(payload.get("text") or "").split(": ", 1)[-1], force=True)
             if not _ranks.should_post(kind, self.owner.ranks, self.rank):
                 return None
             return self.session.send(to=self.owner.webhook, thread_key=self.owner.thread_key, keep_on_fault=True, **payload)
@@ -144,6 +162,11 @@ class _Run:
         if refused:  # once per name: a loop logging a bad value says so once
             self._refused.update(refused)
             _warn(f"log(): {', '.join(refused)} of {self.label!r} not recorded: give numbers (floats, ints, one-element tensors)")
+        if self.armed is not None:
+            from .metrics import as_number, format_value
+
+            shown = ", ".join(f"{k} {format_value(as_number(v))}" for k, v in list(values.items())[:6])
+            self.armed.record((shown + (f" (step {step})" if step is not None else "")) if shown else None)
 
     def update(self, text: str) -> Any:
         from .message import neutralize
@@ -166,6 +189,10 @@ class notify_when_done:
     ``"error"`` (only failures are posted).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
+    ``stall_after``: seconds without ``update()``/``log()`` after which one
+    line says the block has stalled (and one when it moves again; see
+    :mod:`chat_magic.stalls`). While the block runs its death notice is armed
+    in the outbox (see :mod:`chat_magic.deadman`).
 
     Raises :class:`~chat_magic.ConfigError` at once when the destination cannot
     be resolved or an argument is wrong; never raises when the work ends.
@@ -188,6 +215,7 @@ class notify_when_done:
         on: str = "always",
         cards: bool = True,
         ranks: str | None = None,
+        stall_after: float | None = None,
     ) -> None:
         from . import config
 
@@ -203,6 +231,7 @@ class notify_when_done:
         self.on = on
         self.cards = bool(cards)
         self.ranks = ranks
+        self.stall_after = _stall_seconds(stall_after)
         try:
             self.webhook: Webhook | None = config.resolve(to)  # ConfigError now, not after the job
         except NoDestinationError:
@@ -257,6 +286,7 @@ class notify_when_done:
 
     def _begin(self, label: str) -> _Run:
         run = _Run(self, label)
+        run.arm(self.stall_after)
         if self.notify_start:
             from .report import STARTED, Report
 
@@ -270,9 +300,11 @@ class notify_when_done:
             self._finish(run, exc)
         except Exception as e:  # a bug here must not hide the user's result
             _warn(f"could not post the notice of {run.label!r}: {exception_summary(e)}")
+        finally:
+            run.disarm()  # after the completion notice is queued
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import FAILED, Report
+        from .report import DIVERGED, FAILED, Report
 
         report = Report.from_outcome(
             run.title,
@@ -285,15 +317,52 @@ class notify_when_done:
             max_lines=30,
             metrics=run.metrics.summaries(),
         )
-        if self.on == "error" and report.status != FAILED:
+        amend = getattr(run, "amend", None)
+        if amend is not None:  # a training callback's reading of how the run ended (integrations/_base.py)
+            amend(report)
+        if self.on == "error" and report.status not in (FAILED, DIVERGED):
+            return
+        if report.status == FAILED and self._peer_failed_first(run, exc, report):
             return
         figures = self._figures(run)
         if figures is not None:
             report.figures, report.note = figures.widgets(), figures.note()
         cards = self.cards or bool(figures is not None and figures.postable)  # an image needs a card
-        receipt = run.post(report.kind, "notice", figures=figures, **report.payload_kwargs(cards=cards))
+        armed = run.armed
+        receipt = run.post(report.kind, "notice", figures=figures, disarm=armed.replacing() if armed is not None else None,
+                           **report.payload_kwargs(cards=cards))
+        if receipt is not None:
+            if armed is not None:
+                armed.replaced = True  # the card's transaction disarmed it
+            run.receipt = self.receipt = receipt
+            if report.status == FAILED:
+                mark_reported(exc)  # a Run All summary names this failure instead of repeating it
+            from .deadman import mark_important
+
+            mark_important(receipt)
+
+    def _peer_failed_first(self, run: _Run, exc: BaseException | None, report: Any) -> bool:
+        """In a distributed job: whether another rank failed first and this error is its consequence.
+
+        Then this rank posts one line naming the rank that failed first (the
+        failure card is that rank's), and True is returned.
+        """
+        from . import jobs
+
+        job = jobs.identity()
+        if not job or not run.rank.distributed:
+            return False
+        first = jobs.first_failure(job, jobs.describe_rank(run.rank), report.error)
+        if first is None or not jobs.consequential(exc):
+            return False
+        armed = run.armed
+        receipt = run.post(_ranks.FAILURE, "line", text=jobs.as_line(run.title, report.error, first), truncate=True,
+                           disarm=armed.replacing() if armed is not None else None)
         if receipt is not None:
             run.receipt = self.receipt = receipt
+            if armed is not None:
+                armed.replaced = True  # the line's transaction disarmed it
+        return True
 
     def _figures(self, run: _Run) -> Any:
         """The images given to image(), and a chart of the logged metrics when a store is set (else sparklines only)."""
@@ -476,6 +545,15 @@ class notify_when_done:
             return result
 
         return wrapper  # type: ignore[return-value]
+
+
+def _stall_seconds(value: Any) -> float | None:
+    """``stall_after=``: seconds > 0 or None; anything else is a one-line ConfigError now."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"stall_after={value!r}: give seconds > 0 (e.g. stall_after=600), or None")
+    return float(value)
 
 
 def _find_run(owner: notify_when_done) -> _Run | None:

@@ -70,6 +70,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("chat_magic")
 
 PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed", "merged"
+# a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
+# only deadman.fire turns it into a pending message, or closing deletes it
+ARMED = "armed"
+STATES = (PENDING, SENDING, SENT, FAILED, MERGED, ARMED)  # every state this version knows (``chat-magic outbox list``)
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """
@@ -107,6 +111,12 @@ CREATE TABLE IF NOT EXISTS pacing (
     space_key TEXT PRIMARY KEY,
     next_slot REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS job_failure (
+    job     TEXT PRIMARY KEY,
+    rank    TEXT,
+    summary TEXT,
+    at      REAL
+);
 CREATE TABLE IF NOT EXISTS blob (
     sha256 TEXT PRIMARY KEY,
     data   BLOB NOT NULL,
@@ -119,6 +129,11 @@ CREATE TABLE IF NOT EXISTS blob (
 _ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("message", "images", "TEXT"),  # figures to upload before the POST: {"store": ..., "images": [[sha256, mime]]} (images.py)
     ("message", "own_payload", "TEXT"),  # a head that carries merged messages: its own body, to rebuild from
+    ("message", "armed", "TEXT"),  # an armed death notice: what to say if its owner dies (deadman.py); NULL otherwise
+    ("message", "progress", "TEXT"),  # armed rows: the last progress line the owner recorded
+    ("message", "beat", "REAL"),  # armed rows: when the owner last showed a sign of life
+    ("message", "peak", "INTEGER"),  # armed rows: the owner's peak memory (bytes) when it last recorded progress
+    ("message", "important", "INTEGER NOT NULL DEFAULT 0"),  # a completion, failure or death notice: the exit waits for it
 ]
 _COLUMNS = ("id", "request_id", "dest", "space_key", "thread_key", "payload", "mergeable", "state", "attempts", "next_at",
             "created_at", "updated_at", "owner", "lease_until", "merged_into", "name", "thread_name", "error_code",
@@ -179,6 +194,11 @@ def _owner_alive(owner: str | None) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+def _live_here(owner: str | None) -> bool:
+    """Whether an armed row's owner is a live process of this very host (a file it closed early): not dead."""
+    return bool(owner) and str(owner).rpartition(":")[0] == current_host() and _owner_alive(owner)
 
 
 @dataclass
@@ -323,6 +343,7 @@ class Outbox:
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
         self._lease_lock: Any = threading.RLock()  # guards _leases and _renewer (reentrant: healed after an interrupt)
         self._renewer: threading.Thread | None = None
+        self.adopted: list[int] = []  # death notices this process queued for another host's jobs (take_over): the exit waits
         try:
             _call_gated(self, Outbox._open, True, (), {})
         except OutboxError as e:  # files another user could read or replace: refused, a temporary outbox stands in
@@ -413,7 +434,7 @@ class Outbox:
 
     @_guarded("write to")
     def enqueue(self, webhook: Webhook, thread_key: str | None, bodies: Iterable[tuple[str, bool] | tuple[str, bool, str | None]], *,
-                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None) -> list[int]:
+                patient: bool = False, blobs: dict[str, tuple[bytes, str]] | None = None, disarm: int | None = None) -> list[int]:
         """Store messages (in order, in one transaction) and return their ids. Each gets a fresh requestId.
 
         ``bodies`` are ``(JSON Message, mergeable)`` pairs: plain-text messages
@@ -421,7 +442,10 @@ class Outbox:
         at most ``caller_timeout`` for another process's lock; a background
         thread (``patient``) the full busy timeout. A body may carry a third
         item, its ``images`` (see :mod:`chat_magic.images`); ``blobs`` are
-        their bytes, stored in the same transaction.
+        their bytes, stored in the same transaction. ``disarm``: the id of the
+        armed death notice these messages (a completion or failure card)
+        replace: deleted in the same transaction, and they are marked
+        important, so a kill at any moment posts one or the other, never both.
         """
         now = time.time()
         # a caller never waits long for another process's lock: it gets a clear error instead
@@ -438,6 +462,8 @@ class Outbox:
                 ).lastrowid or 0)
                 for b in bodies
             ]
+            if disarm is not None:  # the card replaces the death notice: both in one transaction (deadman.py)
+                _replace_armed(db, disarm, ids)
         self._dests[webhook.id] = dest  # committed: no need to look it up again
         return ids
 
@@ -966,9 +992,15 @@ class Outbox:
         rows = [dict(r) for r in src.execute(
             f"SELECT * FROM message WHERE {waiting} OR (state='{MERGED}' AND merged_into IN (SELECT id FROM message WHERE {waiting}))"
             " ORDER BY id")]
-        if not rows:
+        armed = [dict(r) for r in src.execute(f"SELECT * FROM message WHERE state='{ARMED}' ORDER BY id")
+                 if not _live_here(r["owner"])]
+        if not rows and not armed:
             return 0
         urls = _readable_destinations(src)
+        from . import deadman
+
+        deaths = deadman.moved_notices(self, armed, urls)  # their owners died with their host
+        fired: list[tuple[dict[str, Any], int]] = []
         moved: dict[int, int] = {}
         with self._write() as db:
             for row in rows:
@@ -988,11 +1020,40 @@ class Outbox:
                            [row.get(c) for c in cols])
                 moved[old_id] = int(db.execute("SELECT id FROM message WHERE request_id=?", (row["request_id"],)).fetchone()[0])
             _copy_blobs(src, db, [r.get("images") for r in rows])
+            for row, bodies in deaths:  # after what their owners queued; the armed row's requestId: copied twice, posted once
+                fired += [(row, self._fire_moved(db, row, bodies, urls, now))]
+                moved[row["id"]] = fired[-1][1]
         with _plain_tx(src):
             src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
-        self._tell(f"delivering {sum(1 for r in rows if r['state'] in (PENDING, MERGED))} message(s) left in {src_name(src)} "
-                   "by a host no process uses any more")
+        for row, _ in fired:
+            deadman.fired(deadman._spec(row), row)
+        left = sum(1 for r in rows if r["state"] in (PENDING, MERGED))
+        what = [f"{left} message(s) left"] if left or not fired else []
+        what += [f"the death notice of {len(fired)} job(s) still running"] if fired else []
+        self._tell(f"delivering {' and '.join(what)} in {src_name(src)} by a host no process uses any more")
+        self.adopted += [i for _, i in fired]
         return len(moved)
+
+    def _fire_moved(self, db: sqlite3.Connection, row: dict[str, Any], bodies: list[str], urls: dict[Any, str], now: float) -> int:
+        """Queue the death notice of another host's armed ``row`` (in the take-over's transaction); return its id.
+
+        Its first message takes the armed row's ``requestId`` (the next ones a
+        suffix of it): a take-over repeated after a crash, before the rows
+        were deleted there, finds it here and adds nothing, and the space
+        itself keeps one message per ``requestId``.
+        """
+        from .webhook import parse_webhook_url
+
+        hook = parse_webhook_url(urls[row["dest"]])
+        dest = self._dest_id(db, hook)
+        ids = []
+        for k, body in enumerate(bodies):
+            request_id = row["request_id"] if k == 0 else f"{row['request_id']}-{k}"
+            db.execute("INSERT OR IGNORE INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state,"
+                       " next_at, created_at, updated_at, important) VALUES (?,?,?,?,?,0,?,?,?,?,1)",
+                       (request_id, dest, hook.space_key, row["thread_key"], body, PENDING, now, now, now))
+            ids.append(int(db.execute("SELECT id FROM message WHERE request_id=?", (request_id,)).fetchone()[0]))
+        return ids[0]
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -1073,6 +1134,7 @@ class Outbox:
         from .webhook import parse_webhook_url
 
         kept = waiting = 0
+        wanted: set[str] = set()  # image bytes that salvaged messages still need
         try:
             src = sqlite3.connect(str(source), timeout=1.0)
         except sqlite3.Error:
@@ -1094,10 +1156,14 @@ class Outbox:
                         row.update(state=PENDING, owner=None, lease_until=None)
                     if row["state"] == PENDING:
                         row["next_at"] = time.time()  # after a recovery, try again at once
-                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
-                               [row.get(c) for c in _COLUMNS])
+                    cols = _COLUMNS + tuple(c for t, c, _ in _ADDED_COLUMNS if t == "message" and c in row and c not in _COLUMNS)
+                    db.execute(f"INSERT OR IGNORE INTO message ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                               [row.get(c) for c in cols])
                     kept += 1
                     waiting += row["state"] == PENDING
+                    if row.get("images") and row["state"] == PENDING:
+                        wanted.update(re.findall(r"[0-9a-f]{64}", str(row["images"])))
+                _salvage_blobs(src, db, wanted)
         finally:
             src.close()
         return kept, waiting
@@ -1150,6 +1216,23 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
 
 
+def _salvage_blobs(src: sqlite3.Connection, db: sqlite3.Connection, wanted: set[str]) -> int:
+    """Copy the image bytes ``wanted`` that can still be read, and still hash to their name; return how many."""
+    import hashlib
+
+    copied = 0
+    for digest in sorted(wanted):
+        try:
+            row = src.execute("SELECT data, mime FROM blob WHERE sha256 = ?", (digest,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue  # a damaged page: this figure posts as lost (unless the store has it already)
+        if row is None or hashlib.sha256(bytes(row[0])).hexdigest() != digest:
+            continue  # gone, or damaged bytes: never post a picture that was not shown
+        db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, bytes(row[0]), str(row[1])))
+        copied += 1
+    return copied
+
+
 def _copy_blobs(src: sqlite3.Connection, db: sqlite3.Connection, images: list[str | None]) -> None:
     """The image bytes the moved messages still need, from another host's file into this one."""
     digests = {d for i in images if i for d in re.findall(r"[0-9a-f]{64}", i)}
@@ -1172,6 +1255,12 @@ def _forget_blobs(db: sqlite3.Connection) -> None:
     for (digest,) in db.execute("SELECT sha256 FROM blob").fetchall():
         if digest not in wanted:
             db.execute("DELETE FROM blob WHERE sha256 = ?", (digest,))
+
+
+def _replace_armed(db: sqlite3.Connection, armed: int, ids: list[int]) -> None:
+    """Inside :meth:`Outbox.enqueue`'s transaction: forget the armed notice ``armed``; ``ids`` are important now."""
+    db.execute(f"DELETE FROM message WHERE id=? AND state='{ARMED}'", (armed,))
+    db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
 
 
 def _images(body: tuple[Any, ...]) -> str | None:
@@ -1325,10 +1414,12 @@ class _Tx:
     another process's lock may keep this transaction from starting.
     """
 
-    def __init__(self, box: Outbox, wait: float) -> None:
-        self.box = box
-        self.wait = wait
-        self.busy_timeout = box.busy_timeout
+    def __init__(self, box: Outbox | sqlite3.Connection, wait: float | None = None) -> None:
+        # a bare connection (older callers): its own busy timeout is how long it waits
+        self.box = box if isinstance(box, Outbox) else None
+        self.fixed = None if isinstance(box, Outbox) else box
+        self.busy_timeout = box.busy_timeout if isinstance(box, Outbox) else box.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+        self.wait = self.busy_timeout if wait is None else wait
         self.db: Any = None
 
     def __enter__(self) -> sqlite3.Connection:
@@ -1338,7 +1429,8 @@ class _Tx:
             entered = False
             try:
                 entered = _gate.enter(gate_deadline - time.monotonic())
-                self.db = self.box._db()  # under the gate: a fork meanwhile may have closed the thread's connection
+                # under the gate: a fork meanwhile may have closed the thread's connection
+                self.db = self.box._db() if self.box is not None else self.fixed
                 if self.db.in_transaction:
                     _rollback(self.db)
                     log.warning("chat_magic: rolled back an outbox transaction left open by an interrupt")

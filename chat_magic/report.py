@@ -26,12 +26,17 @@ from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payl
 from .rules import mention_tag
 
 OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
-ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏹️", STARTED: "▶️", PROGRESS: "⏳"}
-WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress"}
-COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8"}
+# how a training run ended without an exception, read from the framework's own state (integrations/_base.py)
+STOPPED, DIVERGED = "stopped", "diverged"
+ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏸️", STARTED: "▶️", PROGRESS: "⏳", STOPPED: "⏹️", DIVERGED: "⚠️"}
+WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress",
+         STOPPED: "stopped early", DIVERGED: "diverged"}
+COLORS = {OK: "#188038", FAILED: "#d93025", INTERRUPTED: "#e37400", STARTED: "#1a73e8", PROGRESS: "#1a73e8",
+          STOPPED: "#1a73e8", DIVERGED: "#e37400"}
 MAX_DETAILS = 95  # detail rows in a card: with error, duration, "more", output and traceback, at most 100 widgets
 # which rank posts a notice of each status (see chat_magic.ranks)
-KINDS = {OK: _ranks.SUCCESS, FAILED: _ranks.FAILURE, INTERRUPTED: _ranks.INTERRUPT, STARTED: _ranks.START, PROGRESS: _ranks.PROGRESS}
+KINDS = {OK: _ranks.SUCCESS, FAILED: _ranks.FAILURE, INTERRUPTED: _ranks.INTERRUPT, STARTED: _ranks.START, PROGRESS: _ranks.PROGRESS,
+         STOPPED: _ranks.SUCCESS, DIVERGED: _ranks.SUCCESS}  # every rank sees the same metrics: rank 0 tells
 TRACEBACK_LINES = 15
 
 
@@ -60,6 +65,20 @@ def outcome(error: BaseException | None = None, *, exit_code: int | None = None,
     if isinstance(error, (KeyboardInterrupt, GeneratorExit)) or type(error).__name__ == "CancelledError":
         return INTERRUPTED, "cancelled" if type(error).__name__ == "CancelledError" else exception_summary(error), ""
     return FAILED, exception_summary(error), format_traceback(error, shell=shell)
+
+
+def mark_reported(error: BaseException | None) -> None:
+    """``error`` was posted in full (a failure card): a summary that meets it again names it, no more."""
+    if error is None:
+        return
+    try:
+        error.__chat_magic_reported__ = True  # type: ignore[attr-defined]
+    except Exception:  # an exception type with __slots__: it may be reported twice
+        pass
+
+
+def was_reported(error: BaseException | None) -> bool:
+    return bool(getattr(error, "__chat_magic_reported__", False))
 
 
 def signal_name(signum: int) -> str:
@@ -323,7 +342,8 @@ class Report:
         widgets: list[dict[str, Any]] = []
         if self.error:
             first = html.escape(self.error.splitlines()[0][:500])
-            widgets.append({"decoratedText": {"topLabel": "Error", "text": f'<font color="{color}">{first}</font>', "wrapText": True}})
+            label = "Why" if self.status in (STOPPED, DIVERGED) else "Error"  # a stop or a divergence is no exception
+            widgets.append({"decoratedText": {"topLabel": label, "text": f'<font color="{color}">{first}</font>', "wrapText": True}})
         if self.duration is not None and self.status != STARTED:
             widgets.append({"decoratedText": {"topLabel": "Duration", "text": html.escape(format_duration(self.duration))}})
         shown = [(k, v) for k, v in self.details.items() if v not in (None, "")]

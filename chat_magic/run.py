@@ -261,15 +261,32 @@ class _Job:
         if self.rank.distributed:
             self.details["Rank"] = self.rank.describe()
         self.receipts: list[Any] = []
+        self.armed: Any = None  # the death notice while the command runs (deadman.py)
 
     def post(self, report: Any) -> None:
         """Queue ``report`` if this rank posts its kind; a problem is one line, never an exception."""
         try:
             if _ranks.should_post(report.kind, None, self.rank):
+                armed = self.armed if report.kind != _ranks.START else None
                 self.receipts.append(self.session.send(to=self.webhook, keep_on_fault=True,
+                                                       disarm=armed.replacing() if armed is not None else None,
                                                        **report.payload_kwargs(cards=self.args.cards)))
+                if armed is not None:
+                    armed.replaced = True  # the notice's transaction disarmed it
+                if report.kind != _ranks.START:
+                    from .deadman import mark_important
+
+                    mark_important(self.receipts[-1])
         except Exception as e:
             _say(f"notice not posted: {e if isinstance(e, ChatMagicError) else f'{type(e).__name__}: {e}'}")
+
+    def arm(self) -> Any:
+        """The death notice, in the outbox before the command starts: reported if chat-magic run itself is killed."""
+        from . import deadman
+
+        self.armed = deadman.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
+                                 cards=self.args.cards, to=self.args.to)
+        return self.armed
 
     def post_start(self) -> None:
         from .report import STARTED, Report
@@ -387,10 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.notify_start:
         job.post_start()
+    armed = job.arm()
     ended = _execute(command)
     if ended.start_error:
         _say(ended.start_error)
     job.post_end(ended)
+    if armed is not None:
+        armed.disarm()  # the notice's transaction deleted it (else: now)
     if job.receipts:
         _wait_delivery(args.wait)
     return ended.exit_code

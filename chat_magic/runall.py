@@ -16,6 +16,16 @@ A run ends when
   All at a failing cell and, under nbclient or papermill, shuts the kernel
   down at once: that run is reported at exit.
 
+The total is from the first cell's start to the last cell's end (the quiet
+wait is not part of it); the cell that turns ``--run-all`` on counts like any
+other (from the magic's call to the cell's end). After a failing cell, the
+cells of the notebook that Run All never reached are named, when the
+notebook's file can be found (VS Code's ``__vsc_ipynb_file__``, Jupyter's
+``__session__`` or ``JPY_SESSION_NAME``, ``CHAT_MAGIC_SOURCE``, the
+``.ipynb`` papermill or nbconvert was given). A failure that another notice
+already reported in full (a training callback, ``notify_when_done``) is
+named, not repeated: one failure notice per failing cell.
+
 A run is worth a summary when it had two cells or more, a failing or
 interrupted cell, or lasted at least the auto-notify threshold: a single
 quick cell run by hand posts nothing.
@@ -29,14 +39,16 @@ thread needs starting during interpreter shutdown (refused from Python 3.12).
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .console import say
-from .report import Report, format_duration
+from .report import Report, format_duration, was_reported
 
 SLOWEST = 3  # cells named in "Slowest cells"
 
@@ -49,6 +61,7 @@ class CellRun:
     title: str
     duration: float
     error: BaseException | None = None
+    source: str = ""  # the cell's code: finds it in the notebook file (the cells after it were not run)
 
     @property
     def name(self) -> str:
@@ -79,6 +92,8 @@ class RunAll:
         self._lock = threading.Lock()
         self._cells: list[CellRun] = []
         self._started: float | None = None  # wall clock of the run's first cell
+        self._ended: float | None = None  # wall clock of the run's last cell end (the total stops there)
+        self._enabled_at: tuple[float, float] | None = None  # (wall, perf) of start(): the enabling cell's start
         self._cell_start = 0.0
         self._depth = 0  # nested run_cell (%%chat runs the cell inside its own)
         self._seq = 0  # cells started: a timer armed before a newer cell is stale
@@ -98,6 +113,7 @@ class RunAll:
         for event, fn in self._callbacks.items():
             self.shell.events.register(event, fn)
         atexit.register(self._at_exit)
+        self._enabled_at = (time.time(), time.perf_counter())  # the cell running the magic counts from here
         return self
 
     def stop(self) -> None:
@@ -142,15 +158,23 @@ class RunAll:
         from .magics import cell_title
 
         with self._lock:
-            if self._depth == 0:  # the cell that turned tracking on: it started before
-                return
-            self._depth -= 1
-            if self._depth > 0:
-                return
+            if self._depth == 0:  # the cell that turned tracking on: it started before pre_run_cell was ours
+                if self._enabled_at is None:
+                    return
+                wall, self._cell_start = self._enabled_at
+                if self._started is None:
+                    self._started = wall
+                    self.idle.clear()
+            else:
+                self._depth -= 1
+                if self._depth > 0:
+                    return
+            self._enabled_at = None
             error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
             raw = getattr(getattr(result, "info", None), "raw_cell", "") or ""
             self._cells.append(CellRun(getattr(result, "execution_count", None), cell_title(raw),
-                                       time.perf_counter() - self._cell_start, error))
+                                       time.perf_counter() - self._cell_start, error, raw))
+            self._ended = time.time()
             self._arm(self._seq)
 
     def _arm(self, seq: int) -> None:
@@ -174,18 +198,18 @@ class RunAll:
     # -- the summary ----------------------------------------------------------------------
 
     def _reset(self) -> None:
-        self._cells, self._started, self._depth = [], None, 0
+        self._cells, self._started, self._ended, self._depth = [], None, None, 0
         self.idle.set()
 
     def finish(self) -> Report | None:
         """End the run now: post its summary if it is worth one; return the report (or None)."""
         with self._lock:
-            cells, started = self._cells, self._started
-            self._cells, self._started = [], None
+            cells, started, ended = self._cells, self._started, self._ended
+            self._cells, self._started, self._ended = [], None, None
         report = None
         try:
             if cells and self.worth_telling(cells):
-                report = self.report(cells, time.time() - (started or time.time()))
+                report = self.report(cells, (ended or time.time()) - (started or time.time()))
                 self.post(report)
                 self.summaries_posted += 1
         except Exception as e:
@@ -207,9 +231,13 @@ class RunAll:
         """The summary of ``cells``: status, total time, slowest cells, the failing cell's error."""
         failed = next((c for c in cells if c.error is not None), None)
         slowest = sorted(cells, key=lambda c: c.duration, reverse=True)[:SLOWEST]
+        told = failed is not None and was_reported(failed.error)
         facts = {"Cells run": str(len(cells))}
         if failed is not None:
-            facts["Stopped at" if failed is cells[-1] else "Failed cell"] = failed.name
+            facts["Stopped at" if failed is cells[-1] else "Failed cell"] = failed.name + (" (its failure notice is above)" if told else "")
+            left = self.not_run(cells[-1])
+            if left:
+                facts["Not run"] = f"{len(left)} cell{'s' if len(left) != 1 else ''}: " + " · ".join(left)
         facts["Slowest cells"] = " · ".join(f"{c.name} {format_duration(c.duration)}" for c in slowest)
         report = Report.from_outcome(
             f"Run of {len(cells)} cell{'s' if len(cells) != 1 else ''}",
@@ -219,7 +247,69 @@ class RunAll:
             duration=duration,
             details={**facts, **self.details()},
             mention=self.mention,
+            with_traceback=not told,
         )
-        if failed is not None and report.error:
+        if told:
+            report.error = ""  # the error and its traceback are in the failure notice already posted
+        elif failed is not None and report.error:
             report.error = f"{failed.name}: {report.error}"
         return report
+
+    def not_run(self, last: CellRun) -> list[str]:
+        """The titles of the notebook's code cells after ``last`` (Run All stopped there); [] when unknown."""
+        try:
+            return cells_after(notebook_file(self.shell), last.source)
+        except Exception:
+            return []
+
+
+def notebook_file(shell: Any) -> Path | None:
+    """The ``.ipynb`` this kernel runs, when something names it; None otherwise (the summary then says less)."""
+    ns = getattr(shell, "user_ns", None) or {}
+    names = [ns.get("__vsc_ipynb_file__"), ns.get("__session__"), os.environ.get("JPY_SESSION_NAME"),
+             os.environ.get("CHAT_MAGIC_SOURCE")]
+    for name in names:
+        if isinstance(name, str) and name.endswith(".ipynb"):
+            for path in (Path(name), Path.cwd() / Path(name).name):  # __session__ is relative to the server's root
+                if path.is_file():
+                    return path
+    return _launcher_file()
+
+
+def _launcher_file() -> Path | None:
+    """The ``.ipynb`` on the parent process's command line (papermill, nbconvert), from its working folder."""
+    try:
+        ppid = os.getppid()
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
+        cwd = Path(os.readlink(f"/proc/{ppid}/cwd"))
+    except OSError:
+        return None
+    for a in args:
+        if a.endswith(".ipynb") and (cwd / a).is_file():
+            return cwd / a
+    return None
+
+
+def cells_after(path: Path | None, source: str) -> list[str]:
+    """Titles of the code cells after the one whose code is ``source`` (empty cells skipped); [] if not found."""
+    if path is None or not source.strip():
+        return []
+    import json  # not nbformat: this may run at kernel exit, where a slow import can be cut short
+
+    with open(path, encoding="utf-8") as f:
+        cells = json.load(f).get("cells") or []
+    code = ["".join(c.get("source") or "") if isinstance(c.get("source"), list) else str(c.get("source") or "")
+            for c in cells if isinstance(c, dict) and c.get("cell_type") == "code"]
+    at = [i for i, src in enumerate(code) if src.strip() == source.strip()]
+    if not at:
+        return []
+    return [_title(src) for src in code[at[-1] + 1:] if src.strip()]
+
+
+def _title(source: str) -> str:
+    """A cell's ``#`` title, else its first line of code (cut at 40 characters)."""
+    from .magics import cell_title
+
+    first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+    return cell_title(source) or (first if len(first) <= 40 else first[:39] + "…")

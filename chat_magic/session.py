@@ -66,7 +66,7 @@ def detect_source(user_ns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     launcher = _launcher_notebook() if "ipykernel" in sys.modules else None
     if launcher:
         return "notebook", launcher
-    served = _server_notebook() if "ipykernel" in sys.modules else None
+    served = _server_notebook() if _in_kernel() else None
     if served:
         return "notebook", served
     if in_shell:
@@ -128,12 +128,24 @@ def _server_notebook(timeout: float = SERVER_TIMEOUT) -> str:
     return ""
 
 
-def _connection_file() -> str:
-    """This kernel's connection file, from ipykernel (else its ``-f`` argument), or ``""``."""
+def _in_kernel() -> bool:
+    """True inside a running ipykernel (not merely a process that imported ipykernel)."""
+    app = sys.modules.get("ipykernel.kernelapp")
     try:
-        from ipykernel.connect import get_connection_file
+        return bool(app is not None and app.IPKernelApp.initialized())
+    except Exception:
+        return False
 
-        return str(get_connection_file())
+
+def _connection_file() -> str:
+    """This kernel's connection file, from the running kernel app (else its ``-f`` argument), or ``""``.
+
+    Read from ``IPKernelApp`` without importing ``ipykernel.connect``: that import pulls in
+    ``ipykernel.zmqshell``, after which ``tqdm.auto`` picks its notebook bar in a plain process.
+    """
+    try:
+        app = sys.modules["ipykernel.kernelapp"].IPKernelApp.instance()
+        return str(Path(app.connection_dir, app.connection_file)) if app.connection_file else ""
     except Exception:
         args = sys.argv
         for i, a in enumerate(args):
@@ -225,6 +237,11 @@ class Session:
         self.announce = True  # False: notices that say where they come from themselves need no header
 
     def _make_key(self) -> str:
+        from .jobs import identity, thread_key
+
+        job = identity()
+        if job:  # every rank of a distributed job derives the same key: one thread per job
+            return thread_key(job)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.started))
         return f"chat-magic-{_slug(self.source)}-{stamp}-{secrets.token_hex(3)}"
 

@@ -1,28 +1,84 @@
 """Shared fixtures: a real emulator over real HTTP on loopback, a private outbox per test.
 
+How the suite runs (README, "Run the tests"):
+- ``python -m pytest`` runs everything not marked ``slow`` (a few minutes on 2 cores);
+  ``python -m pytest -m slow`` runs the rest; ``.ci/run`` runs both, so every test runs once.
+- Markers: ``slow`` (clusters and ``unshare``, the real quota over long runs, the training
+  frameworks, the browser, long sweeps: anything over a few seconds), ``browser`` (also
+  ``slow``), ``pacing`` (the test is about the 1 request/s quota, below), ``jupyter`` (set
+  here by module: CI runs these again on Colab's pinned stack).
+- Pacing-free by default: a test not marked ``pacing`` gets the ``emulator`` without its
+  quota and this process's delivery ``interval`` and ``gap_after_answer`` at
+  :data:`TEST_INTERVAL`, so no test waits a second per message for nothing. A test about
+  pacing says so: ``@pytest.mark.pacing`` (or the ``paced_space`` fixture) gives the real
+  quota (1 request/s per space) and the user's interval (1.1 s). Subprocesses and kernels a
+  test starts pace as users do (they do not see this process's settings).
+- Isolation: the whole session (this process, the kernels and subprocesses it starts, which
+  inherit the environment) has its IPython history in a temporary ``IPYTHONDIR`` and its
+  temporary folders under a private ``TMPDIR``; both are deleted at the end. Nothing is
+  written to ``~/.ipython`` and no ``/tmp/chat_magic-*`` is left behind
+  (``test_isolation.py`` checks it).
+- A fast test: ``fast_backoff`` for fault tests (retries within a second); every wait polls
+  a condition (:func:`wait_until`, ``space.wait_for``, ``Receipt.wait``) with a generous
+  deadline; never a fixed sleep as proof that something happened or did not; no assertion
+  on the order or the size of timings.
+
+Fixtures:
 - ``emulator``: one :class:`chat_magic.emulator.Emulator` for the whole run
-  (strict proto validation, the real 1 request/second quota).
+  (strict proto validation; its 1 request/second quota only for ``pacing`` tests).
 - ``space``: a fresh space on that emulator for one test, with the
   environment pointing ``GOOGLE_CHAT_WEBHOOK_URL`` at it and ``CHAT_MAGIC_HOME``
   at a private folder; ``space.messages()`` is what the space received.
-- ``fast_space``: the same on a second emulator with no quota, and this
-  process's pacing off: for tests that are not about pacing (they run faster).
+- ``paced_space``: ``space`` for a test about pacing (the same as ``space`` + ``pacing``).
+- ``fast_space``: the same on a second emulator that never has a quota, and this
+  process's pacing off (kept for the tests written before pacing-free was the default).
+- ``outbox_home``, ``shell``/``ip`` (a real IPython shell, chat_magic loaded),
+  ``fast_backoff``, ``debug_logs``.
 - ``validate_message(payload)``: checks a payload with the official proto.
 - ``wait_until(predicate)``: poll until true, or fail saying what was awaited.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chat_magic.emulator import Emulator
+
+# -- isolation, set before any test module is imported (some create an IPython shell at once):
+# IPython's history and every temporary folder of this session, its kernels and its subprocesses
+# go into one private folder, deleted at the end. pytest's own tmp_path stays where it was (kept
+# for a look after a failure, as pytest keeps it).
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="cm-pytest-"))
+(SESSION_DIR / "ipython").mkdir()
+(SESSION_DIR / "tmp").mkdir()
+os.environ["IPYTHONDIR"] = str(SESSION_DIR / "ipython")
+os.environ["TMPDIR"] = str(SESSION_DIR / "tmp")
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+# deleted at exit, after IPython's own exit handler has closed its history (atexit runs the last registered first)
+atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
+
+# tqdm.auto decides once, at its import, between the console and the notebook bar, by whether
+# ipykernel.zmqshell is imported: this process is no kernel, but kernel tests import ipykernel and
+# chat_magic.session may then import ipykernel.connect (which imports zmqshell). Decided here, first.
+try:
+    import tqdm.auto  # noqa: F401
+except ImportError:
+    pass
+
+TEST_INTERVAL = 0.01  # this process's pacing interval in tests not marked `pacing` (the user's: 1.1 s)
 
 KEY = "emu-key-" + "k" * 24  # long enough that a leak is unmistakable
 TOKEN = "emu-token-" + "t" * 24
@@ -94,10 +150,40 @@ class Space:
 
 @pytest.fixture(scope="session")
 def emulator():
+    """The session's emulator; its 1 request/s quota holds in tests marked ``pacing`` only (see ``_pacing``)."""
     emu = Emulator(key=KEY, token=TOKEN, qps=1.0, strict=True)
     emu.start()
     yield emu
     emu.stop()
+
+
+def _about_pacing(request) -> bool:
+    return request.node.get_closest_marker("pacing") is not None or "paced_space" in request.fixturenames
+
+
+@pytest.fixture(autouse=True)
+def _pacing(request):
+    """Pacing-free unless the test is about pacing: no quota in ``emulator``, a tiny interval here.
+
+    A test marked ``pacing`` (or using ``paced_space``) gets the real quota and the
+    user's settings. Either way the settings are the user's again afterwards.
+    """
+    if _about_pacing(request):
+        yield
+        return
+    from chat_magic import delivery
+
+    emu = request.getfixturevalue("emulator") if "emulator" in request.fixturenames else None
+    saved = (delivery.settings.interval, delivery.settings.gap_after_answer)
+    delivery.settings.interval = delivery.settings.gap_after_answer = TEST_INTERVAL
+    if emu is not None:
+        emu.qps = None
+    try:
+        yield
+    finally:
+        delivery.settings.interval, delivery.settings.gap_after_answer = saved
+        if emu is not None:
+            emu.qps = 1.0
 
 
 @pytest.fixture
@@ -161,6 +247,12 @@ def _space(emu: Emulator, monkeypatch):
 
 @pytest.fixture
 def space(emulator, outbox_home, monkeypatch):
+    """A fresh space; pacing-free unless the test is marked ``pacing`` (then the real 1 request/s quota)."""
+    yield from _space(emulator, monkeypatch)
+
+
+@pytest.fixture
+def paced_space(emulator, outbox_home, monkeypatch):
     """A fresh space under the real quota (1 request/s), with this process pacing as it does for users."""
     yield from _space(emulator, monkeypatch)
 
@@ -200,7 +292,9 @@ def debug_logs(caplog):
 # -- the `jupyter` marker: tests that touch IPython, ipykernel, ipywidgets or notebooks. CI runs them a
 # second time on Colab's pinned stack (IPython 7.34, ipywidgets 7.7.1, ipykernel 6.17.1): pytest -m jupyter
 JUPYTER_MODULES = {"test_magics", "test_composer", "test_quickstart_notebook", "test_training_notebook",
-                   "test_hosted", "test_spaces", "test_front_ends", "test_runall"}
+                   "test_hosted", "test_spaces", "test_front_ends", "test_runall",
+                   # a real ipykernel killed, restarted, terminated mid-cell; %chat_autonotify --stall-after; %%chat killed
+                   "test_watcher", "test_termination", "test_stalls", "test_never_silent_edges"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -208,3 +302,5 @@ def pytest_collection_modifyitems(config, items):
         module = getattr(item, "module", None)
         if module is not None and module.__name__ in JUPYTER_MODULES:
             item.add_marker(pytest.mark.jupyter)
+        if item.get_closest_marker("browser") is not None:
+            item.add_marker(pytest.mark.slow)  # the default run leaves the browser out; `-m slow` runs it

@@ -32,6 +32,7 @@ from chat_magic import delivery, hosts, pacing
 from chat_magic.outbox import SENT, Outbox
 from chat_magic.webhook import parse_webhook_url
 
+pytestmark = pytest.mark.pacing  # the quota shared by hosts: the emulator enforces it, each process paces as users' do
 NO_UNSHARE = unshare_works()
 needs_hosts = pytest.mark.skipif(NO_UNSHARE is not None, reason=f"simulated hosts: {NO_UNSHARE}")
 DOWN_LINE = "does not answer"
@@ -78,6 +79,7 @@ def quota_errors(space) -> int:
 
 
 @needs_hosts
+@pytest.mark.slow
 def test_four_hosts_sharing_a_home_have_four_outbox_files(space, outbox_home, redis_url):
     names = [f"node-{k}" for k in range(4)]
     env = host_env(outbox_home, space.url, redis_url)
@@ -195,6 +197,7 @@ def test_redis_killed_mid_run_loses_nothing_and_comes_back(space, outbox_home, r
 
 
 @needs_hosts
+@pytest.mark.slow
 def test_a_429_with_retry_after_holds_the_space_for_every_host(space, outbox_home, redis_url):
     names = ["node-a", "node-b", "node-c"]
     space.emu.inject("429", count=1, seconds=3)

@@ -237,6 +237,7 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["papermill", "nbconvert", "jupyter execute"])
 def test_batch_runners_name_the_notebook(space, tmp_path, runner):
     nb = _posting_notebook(tmp_path / f"nightly-{runner.replace(' ', '-')}.ipynb")
@@ -252,6 +253,7 @@ def test_batch_runners_name_the_notebook(space, tmp_path, runner):
     assert_no_secret(p.stdout, p.stderr)
 
 
+@pytest.mark.slow
 def test_jupyter_server_sessions_name_the_notebook(space, tmp_path):
     """JupyterLab and Notebook 7 start kernels through Jupyter Server's sessions API: the same call here."""
     from jupyter_client import BlockingKernelClient
@@ -366,6 +368,7 @@ EVERYTHING = [
 ]
 
 
+@pytest.mark.slow
 def test_everything_in_this_environments_own_kernel(space, tmp_path):
     import ipykernel
     import IPython
@@ -415,6 +418,7 @@ def test_colab_quickstart_is_committed_clean():
     assert len(params) == 1 and "INSTALL = True" in params[0].source
 
 
+@pytest.mark.slow
 def test_colab_quickstart_runs_against_the_emulator(emulator, standins, tmp_path):
     """As on Colab: the webhook comes from the Secrets panel (the stand-in); papermill-style INSTALL = False skips %pip."""
     standins.secrets(GOOGLE_CHAT_WEBHOOK_URL=other_space(emulator, "SCOLABQS"))

@@ -125,7 +125,7 @@ def test_on_error_posts_only_failures_and_interrupts(ip, fast_space, capsys):
     msgs = delivered(fast_space)
     t = titles(msgs)
     assert len(t) == 2
-    assert t[0].startswith("⏹️ Stopped interrupted") and t[1].startswith("❌ Broken failed")
+    assert t[0].startswith("⏸️ Stopped interrupted") and t[1].startswith("❌ Broken failed")
     assert "ZeroDivisionError" in flat(msgs[-1])
     assert "Quiet" not in json.dumps(msgs, ensure_ascii=False)
 

@@ -35,8 +35,8 @@ def test_sparkline_spans_the_eight_bars_and_keeps_the_shape():
     assert sparkline([1.0, 0.5, 0.25, 0.25]) == "█▃▁▁"
     assert sparkline([3, 3, 3]) == "▄▄▄", "a flat course is a flat line"
     assert sparkline([]) == ""
-    assert sparkline([1.0, math.nan, 0.0]) == "█·▁", "NaN shows as a gap, the rest still scales"
-    assert sparkline([math.inf]) == "·"
+    assert sparkline([1.0, math.nan, 0.0]) == "█×▁", "NaN shows as its own mark, the rest still scales"
+    assert sparkline([math.inf]) == "×"
 
 
 def test_a_long_history_is_averaged_into_the_width():

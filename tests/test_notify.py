@@ -118,7 +118,7 @@ def test_keyboard_interrupt_is_posted_as_interrupted(fast_space):
     with pytest.raises(KeyboardInterrupt), notify_when_done("long loop"):
         raise KeyboardInterrupt
     (card,) = cards(settle(fast_space, 2))
-    assert card["header"]["title"].startswith("⏹️ long loop interrupted")
+    assert card["header"]["title"].startswith("⏸️ long loop interrupted")
 
 
 def test_exception_with_broken_str_still_propagates_and_is_reported(fast_space):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 from conftest import KEY, TOKEN, assert_no_secret, committed_clean, validate_message
 from nbclient import NotebookClient
 from traitlets.config import Config
@@ -37,6 +38,7 @@ def test_quickstart_is_committed_clean():
         assert magic in sources
 
 
+@pytest.mark.slow
 def test_quickstart_runs_in_a_real_kernel(space, monkeypatch):
     # the kernel inherits this process's environment: the space fixture set
     # GOOGLE_CHAT_WEBHOOK_URL and a private CHAT_MAGIC_HOME
@@ -89,6 +91,7 @@ def test_quickstart_runs_in_a_real_kernel(space, monkeypatch):
     assert space.url not in saved and not re.search(r"[?&](key|token)=", saved)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_quickstart_and_prints_the_thread(tmp_path):
     env = dict(os.environ)
     # the demo must use its own emulator and outbox, never these

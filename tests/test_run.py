@@ -226,7 +226,7 @@ def test_sigint_is_forwarded_and_reported_as_interrupted(space):
     assert proc.returncode == 128 + signal.SIGINT
     assert b"KeyboardInterrupt" in err  # the child's own traceback, passed through
     (card,) = cards(space)
-    assert card["header"]["title"].startswith("⏹️ ctrl-c interrupted")
+    assert card["header"]["title"].startswith("⏸️ ctrl-c interrupted")
 
 
 # -- options ------------------------------------------------------------------------

@@ -56,9 +56,9 @@ def test_back_to_back_cells_post_one_summary_with_the_slowest_cells(ip, space, c
     cells(ip, "# Load data\nx = 1", "# Train\nimport time; time.sleep(0.3)", "# Report\ny = x + 1", "z = 3")
     closed(ip)
     (card,) = summaries(space)
-    assert card["header"]["title"].startswith("✅ Run of 4 cells finished in ")
+    assert card["header"]["title"].startswith("✅ Run of 5 cells finished in "), "the enabling cell counts too"
     r = rows(card)
-    assert r["Cells run"] == "4"
+    assert r["Cells run"] == "5"
     slowest = r["Slowest cells"].split(" · ")
     assert len(slowest) == 3 and re.fullmatch(r"\[\d+\] Train \d+ ms", slowest[0]), slowest
     assert "Failed cell" not in r and "Stopped at" not in r and r["Host"]
@@ -70,7 +70,7 @@ def test_a_run_stopping_at_a_failing_cell_names_the_cell_and_the_error(ip, space
     cells(ip, "a = 1", "# Fit the model\nraise ValueError('learning rate too high')")
     closed(ip)
     (card,) = summaries(space)
-    assert card["header"]["title"].startswith("❌ Run of 2 cells failed")
+    assert card["header"]["title"].startswith("❌ Run of 3 cells failed")
     r = rows(card)
     assert re.fullmatch(r"\[\d+\] Fit the model", r["Stopped at"])
     assert "ValueError: learning rate too high" in r["Error"] and "Fit the model" in r["Error"]
@@ -87,13 +87,14 @@ def test_two_runs_separated_by_quiet_time_post_two_summaries(ip, space):
     cells(ip, "c = 3", "d = 4", "e = 5")
     closed(ip, 2)
     titles = [c["header"]["title"] for c in summaries(space)]
-    assert [t.split(" finished")[0] for t in titles] == ["✅ Run of 2 cells", "✅ Run of 3 cells"]
+    assert [t.split(" finished")[0] for t in titles] == ["✅ Run of 3 cells", "✅ Run of 3 cells"]
 
 
 def test_one_quick_cell_is_not_a_run_worth_a_summary(ip, space):
     ip.run_cell("%chat_autonotify --run-all --quiet 0.2")
+    closed(ip)  # the enabling cell alone: a run of one quick cell
     cells(ip, "a = 1")
-    closed(ip)
+    closed(ip, 2)
     assert tracker(ip).summaries_posted == 0
     assert summaries(space) == []
 
@@ -103,7 +104,7 @@ def test_nested_cells_count_once(ip, space):
     cells(ip, "get_ipython().run_cell('inner = 1')", "b = 2")
     closed(ip)
     (card,) = summaries(space)
-    assert rows(card)["Cells run"] == "2"
+    assert rows(card)["Cells run"] == "3"
 
 
 def test_with_threshold_slow_cells_still_post_their_own_notice(ip, space):
@@ -111,7 +112,7 @@ def test_with_threshold_slow_cells_still_post_their_own_notice(ip, space):
     cells(ip, "# Slow one\nimport time; time.sleep(0.3)", "b = 2")
     closed(ip)
     titles = [c["header"]["title"] for c in summaries(space)]
-    assert len(titles) == 2 and titles[0].startswith("✅ Slow one finished") and titles[1].startswith("✅ Run of 2 cells")
+    assert len(titles) == 2 and titles[0].startswith("✅ Slow one finished") and titles[1].startswith("✅ Run of 3 cells")
 
 
 def test_off_stops_the_tracker_and_bad_options_are_one_line(ip, space, capsys):
@@ -177,11 +178,18 @@ def test_nbclient_run_all_stopping_at_a_failing_cell_posts_exactly_one_summary(s
     cards = summaries(space)
     assert len(cards) == 1, [c["header"]["title"] for c in cards]
     card = cards[0]
-    assert card["header"]["title"].startswith("❌ Run of 3 cells failed in ")
+    assert card["header"]["title"].startswith("❌ Run of 4 cells failed in "), "the enabling cell counts too"
     r = rows(card)
     assert r["Stopped at"] == "[4] Evaluate"
     assert r["Error"].endswith("[4] Evaluate: RuntimeError: accuracy too low: 45</font>")
-    assert r["Cells run"] == "3" and r["Slowest cells"].startswith("[3] Train ")
+    assert r["Cells run"] == "4"
+    assert r["Not run"] == "1 cell: Never runs"
+    # the three slowest of the four cells run, each with its time (which ones depends on the machine's load;
+    # the enabling cell has no title: "[1] 0 ms")
+    slowest = dict(re.fullmatch(r"\[(\d+)\](?: .+?)? (\d+ ms|[\d.]+ s|\d+ min \d+ s)", part).groups() for part in r["Slowest cells"].split(" · "))
+    assert len(slowest) == 3 and set(slowest) <= {"1", "2", "3", "4"}, r["Slowest cells"]
+    if "3" in slowest:
+        assert re.fullmatch(r"\d{3} ms|[\d.]+ s", slowest["3"]), "the 0.2 s cell took at least 100 ms"
     assert r["Notebook"] == "pipeline.ipynb"
     msgs = space.messages()
     assert len({m["thread"]["name"] for m in msgs}) == 1

@@ -243,6 +243,7 @@ def _cli(*args: str, env: dict, stdin: str | None = None) -> subprocess.Complete
                           capture_output=True, text=True, timeout=90)
 
 
+@pytest.mark.slow
 def test_cli_scenarios_leave_no_secret(space, emulator, evidence, outbox_home, tmp_path):
     ev = evidence
     env = dict(os.environ)
@@ -307,6 +308,7 @@ NOTEBOOK_CELLS = [
 ]
 
 
+@pytest.mark.slow
 def test_saved_notebook_carries_no_secret(space, evidence, tmp_path, tmp_path_factory, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -449,6 +451,7 @@ def test_percent_encoded_names_fragments_and_quotes_never_show(space, emulator, 
     assert hook == parse_webhook_url(space.url) and hook.id == parse_webhook_url(space.url).id, "one canonical webhook"
 
 
+@pytest.mark.slow
 def test_verbose_traceback_of_a_locked_outbox_shows_no_secret(space, outbox_home, capfd, monkeypatch, tmp_path, shell):
     """``%xmode Verbose`` prints every frame's arguments and the values in its line: none may be the URL."""
     odd = space.url.split("?")[0] + f"?%6Bey={KEY}&%74oken={TOKEN}"

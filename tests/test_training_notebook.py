@@ -19,6 +19,7 @@ def test_committed_notebook_is_clean():
     assert "key=" not in raw and "token=" not in raw
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_training_notebook_posts_one_thread_with_progress_and_a_completion_card(space, monkeypatch, tmp_path):
     from nbclient import NotebookClient

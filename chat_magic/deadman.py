@@ -1,0 +1,534 @@
+"""Dead-man notices: a block that never closes still reports.
+
+When a ``notify_when_done`` block, a ``%%chat`` cell, an auto-notified cell,
+a training callback's run or ``chat-magic run`` opens, its death notice is
+written to the outbox *before the work starts*, as a row in the state
+``armed`` owned by this process (``host:pid/start``). Closing normally
+deletes it in the transaction that queues the completion notice
+(``send(..., disarm=armed.replacing())``), or right after when none is
+posted. An armed row is
+never claimed, merged or counted as waiting: only :func:`fire_dead` turns
+it into a pending message, in one transaction (``DELETE ... WHERE
+state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
+fires it, and after whatever the dead process queued before.
+
+Who fires it:
+
+- the watcher (:mod:`chat_magic.watcher`), a small process spawned once per
+  process, in a session of its own (a kernel restart or ``killpg`` does not
+  take it along), that waits for this process to die; ``CHAT_MAGIC_WATCHER=off``
+  turns it off;
+- any later chat_magic process on this host (its dispatcher looks once at start);
+- this process itself at interpreter exit, for blocks still open then (a
+  kernel shut down mid-cell, a daemon thread).
+
+What it says: "💀 *label* died after 12 min (killed by SIGKILL — out of
+memory?)", with when it started, the last progress line, the peak memory seen
+and the cause as far as it can be known (see :func:`cause`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .console import say as _warn
+from .errors import OutboxError
+
+log = logging.getLogger("chat_magic")
+
+ENV_WATCHER = "CHAT_MAGIC_WATCHER"
+RECORD_EVERY = 2.0  # seconds between two progress writes of one open block (update() lines always)
+
+
+@dataclass
+class Armed:
+    """One open block's armed death notice (a row of ``outbox``)."""
+
+    id: int
+    outbox: Any
+    title: str
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    last_write: float = 0.0
+    last_progress: str = ""
+    closed: bool = False
+    replaced: bool = False  # a completion card queued with ``disarm=`` took the row with it (see :meth:`replacing`)
+    extra: dict[str, Any] = field(default_factory=dict)  # stalls.py and lost.py keep their state here
+
+    def record(self, text: str | None = None, *, force: bool = False) -> None:
+        """Remember a sign of life (and ``text``, the last progress line); written at most every 2 s unless ``force``."""
+        if self.closed or self.pid != os.getpid():
+            return
+        now = time.time()
+        if text:
+            self.last_progress = text[:500]
+        for hook in list(_progress_hooks):
+            try:
+                hook(self, now)
+            except Exception:
+                pass
+        if not force and now - self.last_write < RECORD_EVERY:
+            return
+        self.last_write = now
+        try:
+            from .outbox import _Tx
+
+            with _Tx(_caller_db(self.outbox)) as db:
+                db.execute("UPDATE message SET progress=?, beat=?, peak=MAX(COALESCE(peak, 0), ?) WHERE id=? AND state='armed'",
+                           (self.last_progress or None, now, peak_memory(), self.id))
+        except Exception:
+            # not worth a line (the notice is armed already), nor a training loop held up: try again in 30 s
+            self.last_write = now + 30.0
+
+    def replacing(self) -> int | None:
+        """The ``disarm=`` of the completion or failure card that replaces this notice (None: nothing to replace).
+
+        ``send(..., disarm=armed.replacing())`` queues the card and deletes
+        the armed row in one transaction (:meth:`Outbox.enqueue`): a kill at
+        any moment leaves one of the two, never both. Once ``send`` returns,
+        set :attr:`replaced`; :meth:`disarm` then has no row to delete.
+        """
+        return self.id if not self.closed and self.pid == os.getpid() else None
+
+    def disarm(self) -> None:
+        """The block closed normally: forget its death notice. Never raises."""
+        if self.closed or self.pid != os.getpid():
+            return
+        self.closed = True
+        with _lock:
+            _open.pop((str(self.outbox.path), self.id), None)
+        for hook in list(_close_hooks):
+            try:
+                hook(self)
+            except Exception:
+                pass
+        from . import termination
+
+        termination.uninstall()
+        if self.replaced:
+            return  # gone with the card's transaction (or, the card kept in memory, when it is queued)
+        if not _delete(self.outbox, self.id):
+            _undone.append((self.outbox, self.id))  # the outbox is locked or full: retried later, and at exit
+
+
+def _delete(box: Any, row_id: int) -> bool:
+    """Delete an armed row; False if the outbox cannot be written now (it is retried: never a false death notice)."""
+    try:
+        with box._write() as db:
+            db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
+        return True
+    except Exception as e:
+        log.warning("chat_magic: could not disarm death notice %s yet: %s", row_id, e)
+        return False
+
+
+def _retry_disarms() -> None:
+    """Delete the armed rows of closed blocks that the outbox could not take when they closed."""
+    while _undone:
+        box, row_id = _undone[0]
+        if not _delete(box, row_id):
+            return
+        _undone.pop(0)
+
+
+def _caller_db(box: Any) -> Any:
+    """The outbox connection of this thread, waiting at most the caller's timeout for another process's lock."""
+    db = box._db()
+    if not getattr(box._local, "caller", False):
+        db.execute(f"PRAGMA busy_timeout={int(box.caller_timeout * 1000)}")
+        box._local.caller = True
+    return db
+
+
+_undone: list[tuple[Any, int]] = []  # (outbox, row id) of closed blocks still armed in the outbox
+_open: dict[tuple[str, int], Armed] = {}  # every armed notice of this process not closed yet
+_lock = threading.Lock()
+_progress_hooks: list[Any] = []  # called with (armed, now) on every sign of life (stalls)
+_close_hooks: list[Any] = []  # called with (armed) when a block closes (stalls, lost hosts)
+_arm_hooks: list[Any] = []  # called with (armed, spec) when a block opens (signals, lost hosts)
+_exit_registered = False
+
+
+def open_notices() -> list[Armed]:
+    with _lock:
+        return [a for a in _open.values() if a.pid == os.getpid()]
+
+
+def peak_memory() -> int:
+    """This process's peak resident memory in bytes (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+    hwm = _status_kib(os.getpid(), "VmHWM")
+    if hwm:
+        return hwm * 1024
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except Exception:
+        return 0
+
+
+def _status_kib(pid: int, name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(name.encode() + b":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, str] | None = None,
+        cards: bool = True, to: Any = None, stall_after: float | None = None, job: str | None = None,
+        probe: Any = None) -> Armed | None:
+    """Write ``title``'s death notice to the outbox before the work starts; None (and one line) if it cannot be.
+
+    ``to`` is the destination as the user named it (a space name, or None for
+    the default): kept for ``chat-magic watch`` (never the URL).
+    """
+    from .delivery import dispatcher
+    from .outbox import _owner_id, _request_id
+
+    try:
+        d = dispatcher()
+        box = d.outbox
+        _retry_disarms()
+        _at_first_arm(box)  # the watcher first: once the row is armed, someone is watching
+        now = time.time()
+        host = (details or {}).get("Host") or _hostname()
+        from . import jobs, ranks
+
+        rank = ranks.current()
+        spec = {"title": title, "started": now, "details": dict(details or {}), "cards": bool(cards), "host": host,
+                "pid": os.getpid(), "job": job or (jobs.identity() if rank.distributed else None),
+                "rank": jobs.describe_rank(rank)}
+        fallback = json.dumps({"text": f"💀 {title} died", **({"thread": {"threadKey": thread_key}} if thread_key else {})},
+                              ensure_ascii=False)
+        from .outbox import _Tx
+
+        with _Tx(_caller_db(box)) as db:
+            dest = box._dest_id(db, webhook)
+            row_id = int(db.execute(
+                "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at,"
+                " updated_at, owner, armed, beat, peak) VALUES (?,?,?,?,?,0,'armed',?,?,?,?,?,?,?)",
+                (_request_id(), dest, webhook.space_key, thread_key, fallback, now, now, now, _owner_id(),
+                 json.dumps(spec, ensure_ascii=False), now, peak_memory()),
+            ).lastrowid or 0)
+    except (OutboxError, sqlite3.Error, OSError) as e:
+        # a storage fault (locked, disk full): the notice that follows says it, once, and is kept in memory
+        log.warning("chat_magic: could not arm the death notice of %r: %s", title, e)
+        return None
+    except Exception as e:
+        _warn(f"could not arm the death notice of {title!r} (if the process dies it goes unreported): {e}")
+        return None
+    armed = Armed(row_id, box, title, started=now)
+    with _lock:
+        _open[(str(box.path), row_id)] = armed
+    spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
+                stall_after=stall_after, job=job, webhook=webhook, probe=probe)
+    from . import lost, stalls  # noqa: F401  (their hooks)
+    for hook in list(_arm_hooks):
+        try:
+            hook(armed, spec)
+        except Exception as e:
+            _warn(f"{title!r}: {type(e).__name__}: {e}")
+    return armed
+
+
+def _hostname() -> str:
+    from .hosts import current_host
+
+    return current_host()
+
+
+def _at_first_arm(box: Any) -> None:
+    global _exit_registered
+    from . import termination
+
+    termination.install()
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_fire_own_at_exit)  # after the dispatcher's: runs before it (atexit is LIFO)
+    from . import watcher
+
+    watcher.ensure(box.path)
+
+
+def _fire_own_at_exit() -> None:
+    """Interpreter exit with blocks still open (a kernel shut down mid-cell, a daemon thread): fire them now."""
+    for box, row_id in list(_undone):  # closed while the outbox could not be written: try once more, patiently
+        try:
+            from .outbox import _Tx
+
+            db = box._db()
+            db.execute("PRAGMA busy_timeout=10000")
+            with _Tx(db):
+                db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
+            _undone.remove((box, row_id))
+        except Exception as e:
+            _warn(f"a closed block's death notice is still armed in {box.path} ({e}): if this process dies, it may be posted")
+    mine = open_notices()
+    if not mine:
+        return
+    boxes = {str(a.outbox.path): a.outbox for a in mine}
+    for box in boxes.values():
+        try:
+            ids = fire_dead(box, owner=_my_owner(), cause_text="the process exited while it was still running",
+                            died_at=time.time(), icon="⏹️", verb="ended")
+            from .delivery import _dispatchers
+
+            for d in list(_dispatchers.values()):
+                if d.outbox is box:
+                    d.mine.update(ids)  # the exit waits for them
+        except Exception as e:
+            _warn(f"could not post the notice of a block still open at exit: {e}")
+    for a in mine:
+        a.closed = True
+
+
+def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
+    """The exit policy: which of this process's waiting messages to wait for at exit, and for how long.
+
+    While a completion, failure, termination or death notice waits: those,
+    for ``CHAT_MAGIC_EXIT_TIMEOUT`` seconds if set, else 30 s, said in one
+    line; else every message, for the usual short window (3 s). Never raises.
+    """
+    from .delivery import settings
+
+    try:
+        if not mine:
+            return mine, settings.exit_timeout
+        told = [i for i in mine if i not in d.reported][:900]  # a caller that waited and told the user: not again
+        important = [r[0] for r in d.outbox._db().execute(
+            f"SELECT id FROM message WHERE important=1 AND state IN ('pending','sending') AND id IN ({','.join('?' * len(told))})",
+            told)] if told else []
+        if not important:
+            return mine, settings.exit_timeout
+        explicit = bool(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "").strip()) or settings.exit_timeout != 3.0
+        timeout = settings.exit_timeout if explicit else 30.0
+        if timeout <= 1.0:
+            return mine, timeout
+        if d.wait_for(important, 1.0):  # most are gone within a second: no line then
+            return [], 0.0
+        n = len(important)
+        _warn(f"waiting up to {timeout:g} s for {n} completion notice{'s' if n > 1 else ''} to be delivered "
+              "(CHAT_MAGIC_EXIT_TIMEOUT sets how long)")
+        return important, max(0.0, timeout - 1.0)
+    except Exception:
+        return mine, settings.exit_timeout
+
+
+def _my_owner() -> str:
+    from .outbox import _owner_id
+
+    return _owner_id()
+
+
+def mark_important(receipt: Any) -> None:
+    """Flag a queued completion/failure notice: the exit waits for it, the watcher delivers it. Never raises."""
+    try:
+        ids = list(getattr(receipt, "ids", ()) or ())
+        if ids:
+            box = receipt._d.outbox
+            with box._write() as db:
+                db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
+    except Exception:
+        pass
+
+
+# -- firing ------------------------------------------------------------------------
+
+
+def cause(exit_status: int | None = None, oom_kills: int = 0) -> str:
+    """What ended the process, as far as it can be known, said honestly.
+
+    ``exit_status`` is the kernel's wait status read from ``/proc`` while the
+    process was a zombie (None when it was reaped first); ``oom_kills`` how
+    many OOM kills its memory cgroup counted meanwhile.
+    """
+    from .report import signal_name
+
+    if oom_kills > 0:
+        return "killed by the out-of-memory killer — its memory cgroup counted the kill"
+    if exit_status is None:
+        return "ended abruptly: killed (SIGKILL or out of memory) or os._exit"
+    sig = exit_status & 0x7F
+    if sig == 0:
+        return f"exited with code {(exit_status >> 8) & 0xFF} without closing it (os._exit?)"
+    name = signal_name(sig)
+    if name == "SIGKILL":
+        return "killed by SIGKILL — out of memory?"
+    if name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"):
+        return f"crashed ({name})"
+    return f"killed by {name}"
+
+
+def _fmt_bytes(size: int | None) -> str:
+    if not size:
+        return ""
+    n = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def death_message(spec: dict[str, Any], row: dict[str, Any], *, cause_text: str, died_at: float | None,
+                  peak: int = 0, icon: str = "💀", verb: str = "died") -> dict[str, Any]:
+    """``send`` arguments for a death notice: a card with a text fallback (or text alone)."""
+    import html
+
+    from .message import neutralize
+    from .report import format_duration
+
+    title = str(spec.get("title") or "block")
+    started = float(spec.get("started") or row.get("created_at") or time.time())
+    if died_at is not None:
+        when = f"{verb} after {format_duration(max(0.0, died_at - started))}"
+    else:
+        last = float(row.get("beat") or started)
+        when = f"died (found later; last sign of life {format_duration(max(0.0, last - started))} after it started)"
+    head = f"{icon} {title} {when}"
+    text = f"{icon} *{neutralize(title)}* {neutralize(when)} ({neutralize(cause_text)})"
+    facts = {"Cause": cause_text, "Started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
+    if row.get("progress"):
+        facts["Last progress"] = str(row["progress"])
+    memory = _fmt_bytes(max(int(row.get("peak") or 0), int(peak or 0)))
+    if memory:
+        facts["Peak memory"] = memory
+    facts.update({str(k): str(v) for k, v in (spec.get("details") or {}).items() if v})
+    if not spec.get("cards", True):
+        lines = [text, " · ".join(f"{neutralize(k)}: {neutralize(v[:300])}" for k, v in facts.items() if k != "Cause")]
+        return {"text": "\n".join(lines)}
+    widgets = [{"decoratedText": {"topLabel": html.escape(k), "text": html.escape(v[:1000]), "wrapText": True}}
+               for k, v in facts.items()]
+    card = {"cardId": "death", "card": {"header": {"title": head[:200], "subtitle": html.escape(str(spec.get("host") or "")[:100])},
+                                        "sections": [{"widgets": widgets}]}}
+    return {"cards": [card], "fallback_text": f"{head} ({cause_text})"[:1000]}
+
+
+def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = None, exit_status: int | None = None,
+              oom_kills: int = 0, died_at: float | None = None, peak: int = 0, **wording: str) -> list[int]:
+    """Turn armed rows into pending death notices: those of ``owner``, or (None) of every dead owner on this host.
+
+    Returns the ids of the messages queued. Exactly once: each row is
+    deleted (``WHERE state='armed'``) and its notice inserted in one
+    transaction; a row another process fired meanwhile is skipped.
+    """
+    from . import lost  # noqa: F401  (its hook forgets the block in Redis)
+    from .outbox import _owner_alive, _request_id
+
+    db = box._db()
+    rows = [dict(r) for r in db.execute("SELECT * FROM message WHERE state='armed' ORDER BY id")]
+    if owner is not None:
+        rows = [r for r in rows if r["owner"] == owner]
+    else:
+        rows = [r for r in rows if not _owner_alive(r["owner"])]
+    queued: list[int] = []
+    for row in rows:
+        spec = _spec(row)
+        webhook = box.webhook(row["dest"])
+        text = cause_text or cause(exit_status, oom_kills)
+        payloads = notice_payloads(box, spec, row, webhook, cause_text=text, died_at=died_at, peak=peak, **wording)
+        now = time.time()
+        with box._write() as wdb:
+            if wdb.execute("DELETE FROM message WHERE id=? AND state='armed'", (row["id"],)).rowcount != 1:
+                continue  # fired (or closed) by someone else meanwhile
+            for p in payloads:
+                queued.append(int(wdb.execute(
+                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at,"
+                    " created_at, updated_at, important) VALUES (?,?,?,?,?,0,'pending',?,?,?,1)",
+                    (_request_id(), row["dest"], row["space_key"], row["thread_key"],
+                     json.dumps(p, ensure_ascii=False, separators=(",", ":")), now, now, now),
+                ).lastrowid or 0))
+        fired(spec, row)
+    return queued
+
+
+def _spec(row: dict[str, Any]) -> dict[str, Any]:
+    """What an armed row says to post (its ``armed`` column); {} when unreadable."""
+    try:
+        spec = json.loads(row.get("armed") or "{}")
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def notice_payloads(box: Any, spec: dict[str, Any], row: dict[str, Any], webhook: Any, *, cause_text: str,
+                    died_at: float | None, peak: int = 0, **wording: str) -> list[dict[str, Any]]:
+    """The built messages of one armed row's death notice (a rank's after the job's first failure: a line)."""
+    from .message import build_payloads
+
+    kwargs = death_message(spec, row, cause_text=cause_text, died_at=died_at, peak=peak, **wording)
+    if spec.get("job"):  # a rank of a distributed job: the first failure of the job is the card, the rest lines
+        from . import jobs
+
+        first = jobs.first_failure(str(spec["job"]), str(spec.get("rank") or ""), cause_text, box=box)
+        if first is not None:
+            kwargs = {"text": jobs.as_line(str(spec.get("title") or ""), cause_text, first)}
+    return build_payloads(kwargs.get("text"), cards=kwargs.get("cards"), fallback_text=kwargs.get("fallback_text"),
+                          thread_key=row["thread_key"], truncate=True, webhook=webhook)
+
+
+def fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
+    """A death notice was queued for ``row``: tell the hooks (lost.py forgets the job in Redis). Never raises."""
+    for hook in list(_fired_hooks):
+        try:
+            hook(spec, row)
+        except Exception:
+            pass
+
+
+def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Death notices for the armed rows of a vanished host's file (:meth:`Outbox.take_over`), as JSON bodies.
+
+    Their owners ran on a host no process uses the file of any more: they
+    are dead, and nobody saw how. Built before the take-over's transaction
+    (a distributed job's first failure is recorded in its own).
+    """
+    from .webhook import parse_webhook_url
+
+    out = []
+    for row in rows:
+        spec = _spec(row)
+        host = str(spec.get("host") or str(row.get("owner") or "").rpartition(":")[0] or "its host")
+        text = f"its host {host} is gone (the machine or container stopped, or restarted under another name)"
+        payloads = notice_payloads(box, spec, row, parse_webhook_url(urls[row["dest"]]), cause_text=text, died_at=None)
+        out.append((row, [json.dumps(p, ensure_ascii=False, separators=(",", ":")) for p in payloads]))
+    return out
+
+
+_fired_hooks: list[Any] = []  # called with (spec, row) when a death notice is fired (lost.py forgets the job)
+
+
+def fire_orphans(box: Any) -> list[int]:
+    """Fire the armed notices of processes on this host that died unreported (a later process does this). Never raises."""
+    try:
+        ids = fire_dead(box)
+    except Exception as e:
+        _warn(f"could not check for blocks of dead processes: {e}")
+        return []
+    return ids
+
+
+def _after_fork_in_child() -> None:
+    """A forked child owns none of its parent's blocks (their rows name the parent)."""
+    global _exit_registered, _lock
+    _lock = threading.Lock()  # it may have been held by another thread at the fork
+    _open.clear()
+    _exit_registered = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
