@@ -1,6 +1,6 @@
 """Chaos: senders killed with SIGKILL (and left as zombies) while the emulator misbehaves.
 
-    python benchmarks/chaos.py [--events 1000] [--seed 1]
+    python benchmarks/chaos.py [--events 1000] [--seed 1] [--scenario kill|ctrl-c|forks|signals|all]
 
 Sender processes post numbered events into a few threads of two spaces, with
 a short pause between events; the driver SIGKILLs the running sender every
@@ -11,11 +11,25 @@ connection resets, lost replies and 3 s stalls. Finally ``chat-magic outbox
 flush`` delivers what is left, and the script counts, per event: sent
 (queued), delivered, lost, duplicated, and reordered (adjacent inversions
 within a thread).
+
+The process's edges (``--scenario``), each against the emulator with a real
+second process taking the outbox's write lock a few ms at a time:
+
+- ``ctrl-c``: Ctrl-C storms (real SIGINTs every 0.5-8 ms) against a process
+  sending 300 events; an event whose ``send`` returned must arrive, one that
+  was interrupted arrives if the outbox took it, never twice;
+- ``forks``: 150 children (``os.fork`` and multiprocessing's fork context)
+  each send while the parent sends from 3 threads;
+- ``signals``: 12 processes whose SIGALRM handler sends (every 10 ms) while
+  the main thread sends.
+
+Each prints lost, duplicated, reordered and hung counts (all must be 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -54,12 +68,287 @@ for n in range(done + 1, total):
 """
 
 
+LOCKER = r"""
+import os, random, sqlite3, sys, time
+path, stop = sys.argv[1:3]
+db = sqlite3.connect(path, isolation_level=None, timeout=30)
+slow = 0
+while not os.path.exists(stop):
+    t = time.monotonic()
+    db.execute("BEGIN IMMEDIATE")
+    slow += time.monotonic() - t > 2.0
+    time.sleep(random.uniform(0.002, 0.02))
+    db.execute("COMMIT")
+    time.sleep(random.uniform(0.005, 0.03))
+print(slow)
+"""
+
+STORM = r"""
+import json, signal, sys
+import chat_magic
+url, run, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+chat_magic.send(f"ev-{run}-warm", to=url, thread_key="chaos-storm")
+print("ready", flush=True)
+it = iter(range(n))
+while True:
+    try:
+        for i in it:
+            try:
+                chat_magic.send(f"ev-{run}-{i:05d}", to=url, thread_key="chaos-storm")
+                print(f"ok ev-{run}-{i:05d}", flush=True)
+            except KeyboardInterrupt:
+                pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        break
+    except KeyboardInterrupt:
+        continue
+print("done", flush=True)
+sys.exit(0 if chat_magic.flush(120) else 4)
+"""
+
+SIGNALLED = r"""
+import json, signal, sys
+import chat_magic
+url, out = sys.argv[1], sys.argv[2]
+handled = []
+
+def handler(signum, frame):
+    handled.append(len(handled))
+    chat_magic.send(f"sig-{len(handled) - 1:05d}", to=url, thread_key="chaos-sig")
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.01)
+for i in range(60):
+    chat_magic.send(f"ev-{i:05d}", to=url, thread_key="chaos-main")
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+json.dump(len(handled), open(out, "w"))
+sys.exit(0 if chat_magic.flush(120) else 4)
+"""
+
+FORKS = r"""
+import json, multiprocessing as mp, os, sys, threading, time
+import chat_magic
+url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+stop = threading.Event()
+parent_sent = []
+
+def parent(k):
+    j = 0
+    while not stop.is_set():
+        chat_magic.send(f"ev-{k}-{j:05d}", to=url, thread_key=f"chaos-p{k}")
+        parent_sent.append(f"ev-{k}-{j:05d}")
+        j += 1
+        time.sleep(0.005)
+
+def child(i):
+    try:
+        chat_magic.send(f"child-{i:05d}", to=url, thread_key="chaos-children")
+    except BaseException as e:
+        sys.stderr.write(f"child {i}: {type(e).__name__}: {e}\n")
+        os._exit(3)
+    os._exit(0)
+
+threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
+for t in threads:
+    t.start()
+hung, failed = [], []
+for i in range(n):
+    if i % 2:
+        p = mp.get_context("fork").Process(target=child, args=(i,))
+        p.start()
+        p.join(20)
+        if p.is_alive():
+            hung.append(i)
+            p.kill()
+            p.join()
+        elif p.exitcode:
+            failed.append(i)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        child(i)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            if os.waitstatus_to_exitcode(status):
+                failed.append(i)
+            break
+        if time.monotonic() > deadline:
+            hung.append(i)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.002)
+stop.set()
+for t in threads:
+    t.join()
+json.dump({"hung": hung, "failed": failed, "parent": parent_sent}, open(out, "w"))
+sys.exit(0 if chat_magic.flush(180) else 4)
+"""
+
+
+def _texts(emu: Emulator, space: str) -> dict[str, list[str]]:
+    """Delivered events per thread key, merged messages split."""
+    out: dict[str, list[str]] = {}
+    for m in emu.messages(space=space):
+        out.setdefault(m["thread"]["threadKey"], []).extend(p for p in m.get("text", "").split("\n\n") if p)
+    return out
+
+
+def _reordered(threads: dict[str, list[str]], keys: tuple[str, ...]) -> int:
+    return sum(1 for k in keys for a, b in zip(threads.get(k, []), threads.get(k, [])[1:]) if b < a)
+
+
+def _edge_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, CHAT_MAGIC_HOME=str(home), CHAT_MAGIC_CONFIG=str(home / "none.toml"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for name in ("GOOGLE_CHAT_WEBHOOK_URL", "CHAT_MAGIC_REDIS_URL"):
+        env.pop(name, None)
+    return env
+
+
+def _outbox_of(home: Path, env: dict[str, str]) -> Path:
+    out = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "path"], env=env, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def _with_locker(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    subprocess.run([sys.executable, "-c", "from chat_magic import delivery; delivery.dispatcher()"], env=env, check=True)
+    stop = home / "locker.stop"
+    return subprocess.Popen([sys.executable, "-c", LOCKER, str(_outbox_of(home, env)), str(stop)],
+                            stdout=subprocess.PIPE, text=True), stop
+
+
+def _stop_locker(locker: subprocess.Popen, stop: Path) -> int:
+    stop.touch()
+    out, _ = locker.communicate(timeout=60)
+    return int(out.strip() or 0)
+
+
+def _report(name: str, sent: int, delivered: int, lost: int, dups: int, reordered: int, hung: int, extra: str) -> bool:
+    print(f"{name}: events sent {sent}, delivered {delivered}, lost {lost}, duplicated {dups}, reordered {reordered}, "
+          f"hung {hung}; {extra}")
+    return not (lost or dups or reordered or hung)
+
+
+def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
+    """Storms of real SIGINTs; a process stopped by one (outside its try) is a program stopped by Ctrl-C."""
+    import threading
+
+    emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
+    url = emu.webhook_url(space="CHAOSC", key=KEY, token=TOKEN)
+    hung = presses = kept_out = stopped = 0
+    confirmed: set[str] = set()
+    t0 = time.monotonic()
+    home = Path(tempfile.mkdtemp(prefix="chaos-ctrl-c-"))
+    env = _edge_env(home)
+    locker, stop = _with_locker(home, env)
+    for run in range(runs):
+        proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout))  # type: ignore[misc]
+        reader.start()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
+            os.kill(proc.pid, signal.SIGINT)
+            presses += 1
+            time.sleep(rnd.uniform(0.0005, 0.008))
+        try:
+            proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            hung += 1
+        reader.join(10)
+        stopped += proc.returncode != 0
+        confirmed |= set(re.findall(r"ev-\d+-\d{5}", "".join(lines)))
+    kept_out += _stop_locker(locker, stop)
+    flushed = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "120"], env=env,
+                             capture_output=True, text=True)
+    got = [t for t in _texts(emu, "CHAOSC").get("chaos-storm", []) if not t.endswith("warm")]
+    emu.stop()
+    lost = len(confirmed - set(got))
+    reordered = sum(_reordered({"t": [t for t in got if t.startswith(f"ev-{r}-")]}, ("t",)) for r in range(runs))
+    return _report("ctrl-c", len(confirmed), len(set(got)), lost, len(got) - len(set(got)), reordered, hung,
+                   f"{runs} storms, {presses} Ctrl-C presses ({stopped} process(es) stopped by one), another process "
+                   f"kept out > 2 s {kept_out} time(s), final flush exit {flushed.returncode}; {time.monotonic() - t0:.0f} s")
+
+
+def signals(runs: int = 12) -> bool:
+    emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
+    sent = delivered = lost = dups = reordered = hung = handled_total = 0
+    t0 = time.monotonic()
+    for run in range(runs):
+        space = f"CHAOSS{run}"
+        url = emu.webhook_url(space=space, key=KEY, token=TOKEN)
+        home = Path(tempfile.mkdtemp(prefix="chaos-signals-"))
+        out = home / "handled.json"
+        try:
+            subprocess.run([sys.executable, "-c", SIGNALLED, url, str(out)], env=_edge_env(home), timeout=150,
+                           capture_output=True)
+        except subprocess.TimeoutExpired:
+            hung += 1
+        handled = json.loads(out.read_text()) if out.exists() else 0
+        handled_total += handled
+        want = {f"ev-{i:05d}" for i in range(60)} | {f"sig-{k:05d}" for k in range(handled)}
+        threads = _texts(emu, space)
+        got = [t for k in threads for t in threads[k]]
+        sent += len(want)
+        delivered += len(set(got) & want)
+        lost += len(want - set(got))
+        dups += len(got) - len(set(got))
+        reordered += _reordered(threads, ("chaos-main",))
+    emu.stop()
+    return _report("signals", sent, delivered, lost, dups, reordered, hung,
+                   f"{runs} processes, {handled_total} sends from a SIGALRM handler; {time.monotonic() - t0:.0f} s")
+
+
+def forks(n: int = 150) -> bool:
+    emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
+    url = emu.webhook_url(space="CHAOSF", key=KEY, token=TOKEN)
+    home = Path(tempfile.mkdtemp(prefix="chaos-forks-"))
+    out = home / "forks.json"
+    t0 = time.monotonic()
+    hung_parent = 0
+    try:
+        subprocess.run([sys.executable, "-c", FORKS, url, str(n), str(out)], env=_edge_env(home), timeout=400,
+                       capture_output=True)
+    except subprocess.TimeoutExpired:
+        hung_parent = 1
+    result = json.loads(out.read_text()) if out.exists() else {"hung": [], "failed": [], "parent": []}
+    threads = _texts(emu, "CHAOSF")
+    got = [t for k in threads for t in threads[k]]
+    want = {f"child-{i:05d}" for i in range(n)} | set(result["parent"])
+    emu.stop()
+    return _report("forks", len(want), len(set(got) & want), len(want - set(got)), len(got) - len(set(got)),
+                   _reordered(threads, ("chaos-p0", "chaos-p1", "chaos-p2")), len(result["hung"]) + hung_parent,
+                   f"{n} forks ({len(result['failed'])} failed) while 3 parent threads sent; "
+                   f"{time.monotonic() - t0:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scenario", choices=("kill", "ctrl-c", "forks", "signals", "all"), default="kill")
     args = p.parse_args(argv)
     rnd = random.Random(args.seed)
+    if args.scenario != "kill":
+        ok = True
+        for name, run in (("ctrl-c", lambda: ctrl_c(rnd)), ("forks", forks), ("signals", signals)):
+            if args.scenario in (name, "all"):
+                ok = run() and ok
+        if args.scenario != "all":
+            return 0 if ok else 1
+        return (0 if ok else 1) | kill_storm(args, rnd)
+    return kill_storm(args, rnd)
+
+
+def kill_storm(args: argparse.Namespace, rnd: random.Random) -> int:
     emu = Emulator(key=KEY, token=TOKEN, qps=1.0, strict=True, seed=args.seed).start()
     for fault, prob in (("503", 0.08), ("429", 0.04), ("reset", 0.04), ("lost_reply", 0.05)):
         emu.inject(fault, probability=prob)

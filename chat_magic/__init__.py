@@ -11,8 +11,11 @@ ipywidgets, requests and sqlite3 load when first needed.
 
 from __future__ import annotations
 
+import _thread
+import sys as _sys
 from typing import TYPE_CHECKING, Any
 
+from . import hooks as _hooks
 from .errors import (
     ChatMagicError,
     ConfigError,
@@ -103,9 +106,42 @@ def send(
     image store (``CHAT_MAGIC_IMAGE_STORE``, see the README's "Figures") by
     the background worker; without a store the text says it was left out.
     """
-    from .delivery import send as _send
+    args: dict[str, Any] = {"to": to, "thread_key": thread_key, "cards": cards, "fallback_text": fallback_text, "truncate": truncate,
+                            "image": image}
+    impl: Any = _loaded.get("send")  # no import statement once loaded: late in shutdown none works
+    if impl is None:
+        me = _thread.get_ident()
+        if me in _loading:  # a signal handler, while this thread loads the delivery module: queued right after
+            _early.append((text, args))
+            return None  # type: ignore[return-value]
+        _loading.add(me)
+        try:
+            from .delivery import send as impl  # type: ignore[no-redef]
+        except ImportError:  # a __del__ late in shutdown, before any send: nothing can be loaded
+            impl = _cannot_send
+        finally:
+            _loading.discard(me)
+    receipt = impl(text, **args)
+    while _early:
+        early_text, early_args = _early.pop(0)
+        impl(early_text, **early_args)
+    return receipt
 
-    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate, image=image)
+
+_loaded = _hooks.entry  # chat_magic.delivery's send, once it is imported
+_loading: set[int] = set()  # threads importing it now
+_early: list[tuple[Any, dict[str, Any]]] = []  # sent by a signal handler during that import
+
+
+def _cannot_send(*args: Any, **kwargs: Any) -> Any:
+    """A first send late in the interpreter's shutdown: nothing can be loaded any more; say so, do not raise."""
+    try:
+        print("chat_magic: a message sent during the interpreter's shutdown, before chat_magic was ever used, "
+              "cannot be queued (nothing can be loaded any more): send it earlier, e.g. from an atexit handler",
+              file=_sys.stderr, flush=True)
+    except Exception:
+        pass
+    return None
 
 
 def flush(timeout: float | None = 30.0) -> bool:

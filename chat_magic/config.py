@@ -46,9 +46,9 @@ from .errors import ConfigError, NoDestinationError, SecretAccessError
 from .webhook import Webhook, parse_webhook_url, redact
 
 __all__ = [
-    "ENV_REDIS", "ENV_URL", "check_space_name", "config_path", "describe", "destination_names", "env_secret",
+    "ENV_REDIS", "ENV_URL", "after_fork_in_child", "check_space_name", "config_path", "describe", "destination_names", "env_secret",
     "forget_secrets", "from_secrets", "home", "hosted_service", "load_config", "redis_url", "remove_space",
-    "resolve", "save_space", "secret_name", "webhook_by_digest", "write_config"
+    "resolve", "save_space", "secret_name", "settings_lock", "webhook_by_digest", "write_config"
 ]
 
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
@@ -57,8 +57,19 @@ ENV_HOME = "CHAT_MAGIC_HOME"
 ENV_REDIS = "CHAT_MAGIC_REDIS_URL"
 
 log = logging.getLogger("chat_magic")
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a signal handler's send() may run while this thread holds it
 _cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def settings_lock() -> Any:
+    """The lock that guards the cached settings (reentrant): delivery gives it back after an interrupt."""
+    return _lock
+
+
+def after_fork_in_child() -> None:
+    """A fresh lock in a forked child: another parent thread may have held it at the fork."""
+    global _lock
+    _lock = threading.RLock()
 _warned_modes: set[str] = set()
 SECRET_TTL = 60.0  # seconds a hosted secret (or its absence) is remembered: each look-up is a round trip
 _secrets: dict[tuple[str, str], tuple[float, str | None]] = {}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from .webhook import redact  # at import, not in say(): late in shutdown no import statement works
+
 __all__ = ["PREFIX", "say"]
 
 PREFIX = "chat_magic"
@@ -20,8 +22,6 @@ PREFIX = "chat_magic"
 def say(message: object, *, prefix: str = PREFIX) -> None:
     """Write ``prefix: message`` on stderr as one redacted line; never raises."""
     try:
-        from .webhook import redact
-
         line = " ".join(redact(message).split())
         print(f"{prefix}: {line}", file=sys.stderr, flush=True)
     except Exception:

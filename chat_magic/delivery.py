@@ -29,6 +29,7 @@ in order, as soon as the outbox works again.
 from __future__ import annotations
 
 import atexit
+import collections
 import errno
 import json
 import logging
@@ -36,6 +37,7 @@ import os
 import queue
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +45,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import config, hosts, pacing, rules
+from . import config, hooks, hosts, pacing, rules
+from . import outbox as _outbox
+from . import webhook as webhook_module
 from .console import say
 from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
@@ -276,6 +280,7 @@ class _Lane:
         self.space_key = space_key
         self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: wake up (stopping)
         self.busy = False
+        self.current: int | None = None  # the id being sent now
         self.session: Any = None
         self.thread = threading.Thread(target=self._run, name="chat_magic-lane", daemon=True)
 
@@ -295,17 +300,58 @@ class _Lane:
                 if self.d._retire(self):
                     return
                 continue
-            if job is None:
-                continue
-            try:
-                self.d._deliver(job, self)
-            except Exception as e:  # never die: log (redacted) and go on
-                log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
-            finally:
-                with self.d._lock:
-                    self.busy = False
-                self.d._finished()
-                self.d._wake.set()
+            if job is not None:
+                self._work(job)
+
+    def _work(self, job: Job) -> None:
+        """:meth:`_one`; an interrupt even in its bookkeeping leaves the lane usable and the row to be put back."""
+        try:
+            self._one(job)
+        except BaseException:
+            _heal_locks(set())
+            self.d._orphaned = True
+            self.busy, self.current = False, None
+            self.d._wake.set()
+
+    def _one(self, job: Job) -> None:
+        """Send one job; whatever stops it (even an asynchronous exception), the lane lives on."""
+        cut = False
+        self.current = job.id
+        try:
+            self.d._deliver(job, self)
+        except Exception as e:  # never die: log (redacted) and go on
+            log.warning("chat_magic: delivery error: %s", redact(f"{type(e).__name__}: {e}"))
+        except BaseException as e:  # cut short: its row, still ours and leased, is put back by the dispatcher
+            _heal_locks(set())
+            log.warning("chat_magic: delivery interrupted: %s", type(e).__name__)
+            cut = True
+        finally:
+            with self.d._lock:
+                self.busy = False
+                self.current = None
+            if cut:
+                self.d._orphaned = True
+            self.d._finished()
+            self.d._wake.set()
+
+
+class _Wake(threading.Event):
+    """An Event that a signal handler may set while this thread is inside ``set`` (its lock is reentrant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition(threading.RLock())
+
+
+class _Inline:
+    """The lane of :meth:`Dispatcher.deliver_now`: the calling thread itself."""
+
+    session: Any = None
+
+    def http(self) -> Any:
+        if self.session is None:
+            self.session = _new_session()
+        return self.session
 
 
 @dataclass
@@ -326,19 +372,21 @@ class Dispatcher:
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
-        self._wake = threading.Event()
-        self._changed = threading.Condition()
+        self._wake = _Wake()
+        self._changed = threading.Condition(threading.RLock())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
         self._lanes: dict[str, _Lane] = {}
         self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
         self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
         self._drain_lock = threading.Lock()
+        self._drainer: int | None = None  # the thread draining: an interrupt cannot leave the drain lock held
         self._held_reason = ""
         self._watchers: list[Receipt] = []
         self.mine: set[int] = set()  # ids this process queued
         self.reported: set[int] = set()  # ids whose failure the caller has already been told
+        self._orphaned = False  # a claim may have been cut short by an interrupt: put it back
 
     # -- caller side -----------------------------------------------------
 
@@ -356,12 +404,7 @@ class Dispatcher:
         transaction (see :meth:`Outbox.enqueue`; a card kept in memory keeps
         it armed until it is queued).
         """
-        thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
-        bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
-        blobs = None
-        if figures is not None and figures.postable:
-            bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
-        held = _Held(webhook, thread_key, bodies, skip, Receipt(self, [], webhook.redacted), blobs, disarm)
+        held = _make_held(self, webhook, payloads, skip, figures, disarm)
         if self._held:
             if keep_on_fault:  # behind the ones already kept: order is kept, and the caller does not wait
                 self._keep(held)
@@ -380,6 +423,15 @@ class Dispatcher:
                                   disarm=held.disarm)
         self.mine.update(ids)
         held.receipt._queued(ids[held.skip:])
+        self.ensure_running()
+        self._wake.set()
+
+    def _adopt(self, held: _Held) -> None:
+        """Queue a message sent from inside the outbox (a signal handler), behind what is kept in memory."""
+        held.receipt._d = self
+        with self._lock:
+            self._held.append(held)
+        self._drain_held(blocking=False)
         self.ensure_running()
         self._wake.set()
 
@@ -412,8 +464,11 @@ class Dispatcher:
 
     def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
         """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
+        if not self._held:
+            return True
         if not self._drain_lock.acquire(blocking=blocking):
             return not self._held
+        self._drainer = threading.get_ident()
         try:
             while self._held:
                 try:
@@ -425,9 +480,11 @@ class Dispatcher:
                     self._held.pop(0)
             return True
         finally:
-            self._drain_lock.release()
+            (setattr(self, "_drainer", None), self._drain_lock.release())  # type: ignore[func-returns-value]  # one line: no interrupt between
 
     def ensure_running(self) -> None:
+        if _late_mode():
+            return  # after chat_magic's exit hook: no new thread (it might never run); send() delivers inline
         if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
@@ -458,6 +515,7 @@ class Dispatcher:
         stands in (said in one line on stderr).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        _adopt_late()
         while not self._drain_held(patient=True):
             if deadline is not None and time.monotonic() >= deadline:
                 _say(f"{len(self._held)} message(s) still kept in memory: {self._held_reason}")
@@ -475,6 +533,30 @@ class Dispatcher:
                  f"{self.outbox.problem}")
             return False
         return ok
+
+    def deliver_now(self, ids: list[int], timeout: float) -> bool:
+        """Deliver in this thread, paced, until ``ids`` are sent or failed; return whether they are.
+
+        For a send after chat_magic's exit hook ran: the worker is stopped and
+        a new thread might never run (interpreter shutdown).
+        """
+        deadline = time.monotonic() + timeout
+        lane = _Inline()
+        while True:
+            rows = self.outbox.resolve(ids)
+            if all(r.state in (SENT, FAILED) for r in rows):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            busy = self._busy()
+            ready = self.outbox.next_ready(time.time(), exclude=busy)
+            if ready is None or ready > 0:
+                time.sleep(min(left, 0.05 if ready is None else ready))
+                continue
+            job = self.outbox.claim(time.time(), interval=settings.interval, lease=settings.lease, exclude=busy)
+            if job is not None:
+                self._deliver(job, lane)  # type: ignore[arg-type]
 
     def watch(self, receipt: Receipt) -> None:
         with self._lock:
@@ -500,18 +582,42 @@ class Dispatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                wait = self._step()
-            except Exception as e:  # never die: log (redacted) and go on
-                log.warning("chat_magic: delivery worker error: %s", redact(f"{type(e).__name__}: {e}"))
-                wait = 1.0
+            wait = self._turn()
             if wait:
                 self._wake.wait(wait)
                 self._wake.clear()
 
+    def _turn(self) -> float:
+        """One :meth:`_step`; never lets an error (nor an asynchronous exception) end the worker."""
+        try:
+            return self._step()
+        except Exception as e:  # never die: log (redacted) and go on
+            log.warning("chat_magic: delivery worker error: %s", redact(f"{type(e).__name__}: {e}"))
+            return 1.0
+        except BaseException as e:  # an asynchronous exception: a claim it cut short must not be left behind
+            _heal_locks(set())
+            log.warning("chat_magic: delivery worker interrupted: %s", type(e).__name__)
+            self._orphaned = True
+            return 0.05
+
+    def _release_orphans(self) -> bool:
+        """Put back rows this process claimed that no lane holds (a claim cut short); return whether done."""
+        if not self._orphaned:
+            return True
+        with self._lock:
+            keep = {lane.current for lane in self._lanes.values() if lane.current is not None}
+            keep |= {j.id for lane in self._lanes.values() for j in list(lane.jobs.queue) if j is not None}
+        try:
+            self.outbox.release_mine(keep)
+        except OutboxError:
+            return False
+        self._orphaned = False
+        return True
+
     def _step(self) -> float:
         """Hand one message to its space's lane if one is ready; return how long to sleep (0: go on)."""
-        if not self._settle() or not self._drain_held(patient=True):
+        _adopt_late(self)
+        if not self._settle() or not self._release_orphans() or not self._drain_held(patient=True):
             return 1.0  # the outbox cannot be written yet
         busy = self._busy()
         if len(busy) >= MAX_LANES:
@@ -563,12 +669,19 @@ class Dispatcher:
         return True
 
     def _record(self, write: Callable[[], None]) -> None:
-        """Write an outcome to the outbox; if it cannot be written now, owe it (never lose a delivery)."""
+        """Write an outcome to the outbox; if it cannot be written now, owe it (never lose a delivery).
+
+        Interrupted (an asynchronous exception), it is owed too: each outcome
+        write may be made twice.
+        """
         try:
             write()
         except OutboxError as e:
             log.warning("chat_magic: %s; will record the outcome when the outbox works again", e)
             self._owed.append(write)
+        except BaseException:
+            self._owed.append(write)
+            raise
 
     # -- a lane ----------------------------------------------------------
 
@@ -581,7 +694,7 @@ class Dispatcher:
         to :data:`REPLY_CAP` bytes; every error text is scrubbed with this
         webhook's key and token in every spelling before it is kept or shown.
         """
-        import requests
+        requests = _import_requests()  # no import statement: late in shutdown none works
 
         webhook = self.outbox.webhook(job.dest)
         if job.images:  # upload its figures first (not paced: only the POST is)
@@ -672,21 +785,21 @@ class Dispatcher:
 
 
 _requests_ready = False
+_requests: Any = None  # the module, once imported: a send late in shutdown (no import works then) still has it
 
 
-def _import_requests() -> None:
-    global _requests_ready
-    if not _requests_ready:
-        import requests  # noqa: F401
+def _import_requests() -> Any:
+    global _requests_ready, _requests
+    if _requests is None:
+        import requests
 
         _guard_urllib3_logs()
-        _requests_ready = True
+        _requests, _requests_ready = requests, True
+    return _requests
 
 
 def _new_session() -> Any:
-    import requests
-
-    _import_requests()
+    requests = _import_requests()
     session = requests.Session()
     session.headers["Content-Type"] = "application/json; charset=UTF-8"
     session.headers["User-Agent"] = "chat_magic"
@@ -877,7 +990,8 @@ class Receipt:
     def error(self) -> str | None:
         """The one-line reason when delivery failed, else the last transient error, else None."""
         if self._held:
-            return f"kept in memory: {self._d.held_reason}" if self._d.held_reason else None
+            reason = self._d.held_reason if self._d is not None else ""
+            return f"kept in memory: {reason}" if reason else None
         return self._judge(*self._read())[1]
 
     def _gone_text(self, i: int, why: str) -> str:
@@ -905,8 +1019,12 @@ class Receipt:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self._d.held_reason})")
-            self._d.drain_held(patient=True)
+                reason = self._d.held_reason if self._d is not None else ""
+                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({reason})")
+            if self._d is None:  # sent from a signal handler: queued by the call it interrupted, or now
+                _adopt_late()
+            else:
+                self._d.drain_held(patient=True)
             if self._held:
                 time.sleep(0.1)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -959,15 +1077,112 @@ class Receipt:
                 log.warning("chat_magic: receipt callback failed: %s", redact(e))
 
 
+def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, Any]], skip: int,
+               figures: Any = None, disarm: int | None = None) -> _Held:
+    """A message as the outbox will store it, with its receipt (ids come when it is queued).
+
+    ``figures`` (:class:`chat_magic.images.Figures`): the images' bytes go into
+    the outbox with the bodies that show them.
+    """
+    thread_key = (payloads[0].get("thread") or {}).get("threadKey") if payloads else None
+    bodies: list[Any] = [(json.dumps(p, ensure_ascii=False, separators=(",", ":")), set(p) <= {"text", "thread"}) for p in payloads]
+    blobs = None
+    if figures is not None and figures.postable:
+        bodies, blobs = [(b, m, figures.column(b)) for b, m in bodies], figures.blobs()
+    return _Held(webhook, thread_key, bodies, skip, Receipt(d, [], webhook.redacted), blobs, disarm)  # type: ignore[arg-type]
+
+
 # -- the process-wide dispatchers, one per outbox folder ------------------------
 
 _dispatchers: dict[str, Dispatcher] = {}
-_dlock = threading.Lock()
+_dlock = threading.RLock()
+_registered = False  # _at_exit is registered (once per process, inherited by a forked child)
+_exited = False  # _at_exit has run: a later send delivers inline, or says it could not
+_state = threading.local()  # .frame: the send()/flush() this thread is in (a signal handler may run in there)
+_late: dict[str, collections.deque[tuple[Any, _Held]]] = {}  # sent from inside the outbox: queued right after
+
+
+def _inside() -> bool:
+    """Whether this thread is already inside chat_magic's delivery (a signal handler interrupted it there).
+
+    The mark is the frame of the ``send``/``flush`` call, looked for on the
+    stack: a mark left by an interrupt (on the line that clears it) is stale,
+    not a reason to hold every later send back.
+    """
+    f = getattr(_state, "frame", None)
+    if f is not None:
+        g: Any = sys._getframe(1)
+        while g is not None:
+            if g is f:
+                return True
+            g = g.f_back
+        _state.frame = None
+    return _outbox.inside()
+
+
+def _locks() -> list[Any]:
+    """The reentrant locks on the way of ``send``."""
+    ds = list(_dispatchers.values())
+    return [config.settings_lock(), webhook_module.known_lock(), _dlock] + [d._lock for d in ds] + [d._changed._lock for d in ds]  # type: ignore[attr-defined]
+
+
+def _owned_locks() -> set[int]:
+    return {id(lk) for lk in _locks() if lk._is_owned()}
+
+
+def _heal_locks(before: set[int]) -> None:
+    """Give back every lock this thread took since ``before`` (an interrupt cut a call short)."""
+    me = threading.get_ident()
+    for lk in _locks():
+        if id(lk) not in before and lk._is_owned():
+            lk._release_save()
+    for d in list(_dispatchers.values()):
+        if d._drainer == me:
+            (setattr(d, "_drainer", None), d._drain_lock.release())  # type: ignore[func-returns-value]
+    _outbox.heal_gate()
+
+
+def _late_mode() -> bool:
+    """After chat_magic's exit hook ran, or once the interpreter finalizes: no thread may be started."""
+    return _exited or sys.is_finalizing()
+
+
+def _send_later(webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> Receipt:
+    """Keep a message sent from inside the outbox (a signal handler) in memory: no lock, no SQLite.
+
+    The outer call (when it leaves ``send``) or the worker queues it right after.
+    """
+    home = config.home()
+    held = _make_held(_dispatchers.get(str(hosts.outbox_path(home))), webhook, payloads, skip)
+    _late.setdefault(str(hosts.outbox_path(home)), collections.deque()).append((home, held))
+    return held.receipt
+
+
+def _adopt_late(d: Dispatcher | None = None, *, force: bool = False) -> None:
+    """Queue what signal handlers sent from inside the outbox (only ``d``'s, from its worker).
+
+    ``force``: the call they interrupted, on its way out.
+    """
+    if not _late or (not force and _inside()):
+        return
+    for path, waiting in list(_late.items()):
+        if d is not None and _dispatchers.get(path) is not d:
+            continue
+        while waiting:
+            home, held = waiting.popleft()
+            try:
+                _dispatcher_at(home)._adopt(held)
+            except OutboxError as e:
+                _say(f"a message sent from a signal handler could not be queued: {e}")
 
 
 def dispatcher() -> Dispatcher:
     """The dispatcher of this host's outbox in the current ``CHAT_MAGIC_HOME`` (made on first use)."""
-    home = config.home()
+    return _dispatcher_at(config.home())
+
+
+def _dispatcher_at(home: Any) -> Dispatcher:
+    global _registered
     path = str(hosts.outbox_path(home))
     d = _dispatchers.get(path)
     if d is not None:
@@ -975,8 +1190,9 @@ def dispatcher() -> Dispatcher:
     with _dlock:
         d = _dispatchers.get(path)
         if d is None:
-            if not _dispatchers:
+            if not _registered:
                 atexit.register(_at_exit)
+                _registered = True
             d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
@@ -1049,12 +1265,21 @@ _inherited: list[Dispatcher] = []
 def _after_fork_in_child() -> None:
     """A forked child (a data-loader worker, multiprocessing) starts afresh on first use.
 
-    SQLite connections and the worker thread do not survive a fork; the
-    parent's objects are kept (not closed) so nothing touches the parent's
-    database handles from the child.
+    The worker threads do not survive a fork, and a lock another parent thread
+    held at the fork stays held in the child forever: every lock on the way of
+    ``send`` is made anew (the outbox's own are, in outbox.py). The parent's
+    objects are kept (not closed) so nothing touches the parent's handles
+    from the child.
     """
+    global _dlock, _state
     _inherited.extend(_dispatchers.values())
     _dispatchers.clear()
+    _dlock = threading.RLock()
+    _state = threading.local()
+    _late.clear()
+    config.after_fork_in_child()
+    webhook_module.after_fork_in_child()
+    pacing.after_fork_in_child()  # a Redis connection is not shared with the parent
 
 
 if hasattr(os, "register_at_fork"):
@@ -1090,6 +1315,18 @@ def send(
     the progress lines): a blank or too long key is a one-line ConfigError.
     """
     thread_key = rules.validate_thread_key(thread_key, option="thread_key")
+    before = _owned_locks()
+    try:
+        return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
+                     keep_on_fault=keep_on_fault, header=header, image=image, figures=figures, disarm=disarm)
+    except BaseException:
+        _heal_locks(before)  # an interrupt, even on a line that releases (here, or resolving ``to``): leave no lock held
+        raise
+
+
+def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
+          fallback_text: str | None, truncate: bool, keep_on_fault: bool, header: str | None, image: Any,
+          figures: Any, disarm: int | None) -> Receipt:
     webhook = config.resolve(to)
     if image is not None:
         from . import images
@@ -1101,12 +1338,47 @@ def send(
         text, cards = images.attach(text, cards, figures)
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
-    return dispatcher().submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures,
-                               disarm=disarm)
+    if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
+        return _send_later(webhook, lead + payloads, len(lead))
+    try:
+        _state.frame = sys._getframe()
+        d = dispatcher()
+        receipt = d.submit(webhook, lead + payloads, skip=len(lead), keep_on_fault=keep_on_fault, figures=figures,
+                             disarm=disarm)
+    finally:
+        try:
+            _adopt_late(force=True)  # still marked: a signal handler's send meanwhile joins the queue below
+        finally:
+            _state.frame = None
+    if _late_mode():
+        _deliver_late(d, receipt)
+    return receipt
+
+
+def _deliver_late(d: Dispatcher, receipt: Receipt) -> None:
+    """A send after chat_magic's exit hook ran (an earlier atexit handler, a ``__del__``): deliver it now,
+    bounded, or say in one line where it waits. Never raises, never hangs."""
+    try:
+        if sys.is_finalizing():  # module teardown (a __del__): HTTP cannot work now (urllib3 imports as it goes)
+            what = "the interpreter is shutting down"
+        elif receipt.ids and d.deliver_now(list(receipt.ids), max(0.5, settings.exit_timeout)) and receipt.status == "sent":
+            return
+        else:
+            what = receipt.error or "not delivered in time"
+    except Exception as e:  # shutting down: an import or a module may be gone
+        what = f"{type(e).__name__}: {e}"
+    _say(f"a message sent after chat_magic's exit hook is still queued ({what}); "
+         "the next chat_magic process or `chat-magic outbox flush` delivers it")
 
 
 def flush(timeout: float | None = 30.0) -> bool:
-    return dispatcher().flush(timeout)
+    if _inside():
+        return False  # a signal handler inside send(): it cannot wait for the outbox it interrupted
+    try:
+        _state.frame = sys._getframe()
+        return dispatcher().flush(timeout)
+    finally:
+        _state.frame = None
 
 
 def shutdown(timeout: float = 5.0) -> None:
@@ -1125,7 +1397,12 @@ def _at_exit() -> None:
     Says in one line on stderr what was not delivered, unless the caller was
     told already, and loudly what could not even be queued.
     """
+    global _exited
     deadline = time.monotonic() + max(0.0, settings.exit_timeout)
+    try:
+        _import_requests()  # while imports still work: a __del__ late in shutdown may still deliver
+    except Exception:
+        pass
     for d in list(_dispatchers.values()):
         try:
             if not d.drain_held():
@@ -1153,3 +1430,7 @@ def _at_exit() -> None:
                 _say(f"{len(waiting)} message(s) still queued; the next chat_magic process or `chat-magic outbox flush` delivers them")
         except Exception as e:
             _say(f"could not check what is left in the outbox: {type(e).__name__}: {e}")
+    _exited = True  # from now on a send delivers inline (see _deliver_late)
+
+
+hooks.entry["send"] = send  # chat_magic.send finds it late in shutdown, when no import works

@@ -51,6 +51,7 @@ import stat
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -278,23 +279,49 @@ def _guarded(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     tried once more on the new outbox.
     """
     def decorate(method: Callable[..., T]) -> Callable[..., T]:
+        # a read holds the gate throughout (its cursor is used to the end); a write takes it in its transaction
+        gate = what == "read"
+
         @functools.wraps(method)
         def guarded(self: Outbox, *args: Any, **kwargs: Any) -> T:
+            depth = _gate.depth()
             try:
-                return method(self, *args, **kwargs)
-            except (sqlite3.Error, OSError) as e:
-                if not (_is_corrupt(e) and self._recover(_reason(e))):
-                    raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
-            try:
-                return method(self, *args, **kwargs)
-            except (sqlite3.Error, OSError) as e:
-                raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+                return self._attempt(method, what, gate, args, kwargs)
+            except BaseException:
+                # an interrupt (anywhere below, even on a line that releases): leave nothing held
+                self._heal(depth)
+                raise
         return guarded
     return decorate
 
 
 class Outbox:
     """The outbox file. Each thread gets its own SQLite connection."""
+
+    def _attempt(self, method: Callable[..., T], what: str, gate: bool, args: Any, kwargs: Any) -> T:
+        try:
+            return _call_gated(self, method, gate, args, kwargs)
+        except (sqlite3.Error, OSError) as e:
+            if not (_is_corrupt(e) and self._recover(_reason(e))):
+                raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+        try:
+            return _call_gated(self, method, gate, args, kwargs)
+        except (sqlite3.Error, OSError) as e:
+            raise OutboxError(f"cannot {what} the outbox {self.path}: {_explain(e)}") from None
+
+    def _heal(self, depth: int) -> None:
+        """After an interrupt: roll back a transaction this call left open, give back the gate holds it took."""
+        conn = getattr(self._local, "conn", None)
+        if depth == 0 and conn is not None:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            except sqlite3.Error:
+                pass
+        if self._lease_lock._is_owned():  # never held across an outbox call: an interrupt left it
+            self._lease_lock._release_save()
+        _gate.restore(depth)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0,
                  pacer: SqlitePacer | None = None) -> None:
@@ -316,17 +343,19 @@ class Outbox:
         self.path = Path(path)
         self.configured = self.path  # the file asked for; ``path`` differs when a temporary outbox stands in
         self.notices: list[str] = []  # what this outbox told the user (recoveries, fallbacks)
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []  # every thread's connection: closed before a fork
+        _outboxes.add(self)
         self._live: int | None = None  # the shared lock that tells other hosts a process here uses the file
         self._acked = 0  # outcomes recorded by this process (prune every PRUNE_EVERY)
         self._next_tidy = 0.0  # monotonic time of the next idle checkpoint
         self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
         self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
-        self._lease_lock = threading.Lock()  # guards _leases and _renewer
+        self._lease_lock: Any = threading.RLock()  # guards _leases and _renewer (reentrant: healed after an interrupt)
         self._renewer: threading.Thread | None = None
         self.adopted: list[int] = []  # death notices this process queued for another host's jobs (take_over): the exit waits
         try:
-            self._open()
+            _call_gated(self, Outbox._open, True, (), {})
         except OutboxError as e:  # files another user could read or replace: refused, a temporary outbox stands in
             self._fall_back(e)
         except (sqlite3.Error, OSError) as e:
@@ -369,8 +398,13 @@ class Outbox:
             return conn
         if conn is not None:
             _close_quietly(conn)
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout)
-        self._local.conn, self._local.gen, self._local.caller = conn, self._gen, False
+        # check_same_thread off: the fork hook closes every thread's connection (under the gate, so none is in use)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        self._local.conn, self._local.gen = conn, self._gen
+        me = threading.current_thread()
+        for old in [c for t, c in self._conns if c is not conn and (t is me or _ended(t))]:
+            _close_quietly(old)  # this thread's previous one, or one of a thread that has ended (a lane)
+        self._conns = [(t, c) for t, c in self._conns if t is not me and not _ended(t)] + [(me, conn)]
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")  # a burst's log does not stay on disk
@@ -380,12 +414,15 @@ class Outbox:
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, to the file now at ``path``; never to one a recovery is still salvaging into.
 
-        A recovery in another thread of this process holds :attr:`_recovering`;
-        one in another process holds the lock file (:meth:`_follow`). Read
-        half-way, the new file lacks the rows still to be copied: a receipt
-        would call a message lost that is then salvaged and delivered.
+        A recovery in another thread of this process holds the gate (and
+        :attr:`_recovering`) throughout; one in another process holds the lock
+        file (:meth:`_follow`). Read half-way, the new file lacks the rows
+        still to be copied: a receipt would call a message lost that is then
+        salvaged and delivered. No ``with`` lock here: an interrupt on the
+        line that releases it would leave it held (the gate heals itself).
         """
-        with self._recovering:
+        _gate.enter(self.busy_timeout)
+        try:
             if not self._opened:
                 self._follow()
             elif self._ino is not None and time.monotonic() >= self._next_look:
@@ -393,6 +430,8 @@ class Outbox:
                 if _inode(self.path) != self._ino:
                     self._follow()  # another process replaced the file (a recovery): follow it
             return self._connect()
+        finally:
+            _gate.leave()
 
     def _follow(self) -> None:
         """Open the file at ``path`` once no recovery (in any process) is moving it aside or salvaging into it."""
@@ -402,8 +441,21 @@ class Outbox:
         with _file_lock(self.path.with_name(self.path.name + ".lock"), shared=True):
             self._open()
 
-    def _write(self) -> _Tx:
-        return _Tx(self._db())
+    def _write(self, wait: float | None = None) -> _Tx:
+        """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
+        return _Tx(self, self.busy_timeout if wait is None else wait)
+
+    def _close_all(self) -> None:
+        """Close every thread's connection (before a fork, under the gate): each reconnects on next use.
+
+        A child must not inherit an open connection: SQLite's per-file lock
+        bookkeeping would make the child's own connection believe it holds
+        locks that only the parent holds.
+        """
+        conns, self._conns = self._conns, []
+        self._gen += 1
+        for _, conn in conns:
+            _close_quietly(conn)
 
     # -- caller side -----------------------------------------------------
 
@@ -423,12 +475,8 @@ class Outbox:
         important, so a kill at any moment posts one or the other, never both.
         """
         now = time.time()
-        db = self._db()
-        if not patient and not self._local.caller:
-            # a caller never waits long for another process's lock: it gets a clear error instead
-            db.execute(f"PRAGMA busy_timeout={int(self.caller_timeout * 1000)}")
-            self._local.caller = True
-        with _Tx(db):
+        # a caller never waits long for another process's lock: it gets a clear error instead
+        with self._write(None if patient else self.caller_timeout) as db:
             dest = self._dests.get(webhook.id) or self._dest_id(db, webhook)
             for digest, (data, mime) in (blobs or {}).items():
                 db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, data, mime))
@@ -735,8 +783,7 @@ class Outbox:
         try:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
-            timeout = self.caller_timeout if self._local.caller else self.busy_timeout
-            db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")  # a caller's wait is set per transaction
 
     @_guarded("write to")
     def prune_sent(self, keep: int, min_age: float = KEEP_SENT_FOR) -> int:
@@ -863,6 +910,21 @@ class Outbox:
     def unfinished_ids(self) -> list[int]:
         return [r[0] for r in self._db().execute("SELECT id FROM message WHERE state IN ('pending','sending') ORDER BY id")]
 
+    @_guarded("write to")
+    def release_mine(self, keep: Iterable[int] = ()) -> int:
+        """Put back rows this process claimed but no longer sends (a claim cut short by an interrupt).
+
+        ``keep``: ids this process is sending now. Their requestId is kept, so a
+        message that did reach the space is not duplicated when sent again.
+        """
+        keep = set(keep)
+        with self._write() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM message WHERE state=? AND owner=?", (SENDING, self.owner))
+                   if r[0] not in keep]
+            db.executemany("UPDATE message SET state=?, owner=NULL, lease_until=NULL WHERE id=? AND state=?",
+                           [(PENDING, i, SENDING) for i in ids])
+        return len(ids)
+
     def stranded(self) -> int | None:
         """Messages still waiting in the configured outbox while a temporary one stands in.
 
@@ -872,14 +934,17 @@ class Outbox:
             return 0
         for options in ("mode=ro", "mode=ro&immutable=1"):  # immutable: a read-only filesystem, where no -shm can be made
             try:
-                db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
-                try:
-                    return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
-                finally:
-                    db.close()
+                return _call_gated(self, Outbox._count_configured, True, (options,), {})
             except sqlite3.Error:
                 continue
         return None
+
+    def _count_configured(self, options: str) -> int:
+        db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
+        try:
+            return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
+        finally:
+            db.close()
 
     @_guarded("write to")
     def requeue(self, ids: Iterable[int]) -> int:
@@ -1024,7 +1089,7 @@ class Outbox:
             for row, bodies in deaths:  # after what their owners queued; the armed row's requestId: copied twice, posted once
                 fired += [(row, self._fire_moved(db, row, bodies, urls, now))]
                 moved[row["id"]] = fired[-1][1]
-        with _Tx(src):
+        with _plain_tx(src):
             src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
         for row, _ in fired:
             deadman.fired(deadman._spec(row), row)
@@ -1059,6 +1124,7 @@ class Outbox:
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
+            self._conns = [(t, c) for t, c in self._conns if c is not conn]
             _close_quietly(conn)
             self._local.conn = None
         if self._live is not None:  # used again later: opened again, and the lock taken again
@@ -1079,6 +1145,9 @@ class Outbox:
         self._tell(f"{self.problem}; using the temporary outbox {self.path} meanwhile")
 
     def _recover(self, reason: str) -> bool:
+        return _call_gated(self, Outbox._recover_gated, True, (reason,), {})
+
+    def _recover_gated(self, reason: str) -> bool:
         """Move a damaged (or older-format) file aside, salvage what can be read into a new one; tell the user.
 
         Returns whether the outbox is usable again. One process at a time (a
@@ -1391,25 +1460,163 @@ class _OlderFormat(sqlite3.DatabaseError):
     """An outbox written by an older chat_magic: rebuilt like a damaged one, nothing lost."""
 
 
-class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes."""
+class _Gate:
+    """The process's one way into SQLite: every outbox call of every thread holds it.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    - Threads of one process queue here, on a Python lock, instead of
+      fighting through SQLite's busy handler (which gives up after its timeout
+      however short each writer's turn is: 96 threads raised "database is locked").
+    - A fork waits for it (:func:`_before_fork`), so no SQLite mutex is held
+      mid-call by another thread when the child is made.
+    - Reentrant. The thread's depth is counted beside the lock: a hold an
+      interrupt left behind (between taking the lock and counting it, or in a
+      line that releases it) is given back by :meth:`restore`, which every
+      outbox call runs when an exception leaves it, and on the thread's next entry.
+    """
+
+    def __init__(self) -> None:
+        self._lock: Any = threading.RLock()
+        self._local = threading.local()
+
+    def depth(self) -> int:
+        return int(getattr(self._local, "depth", 0))
+
+    def held(self) -> bool:
+        """Whether this thread is inside the outbox now (a signal handler that runs here must not wait for it)."""
+        return bool(self._lock._is_owned())
+
+    def enter(self, timeout: float) -> bool:
+        depth = self.depth()
+        if depth == 0 and self._lock._is_owned():
+            self.restore(0)
+            log.warning("chat_magic: released the outbox lock left held by an interrupt")
+        if not self._lock.acquire(True, max(0.0, timeout)):
+            raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+        self._local.depth = depth + 1
+        return True
+
+    def leave(self) -> None:
+        if self._lock._is_owned():
+            self._local.depth, _ = max(0, self.depth() - 1), self._lock.release()
+
+    def restore(self, depth: int) -> None:
+        """Hold the gate exactly ``depth`` times, as this thread did before a call an interrupt cut short."""
+        if self._lock._is_owned():
+            self._lock._release_save()
+        if depth:
+            self._lock._acquire_restore((depth, threading.get_ident()))
+        self._local.depth = depth
+
+
+_gate = _Gate()
+
+
+def inside() -> bool:
+    """Whether this thread is inside an outbox call now (a signal handler that runs here must not wait for one)."""
+    return _gate.held()
+
+
+def heal_gate() -> None:
+    """Outside any outbox call (depth 0), give back a gate hold an interrupt left behind."""
+    if not _gate.depth():
+        _gate.restore(0)
+
+
+def _call_gated(box: Outbox, method: Callable[..., T], gate: bool, args: Any, kwargs: Any) -> T:
+    """``method(box, ...)``, holding the gate when ``gate``."""
+    if not gate:
+        return method(box, *args, **kwargs)
+    _gate.enter(box.busy_timeout)
+    try:
+        return method(box, *args, **kwargs)
+    finally:
+        _gate.leave()
+
+
+_TRY_BUSY_MS = 50  # one try at the write lock; between tries the gate lets this process's other threads in
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes, and across this process's threads.
+
+    Safe against an asynchronous exception (Ctrl-C, a signal handler's
+    exception) at any point: ``BEGIN`` runs inside the ``try`` that rolls
+    back, ``__exit__`` rolls back whatever stopped it, and a transaction left
+    open anyway (an interrupt inside the rollback itself) is rolled back, and
+    said, at the start of the connection's next one. ``wait``: how long
+    another process's lock may keep this transaction from starting.
+    """
+
+    def __init__(self, box: Outbox | sqlite3.Connection, wait: float | None = None) -> None:
+        # a bare connection (older callers): its own busy timeout is how long it waits
+        self.box = box if isinstance(box, Outbox) else None
+        self.fixed = None if isinstance(box, Outbox) else box
+        self.busy_timeout = box.busy_timeout if isinstance(box, Outbox) else box.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+        self.wait = self.busy_timeout if wait is None else wait
+        self.db: Any = None
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        waited = 0.0
+        gate_deadline = time.monotonic() + self.busy_timeout
+        while True:
+            entered = False
+            try:
+                entered = _gate.enter(gate_deadline - time.monotonic())
+                # under the gate: a fork meanwhile may have closed the thread's connection
+                self.db = self.box._db() if self.box is not None else self.fixed
+                if self.db.in_transaction:
+                    _rollback(self.db)
+                    log.warning("chat_magic: rolled back an outbox transaction left open by an interrupt")
+                t = time.monotonic()
+                if self._begin():
+                    return self.db
+                waited += time.monotonic() - t
+                if waited >= self.wait:
+                    raise sqlite3.OperationalError("database is locked")
+            except BaseException:
+                if self.db is not None:
+                    _rollback(self.db)
+                if entered:
+                    _gate.leave()
+                raise
+            _gate.leave()  # another process holds the write lock: let this process's readers in meanwhile
+            entered = False
+            time.sleep(0.002)
+
+    def _begin(self) -> bool:
+        """One short try at the write lock; False when another process holds it."""
+        self.db.execute(f"PRAGMA busy_timeout={_TRY_BUSY_MS}")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                return False
+            raise
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            try:
+        try:
+            if exc_type is None:
                 self.db.execute("COMMIT")
-            except sqlite3.Error:
-                _rollback(self.db)
-                raise
-        else:
-            _rollback(self.db)
+        finally:
+            try:
+                _rollback(self.db)  # nothing to do after a COMMIT; after anything else, undo
+            finally:
+                _gate.leave()
+
+
+@contextmanager
+def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction on a connection of another file (another host's outbox): no gate, no retries."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -1418,6 +1625,44 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
     except sqlite3.Error:
         pass
+
+
+_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+_fork_held = False
+
+
+def _before_fork() -> None:
+    """Take the gate and close every connection: the child inherits no SQLite call in progress, no open handle."""
+    global _fork_held
+    try:
+        _gate.enter(5.0)
+    except BaseException:
+        return  # a thread holds it that long (never seen): fork anyway
+    _fork_held = True
+    for box in list(_outboxes):
+        box._close_all()
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_held
+    if _fork_held:
+        _fork_held = False
+        _gate.leave()
+
+
+def _after_fork_in_child() -> None:
+    """Fresh locks: whatever another parent thread held is not held here."""
+    global _gate, _fork_held
+    _gate = _Gate()
+    _fork_held = False
+    for box in list(_outboxes):
+        box._conns = []
+        box._local = threading.local()
+        box._recovering = threading.RLock()  # no recovery runs in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 @contextmanager
@@ -1452,6 +1697,11 @@ def _suppress(*kinds: type[BaseException]) -> Iterator[None]:
         yield
     except kinds:
         pass
+
+
+def _ended(t: threading.Thread) -> bool:
+    """Whether a thread has ended (the main thread counts as running: at exit it reads as stopped, yet runs atexit)."""
+    return t is not threading.main_thread() and not t.is_alive()
 
 
 def _close_quietly(conn: sqlite3.Connection) -> None:

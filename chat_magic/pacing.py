@@ -55,7 +55,7 @@ from .console import say as _console_say
 if TYPE_CHECKING:
     from .outbox import Job, Outbox
 
-__all__ = ["RedisSlot", "cluster_slot", "redact_url", "reset", "scrub"]
+__all__ = ["RedisSlot", "after_fork_in_child", "cluster_slot", "redact_url", "reset", "scrub"]
 
 log = logging.getLogger("chat_magic")
 
@@ -436,6 +436,13 @@ def _client(url: str) -> Any:
         retry=Retry(NoBackoff(), 0),  # one try: a Redis that does not answer means local pacing now
         health_check_interval=0,
     )
+
+
+def after_fork_in_child() -> None:
+    """A forked child makes its own Redis clients (a connection is not shared with the parent) under a fresh lock."""
+    global _slots_lock
+    _slots.clear()
+    _slots_lock = threading.Lock()
 
 
 def reset() -> None:

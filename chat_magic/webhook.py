@@ -45,7 +45,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from .errors import WebhookURLError
 
 __all__ = [
-    "REDACTED", "Sealed", "Webhook", "add_finder", "is_loopback", "parse_webhook_url", "redact", "scrub_error",
+    "REDACTED", "Sealed", "Webhook", "add_finder", "after_fork_in_child", "is_loopback", "known_lock", "parse_webhook_url", "redact", "scrub_error",
     "scrub_known"
 ]
 
@@ -309,8 +309,19 @@ class Webhook:
 # -- the webhooks this process knows: for unpickling, and for scrubbing texts that may hold any of them --
 
 _known: dict[str, Webhook] = {}  # digest -> the first Webhook parsed with it (guarded by _known_lock)
-_known_lock = threading.Lock()
+_known_lock: Any = threading.RLock()  # reentrant: a signal handler's send may run while this thread holds it
 _KNOWN_MAX = 256  # a process that parses endless distinct URLs keeps the first ones only
+
+
+def known_lock() -> Any:
+    """The lock that guards the known webhooks (reentrant): delivery gives it back after an interrupt."""
+    return _known_lock
+
+
+def after_fork_in_child() -> None:
+    """A fresh lock in a forked child: another parent thread may have held it at the fork."""
+    global _known_lock
+    _known_lock = threading.RLock()
 
 
 def _remember(hook: Webhook) -> None:

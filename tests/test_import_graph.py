@@ -96,7 +96,10 @@ def test_no_import_cycle():
 
 
 # a class and the helper class it owns, in the same module: the helper is part of it
-FRIENDS = {("delivery.py", "d")}  # _Lane, the sender thread of one Dispatcher
+FRIENDS = {("delivery.py", "d"), ("outbox.py", "box")}  # _Lane, the sender thread of one Dispatcher; _Tx, of one Outbox
+# threading.RLock's own methods: the only way to ask whether this thread holds a lock, and to give
+# back every hold an interrupt left behind (edges-tx: the outbox's gate and lease lock)
+RLOCK_INTERNALS = {"_is_owned", "_release_save", "_acquire_restore"}
 # Known debt, pinned (never-silent, merged at 21:39): the dead-man modules reach into the outbox
 # (_Tx, owner and request ids: public doors belong in outbox.py, which edges-tx is changing now)
 # and into deadman's hook lists (a registry of hooks, see KNOWN_CYCLES).
@@ -123,7 +126,7 @@ def test_nothing_underscored_crosses_a_module():
             if isinstance(owner, ast.Name) and owner.id in imported:
                 reached.append(f"{path.name} {owner.id}.{node.attr}")
             elif (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self"
-                  and (path.name, owner.attr) not in FRIENDS):
+                  and (path.name, owner.attr) not in FRIENDS and node.attr not in RLOCK_INTERNALS):
                 reached.append(f"{path.name} self.{owner.attr}.{node.attr}")
         for node in ast.walk(tree):  # from .outbox import _Tx
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("chat_magic")):
