@@ -12,7 +12,9 @@ ipywidgets, requests and sqlite3 load when first needed.
 from __future__ import annotations
 
 import _thread
+import os as _os
 import sys as _sys
+import time as _time
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -130,6 +132,23 @@ def send(
 _loaded: dict[str, Any] = {}  # chat_magic.delivery's send, once it is imported
 _loading: set[int] = set()  # threads importing it now
 _early: list[tuple[Any, dict[str, Any]]] = []  # sent by a signal handler during that import
+
+
+def _before_fork() -> None:
+    """A fork waits (5 s at most) while another thread imports the delivery modules.
+
+    A module being imported at the fork stays locked in the child forever:
+    the child's first ``send`` would hang importing it.
+    """
+    deadline = _time.monotonic() + 5.0
+    while _loading - {_thread.get_ident()} and _time.monotonic() < deadline:
+        _time.sleep(0.001)
+
+
+if hasattr(_os, "register_at_fork"):
+    import logging as _logging  # noqa: F401 - its fork hooks first: none may be added while a fork waits here
+
+    _os.register_at_fork(before=_before_fork)
 
 
 def _cannot_send(*args: Any, **kwargs: Any) -> Any:
