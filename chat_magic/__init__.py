@@ -141,8 +141,13 @@ def _before_fork() -> None:
     the child's first ``send`` would hang importing it.
     """
     deadline = _time.monotonic() + 5.0
+    waited = False
     while _loading - {_thread.get_ident()} and _time.monotonic() < deadline:
+        waited = True
         _time.sleep(0.001)
+    box = _sys.modules.get("chat_magic.outbox")
+    if waited and box is not None and not getattr(box, "_fork_held", True):
+        box._before_fork()  # loaded while this fork waited: its own hook was not in this fork's list
 
 
 if hasattr(_os, "register_at_fork"):

