@@ -128,6 +128,12 @@ class Settings:
     def exit_timeout(self, value: float) -> None:
         self._exit_timeout = float(value)
 
+    def exit_timeout_or(self, default: float) -> float:
+        """``exit_timeout`` when set here or by a valid ``CHAT_MAGIC_EXIT_TIMEOUT``, else ``default``."""
+        if self._exit_timeout is not None:
+            return self._exit_timeout
+        return _env_seconds(ENV_EXIT_TIMEOUT, default)
+
     def names(self) -> list[str]:
         """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
         return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
