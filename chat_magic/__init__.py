@@ -178,10 +178,7 @@ def configure(**settings: Any) -> None:
     """Change delivery settings, e.g. ``configure(interval=1.1, read_timeout=20)``."""
     from .delivery import settings as current
 
-    for k, v in settings.items():
-        if not hasattr(current, k) or k == "lease":
-            raise ConfigError(f"unknown setting {k!r}: choose from {', '.join(sorted(vars(current)))}")
-        setattr(current, k, type(getattr(current, k))(v))
+    current.change(**settings)
 
 
 def load_ipython_extension(ip: Any) -> None:
@@ -196,3 +193,20 @@ def unload_ipython_extension(ip: Any) -> None:
     from .magics import unload_ipython_extension as _unload
 
     _unload(ip)
+
+
+def _configured_webhook(digest: str) -> Any:
+    """A configured webhook by its digest, for unpickling; ``config`` is imported only when one is looked up."""
+    from .config import webhook_by_digest
+
+    return webhook_by_digest(digest)
+
+
+def _wire() -> None:
+    """Connect the parts that must not import each other (``webhook`` sits below ``config``)."""
+    from .webhook import add_finder
+
+    add_finder(_configured_webhook)
+
+
+_wire()

@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
@@ -27,6 +27,9 @@ from .webhook import redact
 
 if TYPE_CHECKING:
     from .hosts import HostFile
+    from .outbox import Outbox
+
+__all__ = ["cmd_outbox", "cmd_outbox_all_hosts", "cmd_send", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -85,8 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"chat-magic: warning: {redact(message)}", file=file or sys.stderr)
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: TextIO | None = None, line: str | None = None) -> None:
+    if file is None or file is sys.stderr:
+        say(f"warning: {message}", prefix="chat-magic")
+    else:
+        print(f"chat-magic: warning: {redact(message)}", file=file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,11 +146,12 @@ def _delegate(command: str, rest: list[str]) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from . import delivery
+    from . import delivery, rules
 
     deadline = time.monotonic() + max(0.0, args.timeout)  # --timeout is the whole wait, reading stdin aside
     text = sys.stdin.read() if args.text == "-" else args.text
-    receipt = delivery.send(text, to=args.to, thread_key=args.thread, truncate=args.truncate)  # a temporary outbox says so itself
+    thread = rules.validate_thread_key(args.thread, option="--thread")  # send() checks it too; this names the option
+    receipt = delivery.send(text, to=args.to, thread_key=thread, truncate=args.truncate)  # a temporary outbox says so itself
     try:
         result = receipt.wait(max(0.0, deadline - time.monotonic()))
     except DeliveryTimeout:
@@ -251,7 +259,7 @@ def _say_unknown_states(counts: dict[str, int], where: str = "") -> None:
              "chat_magic wrote them and this version leaves them alone: upgrade chat_magic to deliver or list them")
 
 
-def _unknown_ids(box, ids: list[int]) -> str:
+def _unknown_ids(box: Outbox, ids: list[int]) -> str:
     """One line naming the ids the outbox does not hold, or ``""``."""
     known = {r.id for r in box.rows(ids)}
     missing = [str(i) for i in dict.fromkeys(ids) if i not in known]
@@ -312,9 +320,10 @@ def _flush_host_file(f: HostFile, timeout: float) -> bool:
     from . import delivery, hosts
     from .outbox import FAILED, PENDING, SENDING
 
-    mine = f.mine or str(f.path) in delivery._dispatchers  # this process drains it already (the old single file)
-    if mine:
-        d = delivery.dispatcher() if f.mine else delivery._dispatchers[str(f.path)]
+    running = delivery.dispatcher() if f.mine else delivery.running_dispatcher(f.path)  # the old single file: drained already
+    mine = running is not None
+    if running is not None:
+        d = running
     else:
         if not hosts.unfinished(f.path):
             print(f"{f.label}: nothing waiting")
@@ -323,7 +332,7 @@ def _flush_host_file(f: HostFile, timeout: float) -> bool:
         if busy:
             _err(f"{f.label}: left alone, its outbox looks in use: {busy}; run this again once that host's jobs are over")
             return False
-        d = delivery._open_dispatcher(f.path)
+        d = delivery.open_dispatcher(f.path)
     try:
         ok = d.flush(timeout)
         counts = d.outbox.counts()

@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import ipywidgets as widgets
 
@@ -214,8 +214,7 @@ class Composer(widgets.VBox):
 
     def _queue(self, text: str) -> tuple[Any, str]:
         """Queue ``text``; return the receipt and where it went (for the history)."""
-        import chat_magic
-
+        from .delivery import send
         from .session import current_session
 
         to = self.destination.value or None
@@ -232,7 +231,7 @@ class Composer(widgets.VBox):
             session = current_session(getattr(ip, "user_ns", None))
             return session.send(text, to=to), "session thread"
         key = _new_thread_key() if choice == NEW else self.thread_key.value.strip()
-        receipt = chat_magic.send(text, to=to, thread_key=key)
+        receipt = send(text, to=to, thread_key=key)
         if choice == NEW:
             self.thread_key.value = key  # so "custom key" can continue that thread
         return receipt, f"thread {key}"
@@ -384,7 +383,7 @@ def compose_magic(line: str = "", shell: Any = None) -> Composer:
     usage = "%chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]"
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
             raise UsageError(f"%chat_compose: {message}; usage: {usage}")
 
     parser = Parser(prog="%chat_compose", add_help=False)

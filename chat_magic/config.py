@@ -45,6 +45,12 @@ from typing import Any
 from .errors import ConfigError, NoDestinationError, SecretAccessError
 from .webhook import Webhook, parse_webhook_url, redact
 
+__all__ = [
+    "ENV_REDIS", "ENV_URL", "check_space_name", "config_path", "describe", "destination_names", "env_secret",
+    "forget_secrets", "from_secrets", "home", "hosted_service", "load_config", "redis_url", "remove_space",
+    "resolve", "save_space", "secret_name", "webhook_by_digest", "write_config"
+]
+
 ENV_URL = "GOOGLE_CHAT_WEBHOOK_URL"
 ENV_CONFIG = "CHAT_MAGIC_CONFIG"
 ENV_HOME = "CHAT_MAGIC_HOME"
@@ -93,7 +99,7 @@ def redis_url() -> str | None:
     return None if value.lower() in ("", "off", "none") else value
 
 
-def _toml():
+def _toml() -> Any:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -231,7 +237,7 @@ def from_secrets(name: str) -> Webhook | None:
 def _first_secret(name: str) -> tuple[str, Webhook] | None:
     """(where, webhook) from the first source that has ``name``: its value checked, its errors one line."""
     sources: tuple[tuple[str, Callable[[str], str | None]], ...] = (
-        ("environment variable", _env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
+        ("environment variable", env_secret), ("Colab secret", _colab_secret), ("Kaggle secret", _kaggle_secret),
     )
     for where, read in sources:
         value = read(name)
@@ -264,7 +270,8 @@ def forget_secrets() -> None:
         _hosts.clear()
 
 
-def _env_secret(name: str) -> str | None:
+def env_secret(name: str) -> str | None:
+    """The environment variable ``name``, stripped; None when unset or blank (read when called, never at import)."""
     return os.environ.get(name, "").strip() or None
 
 
@@ -435,3 +442,23 @@ def remove_space(name: str) -> Path:
     if data.get("default") == name:
         del data["default"]
     return write_config(data)
+
+
+def webhook_by_digest(digest: str) -> Webhook | None:
+    """The configured webhook (the default one, or a named space) whose digest is ``digest``, if any.
+
+    How a pickled webhook finds its secrets again in another process: see
+    :func:`chat_magic.webhook.add_finder`.
+    """
+    try:
+        names: list[str | None] = [None, *destination_names()]
+    except Exception:
+        names = [None]
+    for name in names:
+        try:
+            hook = resolve(name)
+        except Exception:
+            continue
+        if hook.id == digest:
+            return hook
+    return None

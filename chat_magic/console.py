@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+__all__ = ["PREFIX", "say"]
+
 PREFIX = "chat_magic"
 
 

@@ -43,6 +43,11 @@ from typing import Any
 from .console import say as _warn
 from .errors import OutboxError
 
+__all__ = [
+    "Armed", "arm", "cause", "death_message", "exit_wait", "fire_dead", "fire_orphans", "mark_important",
+    "open_notices", "peak_memory"
+]
+
 log = logging.getLogger("chat_magic")
 
 ENV_WATCHER = "CHAT_MAGIC_WATCHER"
@@ -285,9 +290,9 @@ def _fire_own_at_exit() -> None:
         try:
             ids = fire_dead(box, owner=_my_owner(), cause_text="the process exited while it was still running",
                             died_at=time.time(), icon="⏹️", verb="ended")
-            from .delivery import _dispatchers
+            from .delivery import dispatchers
 
-            for d in list(_dispatchers.values()):
+            for d in dispatchers():
                 if d.outbox is box:
                     d.mine.update(ids)  # the exit waits for them
         except Exception as e:
@@ -314,8 +319,7 @@ def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
             told)] if told else []
         if not important:
             return mine, settings.exit_timeout
-        explicit = bool(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "").strip()) or settings.exit_timeout != 3.0
-        timeout = settings.exit_timeout if explicit else 30.0
+        timeout = settings.exit_timeout_or(30.0)  # a bad value: one line, and 30 s here
         if timeout <= 1.0:
             return mine, timeout
         if d.wait_for(important, 1.0):  # most are gone within a second: no line then

@@ -41,16 +41,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _loaded, config, hosts, pacing
+from . import _loaded, config, hosts, pacing, rules
 from . import outbox as _outbox
 from . import webhook as webhook_module
-from .errors import DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
+from .console import say
+from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
-from .outbox import FAILED, SENT, Job, Outbox
+from .outbox import DROPPED, FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
 
 log = logging.getLogger("chat_magic")
@@ -62,11 +63,8 @@ LANE_IDLE = 30.0  # seconds a space's sender thread waits for more work before i
 
 
 def _say(line: str) -> None:
-    """One visible ``chat_magic: ...`` line on stderr (redacted); never raises."""
-    try:
-        print(f"chat_magic: {redact(line)}", file=sys.stderr, flush=True)
-    except Exception:
-        pass
+    """One visible ``chat_magic: ...`` line on stderr: :func:`chat_magic.console.say` (redacted, never raises)."""
+    say(line)
 
 
 REPLY_CAP = 64 * 1024  # bytes of a reply read at most: an answer is small, a proxy's page or a flood is not read whole
@@ -78,8 +76,6 @@ def _say_once(topic: str, line: str) -> None:
     """Say ``line`` on stderr the first time ``topic`` comes up in this process."""
     if topic not in _said:
         _said.add(topic)
-        from .console import say
-
         say(line)
 
 
@@ -135,6 +131,31 @@ class Settings:
     @exit_timeout.setter
     def exit_timeout(self, value: float) -> None:
         self._exit_timeout = float(value)
+
+    def exit_timeout_or(self, default: float) -> float:
+        """``exit_timeout`` when set here or by a valid ``CHAT_MAGIC_EXIT_TIMEOUT``, else ``default``."""
+        if self._exit_timeout is not None:
+            return self._exit_timeout
+        return _env_seconds(ENV_EXIT_TIMEOUT, default)
+
+    def names(self) -> list[str]:
+        """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
+        return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
+
+    def change(self, **values: Any) -> None:
+        """Set each of ``values``, all checked first: a one-line ConfigError names the setting and its form.
+
+        Every setting is a number of seconds >= 0 (``math.inf`` allowed), so a
+        string, None or a bool is a mistake, not something to coerce.
+        """
+        known = self.names()
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}: choose from {', '.join(known)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name}={value!r}: give a number of seconds >= 0, such as {name}={getattr(self, name):g}")
+        for name, value in values.items():
+            setattr(self, name, float(value))
 
 
 settings = Settings()
@@ -236,7 +257,7 @@ def _not_an_answer(code: int, body: bytes, content_type: str) -> str:
     return f"{code} with {what}, not a created message"
 
 
-def _retry_after(resp) -> float | None:
+def _retry_after(resp: Any) -> float | None:
     value = resp.headers.get("Retry-After")
     if not value:
         return None
@@ -431,6 +452,21 @@ class Dispatcher:
             _say(f"{e}; the message is kept in memory and queued as soon as the outbox works again")
         self.ensure_running()
         self._wake.set()
+
+    # -- what a Receipt and the exit summary use ------------------------------------
+
+    @property
+    def held_reason(self) -> str:
+        """Why messages are kept in memory (the outbox's last error), ``""`` when none is."""
+        return self._held_reason
+
+    def held_count(self) -> int:
+        """How many messages wait in memory for the outbox to work again."""
+        return len(self._held)
+
+    def drain_held(self, *, patient: bool = False) -> bool:
+        """Queue the messages kept in memory; True when none is left (see ``submit``'s ``keep_on_fault``)."""
+        return self._drain_held(patient=patient)
 
     def _drain_held(self, *, patient: bool = False, blocking: bool = True) -> bool:
         """Queue kept messages, oldest first (one drainer at a time); return whether none is left."""
@@ -905,6 +941,7 @@ class Receipt:
         self.destination = destination
         self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
         self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
+        self._final: tuple[str, str | None, list[Delivered]] | None = None  # (status, error, results), once it cannot change
 
     def _queued(self, ids: list[int]) -> None:
         self.ids, self._held = tuple(ids), False
@@ -916,22 +953,41 @@ class Receipt:
             status = "unknown (outbox unreadable)"
         return f"<Receipt {list(self.ids)} {status} to {self.destination}>"
 
-    def _rows(self) -> tuple[list[Any], int]:
-        """The rows of this message's parts, and how many parts are no longer in the outbox."""
-        rows = self._d.outbox.resolve(self.ids)
-        return rows, len(self.ids) - len(rows)
+    def _read(self) -> tuple[list[Any], dict[int, str]]:
+        """Each part's row (None where no longer in the outbox), and why each such part is gone (``Outbox.account``)."""
+        return self._d.outbox.account(self.ids)
+
+    def _judge(self, found: list[Any], gone: dict[int, str]) -> tuple[str, str | None, list[Delivered]]:
+        """(status, error, results) from what the outbox holds; remembered once it can no longer change.
+
+        Delivered is final (a delivered part later pruned from the outbox reads
+        ``sent``, its name no longer known); so is dropped. A part the space
+        refused is not remembered: ``chat-magic outbox retry`` may queue it again.
+        """
+        if self._final is not None:
+            return self._final
+        rows = [r for r in found if r is not None]
+        results = [Delivered(r.name, r.thread_name) if r is not None else Delivered(None, None)
+                   for i, r in zip(self.ids, found) if r is not None or gone.get(i) == SENT]
+        lost = [i for i, why in gone.items() if why != SENT]
+        refused = [r for r in rows if r.state == FAILED]
+        if refused or lost:
+            status = "failed"
+            error = next((r.error for r in refused if r.error), None) or (self._gone_text(lost[0], gone[lost[0]]) if lost else None)
+        else:
+            status = "sent" if all(r.state == SENT for r in rows) else "pending"
+            error = next((r.error for r in rows if r.error), None)
+        outcome = (status, error, results)
+        if status == "sent" or DROPPED in gone.values():
+            self._final = outcome
+        return outcome
 
     @property
     def status(self) -> str:
-        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed or was dropped)."""
+        """``"pending"``, ``"sent"`` or ``"failed"`` (failed if any part failed, was dropped or was lost)."""
         if self._held:
             return "pending"
-        rows, gone = self._rows()
-        if gone or any(r.state == FAILED for r in rows):
-            return "failed"
-        if rows and all(r.state == SENT for r in rows):
-            return "sent"
-        return "pending"
+        return self._judge(*self._read())[0]
 
     def done(self) -> bool:
         return self.status != "pending"
@@ -940,25 +996,21 @@ class Receipt:
     def error(self) -> str | None:
         """The one-line reason when delivery failed, else the last transient error, else None."""
         if self._held:
-            reason = self._d._held_reason if self._d is not None else ""
+            reason = self._d.held_reason if self._d is not None else ""
             return f"kept in memory: {reason}" if reason else None
-        rows, gone = self._rows()
-        for r in rows:
-            if r.state == FAILED and r.error:
-                return r.error
-        if gone:
-            return self._gone_text()
-        for r in rows:
-            if r.error:
-                return r.error
-        return None
+        return self._judge(*self._read())[1]
 
-    def _gone_text(self) -> str:
-        return (f"message {self.ids[0]} is no longer in the outbox {self._d.outbox.path}: it was dropped "
-                "(chat-magic outbox drop) or lost with a damaged outbox")
+    def _gone_text(self, i: int, why: str) -> str:
+        where = f"message {i} is no longer in the outbox {self._d.outbox.path}"
+        if why == DROPPED:
+            return f"{where}: it was dropped (chat-magic outbox drop)"
+        return f"{where} and no record says it was delivered: lost with a damaged outbox, or removed by an older chat_magic"
 
     def results(self) -> list[Delivered]:
-        return [Delivered(r.name, r.thread_name) for r in self._d.outbox.resolve(self.ids)]
+        """Each delivered part's ``name`` and ``thread.name``; None for a part pruned from the outbox since (no longer known)."""
+        if self._held:
+            return []
+        return self._judge(*self._read())[2]
 
     def wait(self, timeout: float | None = 30.0) -> Delivered:
         """Block until delivered and return the message's ``name`` and ``thread.name``.
@@ -967,6 +1019,8 @@ class Receipt:
         dropped from the outbox) and :class:`DeliveryTimeout` when it is still
         queued after ``timeout`` seconds (it stays queued and will still be
         delivered); an :class:`OutboxError` when the outbox cannot be read.
+        ``name`` is None when the message was delivered but pruned from the
+        outbox since (``CHAT_MAGIC_KEEP_SENT``): its name is no longer known.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
@@ -975,23 +1029,24 @@ class Receipt:
             if self._d is None:  # sent from a signal handler: queued by the call it interrupted, or now
                 _adopt_late()
             else:
-                self._d._drain_held(patient=True)
+                self._d.drain_held(patient=True)
             if self._held:
                 time.sleep(0.1)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._d.wait_for(list(self.ids), left):
+        if self._final is None and not self._d.wait_for(list(self.ids), left):
             last = self.error
             more = f"; last error: {last}" if last else ""
             raise DeliveryTimeout(f"not delivered within {timeout:g} s (still queued, will retry){more}")
-        rows, gone = self._rows()
-        for r in rows:
-            if r.state == FAILED:
+        found, gone = (None, {}) if self._final is not None else self._read()
+        for r in found or ():
+            if r is not None and r.state == FAILED:
                 self.mark_reported()
                 raise DeliveryFailed(r.error or "delivery failed", code=r.error_code or 0, status=r.error_status or "")
-        if gone:
+        status, error, results = self._judge(found or [], gone)
+        if status == "failed":
             self.mark_reported()
-            raise DeliveryFailed(self._gone_text())
-        return Delivered(rows[0].name, rows[0].thread_name)
+            raise DeliveryFailed(error or "delivery failed")
+        return results[0] if results else Delivered(None, None)
 
     def mark_reported(self) -> None:
         """The caller has told the user about this message's failure: the exit summary skips it."""
@@ -1144,7 +1199,7 @@ def _dispatcher_at(home: Any) -> Dispatcher:
             if not _registered:
                 atexit.register(_at_exit)
                 _registered = True
-            d = _dispatchers[path] = _open_dispatcher(path)
+            d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
     from .deadman import fire_orphans
@@ -1154,8 +1209,21 @@ def _dispatcher_at(home: Any) -> Dispatcher:
     return d
 
 
-def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
-    """A dispatcher for the outbox file ``path``, paced through Redis when one is configured.
+def dispatchers() -> list[Dispatcher]:
+    """Every dispatcher this process runs: this host's, and an old single file being drained."""
+    return list(_dispatchers.values())
+
+
+def running_dispatcher(path: str | os.PathLike[str]) -> Dispatcher | None:
+    """This process's dispatcher of the outbox file ``path`` if it drains that file already, else None."""
+    return _dispatchers.get(str(path))
+
+
+def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
+    """A new dispatcher for the outbox file ``path``, paced through Redis when one is configured.
+
+    It is not registered: the caller stops it and closes its outbox (``chat-magic
+    outbox flush`` for another host's file). :func:`dispatcher` is this host's.
 
     Raises :class:`OutboxError` when not even a temporary outbox can be made.
     """
@@ -1168,11 +1236,14 @@ def _open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     return d
 
 
+_open_dispatcher = open_dispatcher  # the old private name, while branches written against it are merged (remove after)
+
+
 def _drain_legacy(home: os.PathLike[str]) -> None:
     """Deliver what waits in the old single ``outbox.sqlite3`` (before per-host files); nothing new goes there."""
     old = hosts.legacy_to_drain(home)
     if old is not None and str(old) not in _dispatchers:
-        _dispatchers[str(old)] = _open_dispatcher(old)
+        _dispatchers[str(old)] = open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()
 
 
@@ -1245,6 +1316,10 @@ def send(
     ``image``: a figure (or a list of them) shown in a card under the text;
     ``figures``: already collected ones (:class:`chat_magic.images.Figures`)
     whose image widgets the cards carry. ``disarm``: see :meth:`Dispatcher.submit`.
+
+    The thread-key rule is checked here, where every front end passes (the
+    magics, ``chat_magic.send``, ``chat-magic send --thread``, the composer,
+    the progress lines): a blank or too long key is a one-line ConfigError.
     """
     before = _owned_locks()
     try:
@@ -1258,6 +1333,7 @@ def send(
 def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
           fallback_text: str | None, truncate: bool, keep_on_fault: bool, header: str | None, image: Any,
           figures: Any, disarm: int | None) -> Receipt:
+    thread_key = rules.validate_thread_key(thread_key, option="thread_key")
     webhook = config.resolve(to)
     if image is not None:
         from . import images
@@ -1336,8 +1412,8 @@ def _at_exit() -> None:
         pass
     for d in list(_dispatchers.values()):
         try:
-            if not d._drain_held():
-                _say(f"{len(d._held)} message(s) could not be queued and are lost with this process: {d._held_reason}")
+            if not d.drain_held():
+                _say(f"{d.held_count()} message(s) could not be queued and are lost with this process: {d.held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
             from .deadman import exit_wait
 

@@ -24,7 +24,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .console import say
 from .webhook import redact
+
+__all__ = ["find_notebook", "format_message", "main"]
+
+PREFIX = "chat-magic demo"
 
 SPACE = "DEMO"
 KERNEL = "python3"
@@ -138,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     nb_path = args.notebook or find_notebook()
     if nb_path is None or not Path(nb_path).is_file():
         where = nb_path or _candidates()[0]
-        print(f"chat-magic demo: the notebook {where} is not there: reinstall chat-magic, "
-              "or pass --notebook PATH", file=sys.stderr)
+        say(f"the notebook {where} is not there: reinstall chat-magic, or pass --notebook PATH", prefix=PREFIX)
         return 2
     nb_path = Path(nb_path).resolve()
     try:
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         from nbclient.exceptions import CellExecutionError
         from traitlets.config import Config
     except ImportError as e:
-        print(f"chat-magic demo: {e.name} is missing: pip install 'chat-magic[demo]' (nbclient and ipykernel)", file=sys.stderr)
+        say(f"{e.name} is missing: pip install 'chat-magic[demo]' (nbclient and ipykernel)", prefix=PREFIX)
         return 2
 
     from .emulator import Emulator
@@ -188,18 +192,17 @@ def main(argv: list[str] | None = None) -> int:
             with open(log_path, "wb") as log:  # the kernel's own chatter, shown only if it fails
                 client.execute(env=env, stdout=log, stderr=log)
         except NoSuchKernel:
-            print(f"chat-magic demo: no '{KERNEL}' Jupyter kernel: run  {Path(sys.executable).name} -m ipykernel install --user",
-                  file=sys.stderr)
+            say(f"no '{KERNEL}' Jupyter kernel: run {Path(sys.executable).name} -m ipykernel install --user", prefix=PREFIX)
             return 1
         except KeyboardInterrupt:
-            print("chat-magic demo: interrupted", file=sys.stderr)
+            say("interrupted", prefix=PREFIX)
             return 130
         except CellExecutionError as e:
             lines = [ln for ln in redact(e).splitlines() if ln.strip()]
-            print(f"chat-magic demo: a cell failed: {lines[-1] if lines else 'error'}", file=sys.stderr)
+            say(f"a cell failed: {lines[-1] if lines else 'error'}", prefix=PREFIX)
             return 1
         except Exception as e:  # a kernel that would not start, a timeout
-            print(f"chat-magic demo: the notebook did not run: {type(e).__name__}: {redact(e)}", file=sys.stderr)
+            say(f"the notebook did not run: {type(e).__name__}: {e}", prefix=PREFIX)
             for line in _last_lines(log_path):
                 print(f"  kernel: {line}", file=sys.stderr)
             return 1
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         word = "thread" if len(threads) == 1 else "threads"
         print(f"chat-magic demo: the notebook ran in {ran:.1f} s; the space got {len(messages)} messages in {len(threads)} {word}.")
         if not messages:
-            print("chat-magic demo: no message arrived", file=sys.stderr)
+            say("no message arrived", prefix=PREFIX)
             return 1
         return 0
 

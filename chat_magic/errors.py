@@ -22,6 +22,11 @@ could hold a configuration with webhook URLs in it.
 
 from __future__ import annotations
 
+__all__ = [
+    "ChatMagicError", "ConfigError", "DeliveryError", "DeliveryFailed", "DeliveryTimeout", "MessageError",
+    "NoDestinationError", "OutboxError", "SecretAccessError", "WebhookURLError"
+]
+
 
 class ChatMagicError(Exception):
     """Base class of every chat_magic error."""

@@ -34,6 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = [
+    "HostFile", "claim_orphan", "current_host", "file_label", "hold_live", "host_id", "in_use", "legacy_path",
+    "legacy_to_drain", "let_go", "live_path", "orphans", "outbox_files", "outbox_path", "unfinished"
+]
+
 LEGACY_NAME = "outbox.sqlite3"
 _PREFIX, _SUFFIX = "outbox-", ".sqlite3"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

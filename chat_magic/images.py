@@ -51,6 +51,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .delivery import Dispatcher
     from .outbox import Job
 
+__all__ = [
+    "Figures", "FolderStore", "GCSStore", "Image", "JPEG", "MAX_BYTES", "MAX_FIGURES", "PNG", "S3Store", "Store",
+    "StoreError", "StoreSpec", "attach", "check_base_url", "fill", "fill_payload", "fit", "metrics_chart",
+    "object_name", "open_store", "parse_expiry", "sniff", "store_spec", "strip_images", "to_image", "upload"
+]
+
 log = logging.getLogger("chat_magic")
 
 ENV_STORE = "CHAT_MAGIC_IMAGE_STORE"

@@ -28,6 +28,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+__all__ = ["as_line", "consequential", "describe_rank", "first_failure", "identity", "thread_key"]
+
 # errors a rank gets because a peer failed, not because of its own work
 CONSEQUENTIAL = re.compile(
     r"connection closed by peer|connection reset by peer|broken pipe|nccl|gloo|ProcessGroup|DistBackendError|"

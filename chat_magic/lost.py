@@ -31,12 +31,13 @@ or config file (the named spaces), so no secret ever goes through Redis.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from typing import Any
 
 from . import deadman
+
+__all__ = ["PREFIX", "beat_every", "check", "main", "on_arm", "on_close", "on_fired"]
 
 PREFIX = "chat_magic:"
 KEEP = 7 * 86400  # a record of a host that never came back is forgotten after a week
@@ -242,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     if client is None:
         say('the redis package is missing: pip install "chat-magic[redis]"', prefix="chat-magic watch")
         return 2
-    print(f"chat-magic watch: watching {redact_url(url)} (lost after {args.lost_after:g} s)", file=sys.stderr, flush=True)
+    say(f"watching {redact_url(url)} (lost after {args.lost_after:g} s)", prefix="chat-magic watch")
     while True:
         try:
             for line in check(client, args.lost_after):
-                print(f"chat-magic watch: {line}", file=sys.stderr, flush=True)
+                say(line, prefix="chat-magic watch")
         except ChatMagicError as e:
             say(str(e), prefix="chat-magic watch")
         except Exception as e:  # Redis away: say so, try again

@@ -36,11 +36,12 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from . import config, rules
+from .cells import cell_error, cell_title
 from .console import say as _warn
 from .errors import ChatMagicError, ConfigError, MessageError
 from .message import strip_ansi, tail
-from .report import Report, remember_cell
-from .session import current_session
+from .report import Report, remember_cell, should_post, status_of
+from .session import Session, current_session
 from .webhook import Webhook, redact
 
 __all__ = ["ChatMagics", "NestedRun", "OutputTail", "load_ipython_extension", "unload_ipython_extension"]
@@ -217,7 +218,7 @@ class Capture:
         self.active = True
 
         def stream_writer(original: Callable) -> Callable:
-            def write(data, *args, **kwargs):
+            def write(data: Any, *args: Any, **kwargs: Any) -> Any:
                 result = original(data, *args, **kwargs)
                 if self.active and isinstance(data, str):
                     try:
@@ -230,7 +231,7 @@ class Capture:
             return write
 
         def publisher(original: Callable) -> Callable:
-            def publish(data, *args, **kwargs):
+            def publish(data: Any, *args: Any, **kwargs: Any) -> Any:
                 if self.active and not kwargs.get("update"):
                     try:
                         line = describe_display(data)
@@ -244,7 +245,7 @@ class Capture:
             return publish
 
         def quiet(original: Callable) -> Callable:
-            def call(*args, **kwargs):
+            def call(*args: Any, **kwargs: Any) -> Any:
                 self._own += 1
                 try:
                     return original(*args, **kwargs)
@@ -295,17 +296,6 @@ class Capture:
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def cell_title(source: str) -> str:
-    """The cell's first ``#`` comment line, or ``""``."""
-    for line in source.splitlines():
-        s = line.strip()
-        if s.startswith("#") and not s.startswith("#!"):
-            text = s.lstrip("#").strip()
-            if text and not text.startswith("-*-"):
-                return text[:120]
-    return ""
 
 
 def _split_options(line: str, takes_value: set[str]) -> tuple[list[str], str]:
@@ -398,9 +388,9 @@ class NestedRun:
                 self._hook.exec_result = self._outer
         result = self.result
         if result is not None:
-            self.error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+            self.error = cell_error(result)
         outer = self._outer
-        if self.error is not None and outer is not None and outer.error_in_exec is None and outer.error_before_exec is None:
+        if self.error is not None and outer is not None and cell_error(outer) is None:
             outer.error_in_exec = self.error
         return self
 
@@ -506,7 +496,7 @@ class ChatMagics(Magics):
 
     # -- shared pieces -----------------------------------------------------
 
-    def _session(self):
+    def _session(self) -> Session:
         s = current_session(self.shell.user_ns)
         key = self.thread_key.strip()
         if key and s.thread_key != key and not (self._applied and self._applied[0] is s and self._applied[1] == key):
@@ -515,7 +505,7 @@ class ChatMagics(Magics):
             self._applied = (s, key)
         return s
 
-    def _parse(self, func: Callable, magic: str, line: str):
+    def _parse(self, func: Callable, magic: str, line: str) -> Any:
         try:
             argv = shlex.split(line)
         except ValueError as e:
@@ -651,7 +641,7 @@ class ChatMagics(Magics):
     @magic_arguments("%chat")
     @_destination_args
     @argument("--title", metavar="TEXT", help="the notice's title (default: the cell's first # comment, else 'Cell [n]').")
-    @argument("--on-error", action="store_true", help="post only when the cell fails.")
+    @argument("--on-error", action="store_true", help="post only when the cell fails (an interrupt is not a failure).")
     @argument("--no-output", action="store_true", help="leave the cell's output and traceback out (status and error line only).")
     @argument("--max-lines", type=int, metavar="N", help="lines of output to show (default: ChatMagics.max_lines).")
     @argument("--new-thread", action="store_true", help="start a fresh thread for this session before posting.")
@@ -711,7 +701,7 @@ class ChatMagics(Magics):
         except BaseException:
             self._disarm(armed)
             raise
-        if args.on_error and ran.error is None:
+        if not should_post(status_of(ran.error), on_error=args.on_error):
             self._disarm(armed)
             return None
         result = getattr(ran.result, "result", None)
@@ -819,7 +809,7 @@ class ChatMagics(Magics):
     @_destination_args
     @argument("--threshold", type=float, metavar="SECONDS",
               help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
-    @argument("--on-error", action="store_true", help="announce only cells that fail.")
+    @argument("--on-error", action="store_true", help="announce only cells that fail (an interrupt is not a failure).")
     @argument("--run-all", action="store_true",
               help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
     @argument("--quiet", type=float, metavar="SECONDS",
@@ -963,10 +953,8 @@ class ChatMagics(Magics):
     def _announce(self, frame: _Cell, result: Any) -> None:
         auto = self._auto or {}
         duration = time.perf_counter() - frame.start
-        error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
-        failed = error is not None and not isinstance(error, KeyboardInterrupt)
-        slow = duration >= self._threshold()
-        if not (failed or (slow and not auto.get("on_error"))):
+        error = cell_error(result)
+        if not should_post(status_of(error), on_error=bool(auto.get("on_error")), worth_it=duration >= self._threshold()):
             return
         raw = getattr(frame.info, "raw_cell", "") or ""
         figures, sections, shown = self._auto_rich(frame, result)
@@ -1001,7 +989,7 @@ class ChatMagics(Magics):
     # -- %chat_compose ----------------------------------------------------------------
 
     @line_magic("chat_compose")  # type: ignore[arg-type]  # IPython types the decorated method as Never
-    def chat_compose(self, line: str):
+    def chat_compose(self, line: str) -> Any:
         """Open a message composer: %chat_compose [--to SPACE] [--thread session|new|custom] [--key KEY]
 
         Write a message, see it as Chat will show it, and send it; the status

@@ -22,6 +22,11 @@ from .errors import MessageError
 if TYPE_CHECKING:  # pragma: no cover
     from .webhook import Webhook
 
+__all__ = [
+    "MAX_BYTES", "MAX_TEXT", "SEPARATOR", "build_payloads", "code_block", "cut_note", "merge_texts", "neutralize",
+    "payload_size", "split_text", "strip_ansi", "tail", "truncate_text", "valid_unicode"
+]
+
 MAX_TEXT = 4096
 MAX_BYTES = 32_000
 ZWSP = "\u200b"  # zero-width space: breaks a token without changing what a reader sees
@@ -214,6 +219,9 @@ def build_payloads(
     :meth:`Report.payload_kwargs` gives) are rebuilt smaller when the envelope
     leaves less room than they assumed.
 
+    ``thread_key`` comes checked (:func:`chat_magic.rules.validate_thread_key`,
+    applied by :func:`chat_magic.delivery.send`, where every front end passes).
+
     Raises :class:`MessageError` for an empty message or one that cannot fit.
     """
     scrub: Callable[[str], str] = webhook.scrub if webhook is not None else (lambda s: s)
@@ -230,8 +238,6 @@ def build_payloads(
         cards = _clean_cards(cards, scrub)
     if not text.strip() and not cards:
         raise MessageError("the message is empty: give some text or a card")
-    if thread_key is not None and len(thread_key) > 4000:
-        raise MessageError("a thread key is at most 4,000 characters")
     envelope: dict[str, Any] = {"thread": {"threadKey": thread_key}} if thread_key else {}
 
     if cards:

@@ -29,6 +29,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "MetricHistory", "MetricSummary", "as_number", "card_section", "card_widgets", "direction", "format_value",
+    "sparkline", "text_lines"
+]
+
 BARS = "▁▂▃▄▅▆▇█"
 BAD = "×"  # a NaN or an infinity in the course (a bucket holding one): never one of BARS
 GAP = BAD  # the old name

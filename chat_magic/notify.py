@@ -44,9 +44,9 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import ranks as _ranks
@@ -57,7 +57,11 @@ from .metrics import MetricHistory
 from .report import exception_summary, mark_reported
 
 if TYPE_CHECKING:
+    from .delivery import Receipt
+    from .session import Session
     from .webhook import Webhook
+
+__all__ = ["ON", "Run", "active", "log", "notify_when_done", "origin_details", "session", "update", "user_namespace"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,7 +88,7 @@ def user_namespace() -> dict | None:
     return getattr(_shell(), "user_ns", None)
 
 
-def session():
+def session() -> Session:
     from .session import current_session
 
     return current_session(user_namespace())
@@ -114,7 +118,7 @@ class _Run:
         self.t0 = time.monotonic()
         self.rank = _ranks.current()
         self.session = session()
-        self.receipt = None
+        self.receipt: Receipt | None = None
         self.metrics = MetricHistory()  # what log() recorded: the final notice summarizes it
         self.facts: dict[str, str] = {}  # extra rows for the notices, e.g. {"Epochs": "4 of 4"} (callbacks)
         self.amend: Callable[[Any], None] | None = None  # called with the final Report before it is posted (callbacks)
@@ -144,7 +148,7 @@ class _Run:
     def details(self) -> dict[str, str]:
         return {**self.facts, **origin_details(self.session, self.rank)}
 
-    def post(self, kind: str, what: str, **payload: Any):
+    def post(self, kind: str, what: str, **payload: Any) -> Receipt | None:
         """Queue a message into the thread if this rank posts ``kind``; never raises."""
         try:
             if kind == _ranks.PROGRESS and self.armed is not None:  # update(), chat_magic.tqdm: a sign of life
@@ -177,6 +181,9 @@ class _Run:
         return self.post(_ranks.PROGRESS, "progress line", text=f"⏳ *{neutralize(self.title)}*: {neutralize(text)}", truncate=True)
 
 
+Run = _Run  # a run in progress, as :meth:`notify_when_done.begin` returns it
+
+
 class notify_when_done:
     """Post a notice when a block (``with``) or a function (decorator) ends.
 
@@ -186,7 +193,8 @@ class notify_when_done:
     into that thread instead of the session's. ``notify_start``: also post when
     it starts. ``mention``: ``"all"``, a numeric user id or a user's e-mail
     address, pinged in the completion notice. ``on``: ``"always"`` or
-    ``"error"`` (only failures are posted).
+    ``"error"`` (only failures are posted; an interrupt is not one, see
+    :func:`chat_magic.report.should_post`).
     ``cards``: a card with a text fallback (default) or plain text.
     ``ranks``: ``"zero"`` (default, or ``CHAT_MAGIC_RANKS``) or ``"all"``.
     ``stall_after``: seconds without ``update()``/``log()`` after which one
@@ -198,7 +206,7 @@ class notify_when_done:
     be resolved or an argument is wrong; never raises when the work ends.
     """
 
-    def __new__(cls, label: Any = None, **kwargs: Any):
+    def __new__(cls, label: Any = None, **kwargs: Any) -> Any:
         if callable(label) and not isinstance(label, str) and not kwargs:
             # bare ``@notify_when_done`` without parentheses
             return cls()(label)
@@ -242,7 +250,7 @@ class notify_when_done:
             self.webhook = None
         if isinstance(to, str) and self.webhook is not None and any(c in to for c in "/?="):
             self.to = self.webhook  # a URL: kept sealed, never as the string (pickle, yaml.dump, vars())
-        self.receipt = None  # the last completion notice's Receipt (None if none was posted)
+        self.receipt: Receipt | None = None  # the last completion notice's Receipt (None if none was posted)
         self._live: list[_Run] = []  # runs of this object now in progress (any thread or task)
         self._where = self._caller()
 
@@ -277,14 +285,21 @@ class notify_when_done:
 
     # -- the run --------------------------------------------------------
 
-    def _ready(self) -> None:
-        """Resolve the default webhook if construction could not: raises a one-line ConfigError."""
+    # -- a run's start and end in separate calls (the training callbacks) --------
+
+    def ready(self) -> None:
+        """Resolve the default webhook if construction could not: raises a one-line ConfigError.
+
+        A front end calls it before the work starts, so that a missing webhook
+        is said then, not after the run.
+        """
         if self.webhook is None:
             from . import config
 
             self.webhook = config.resolve(None)
 
-    def _begin(self, label: str) -> _Run:
+    def begin(self, label: str) -> Run:
+        """Start a run called ``label`` (the start notice with ``notify_start``); may raise. See :meth:`end`."""
         run = _Run(self, label)
         run.arm(self.stall_after)
         if self.notify_start:
@@ -294,8 +309,8 @@ class notify_when_done:
             run.post(_ranks.START, "start notice", **report.payload_kwargs(cards=self.cards))
         return run
 
-    def _end(self, run: _Run, exc: BaseException | None) -> None:
-        """Post how the run ended. Never raises."""
+    def end(self, run: Run, exc: BaseException | None) -> None:
+        """Post how ``run`` (from :meth:`begin`) ended, ``exc`` if it raised. Never raises."""
         try:
             self._finish(run, exc)
         except Exception as e:  # a bug here must not hide the user's result
@@ -304,7 +319,7 @@ class notify_when_done:
             run.disarm()  # after the completion notice is queued
 
     def _finish(self, run: _Run, exc: BaseException | None) -> None:
-        from .report import DIVERGED, FAILED, Report
+        from .report import FAILED, Report, should_post
 
         report = Report.from_outcome(
             run.title,
@@ -320,7 +335,7 @@ class notify_when_done:
         amend = getattr(run, "amend", None)
         if amend is not None:  # a training callback's reading of how the run ended (integrations/_base.py)
             amend(report)
-        if self.on == "error" and report.status not in (FAILED, DIVERGED):
+        if not should_post(report.status, on_error=self.on == "error"):
             return
         if report.status == FAILED and self._peer_failed_first(run, exc, report):
             return
@@ -394,7 +409,7 @@ class notify_when_done:
 
     def _push(self) -> _Run | None:
         try:
-            run = self._begin(self._default_label())
+            run = self.begin(self._default_label())
         except Exception as e:  # never keep the user's block from running
             _warn(f"could not start watching: {exception_summary(e)}")
             run = None
@@ -421,20 +436,21 @@ class notify_when_done:
             pass
 
     def __enter__(self) -> notify_when_done:
-        self._ready()
+        self.ready()
         self._push()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         run = self._pop()
         if run is not None:
-            self._end(run, exc)
+            self.end(run, exc)
         return False  # never swallow
 
     async def __aenter__(self) -> notify_when_done:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type, exc, tb) -> Literal[False]:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)
 
     def update(self, text: str) -> Any:
@@ -498,10 +514,10 @@ class notify_when_done:
                             "decorate the function that consumes it, or use `with notify_when_done(...)`")
         label = self.label or (getattr(func, "__qualname__", None) or repr(func)).replace("<locals>.", "")
 
-        def begin():
-            self._ready()  # no webhook configured: a one-line ConfigError before the work runs
+        def begin() -> tuple[Run | None, Token[Any]]:
+            self.ready()  # no webhook configured: a one-line ConfigError before the work runs
             try:
-                run = self._begin(label)
+                run = self.begin(label)
             except Exception as e:
                 _warn(f"could not start watching: {exception_summary(e)}")
                 run = None
@@ -509,14 +525,14 @@ class notify_when_done:
                 self._live.append(run)
             return run, _STACK.set(_STACK.get() + ((self, run),))
 
-        def end(run, token, exc):
+        def end(run: Run | None, token: Token[Any], exc: BaseException | None) -> None:
             try:
                 _STACK.reset(token)
             except Exception:
                 pass
             self._forget(run)
             if run is not None:
-                self._end(run, exc)
+                self.end(run, exc)
 
         if inspect.iscoroutinefunction(func):
 

@@ -48,7 +48,6 @@ import os
 import re
 import sqlite3
 import stat
-import sys
 import threading
 import time
 import uuid
@@ -59,9 +58,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .console import say
 from .errors import OutboxError
 from .hosts import current_host, hold_live, let_go
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
+from .webhook import redact
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pacing import RedisSlot
@@ -122,6 +123,11 @@ CREATE TABLE IF NOT EXISTS blob (
     data   BLOB NOT NULL,
     mime   TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS forgotten (
+    lo  INTEGER PRIMARY KEY,
+    hi  INTEGER NOT NULL,
+    why TEXT    NOT NULL
+);
 """
 # Columns added after the first release, applied to an existing file with ALTER TABLE when missing
 # (a file written by an older chat_magic keeps its rows). Append one line per column; never reorder.
@@ -147,6 +153,8 @@ PRUNE_EVERY = 200  # delivered messages recorded between two prunings (and the f
 KEEP_SENT = 1000  # delivered messages kept for `outbox list` (CHAT_MAGIC_KEEP_SENT)
 KEEP_SENT_FOR = 3600.0  # and every one delivered in the last hour, whatever their number
 WAL_LIMIT = 4 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
+KEEP_FORGOTTEN = 10_000  # runs of ids remembered as pruned after delivery or dropped (table ``forgotten``)
+DROPPED, LOST = "dropped", "lost"  # why a message is no longer in the outbox (besides SENT: pruned after delivery)
 _HEADS = "SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -322,6 +330,8 @@ class Outbox:
         self.pacer = pacer or SqlitePacer()
         self._local = threading.local()
         self._gen = 0  # bumped when the file is replaced: every thread reconnects
+        self._recovering = threading.RLock()  # held by a recovery: no other thread connects to a file half salvaged
+        self._salvaging = False  # a recovery in this process holds the lock file (set and read under _recovering)
         self._ino: int | None = None
         self._next_look = 0.0
         self._opened = False
@@ -402,17 +412,33 @@ class Outbox:
         return conn
 
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection, to the file now at ``path``; never to one a recovery is still salvaging into.
+
+        A recovery in another thread of this process holds :attr:`_recovering`;
+        one in another process holds the lock file (:meth:`_follow`). Read
+        half-way, the new file lacks the rows still to be copied: a receipt
+        would call a message lost that is then salvaged and delivered.
+        """
         _gate.enter(self.busy_timeout)
         try:
-            if not self._opened:
-                self._open()
-            elif self._ino is not None and time.monotonic() >= self._next_look:
-                self._next_look = time.monotonic() + 0.2  # a stat costs as much as an insert: look 5 times a second at most
-                if _inode(self.path) != self._ino:
-                    self._open()  # another process replaced the file (a recovery): follow it
-            return self._connect()
+            with self._recovering:
+                if not self._opened:
+                    self._follow()
+                elif self._ino is not None and time.monotonic() >= self._next_look:
+                    self._next_look = time.monotonic() + 0.2  # a stat costs as much as an insert: look 5 times a second at most
+                    if _inode(self.path) != self._ino:
+                        self._follow()  # another process replaced the file (a recovery): follow it
+                return self._connect()
         finally:
             _gate.leave()
+
+    def _follow(self) -> None:
+        """Open the file at ``path`` once no recovery (in any process) is moving it aside or salvaging into it."""
+        if self.path != self.configured or self._salvaging:  # never recovered, or this thread is the recovery
+            self._open()
+            return
+        with _file_lock(self.path.with_name(self.path.name + ".lock"), shared=True):
+            self._open()
 
     def _write(self, wait: float | None = None) -> _Tx:
         """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
@@ -781,8 +807,12 @@ class Outbox:
                 if not ids:
                     return gone
                 marks = ",".join("?" * len(ids))
+                carried = [r[0] for r in db.execute(f"SELECT id FROM message WHERE state = '{MERGED}' AND merged_into IN ({marks})", ids)]
                 db.execute(f"DELETE FROM message WHERE state = '{MERGED}' AND merged_into IN ({marks})", ids)
                 gone += db.execute(f"DELETE FROM message WHERE id IN ({marks})", ids).rowcount
+                _remember(db, ids + carried, SENT)  # a receipt still held finds "delivered", not "dropped"
+                db.execute("DELETE FROM forgotten WHERE lo IN (SELECT lo FROM forgotten ORDER BY lo DESC LIMIT -1 OFFSET ?)",
+                           (KEEP_FORGOTTEN,))
 
     @_guarded("read")
     def blob(self, digest: str) -> bytes | None:
@@ -830,18 +860,45 @@ class Outbox:
 
     def resolve(self, ids: Iterable[int]) -> list[Row]:
         """Rows for ``ids``, each merged row replaced by the row that carried it (missing ids left out)."""
-        ids = list(ids)
+        return [r for r in self._resolved(list(ids)) if r is not None]
+
+    def _resolved(self, ids: list[int]) -> list[Row | None]:
+        """:meth:`resolve`, one item per id: None where the id is no longer in the outbox."""
         rows = {r.id: r for r in self.rows(ids)}
         carriers = {r.merged_into for r in rows.values() if r.state == MERGED and r.merged_into}
         if carriers:
             rows.update({r.id: r for r in self.rows(carriers)})
-        out = []
+        out: list[Row | None] = []
         for i in ids:
             r = rows.get(i)
             if r is not None and r.state == MERGED and r.merged_into in rows:
                 r = rows[r.merged_into]
-            if r is not None:
-                out.append(r)
+            out.append(r)
+        return out
+
+    def account(self, ids: Iterable[int]) -> tuple[list[Row | None], dict[int, str]]:
+        """:meth:`resolve` one item per id (None: gone), and why each gone id is: ``sent`` (pruned after delivery), ``dropped``, or ``lost``.
+
+        ``lost`` means no record says why: lost with a damaged outbox, or
+        removed before this outbox kept a record (an older chat_magic, or more
+        than :data:`KEEP_FORGOTTEN` runs ago). A reader never sees a file
+        mid-recovery (see :meth:`_db`), so ``lost`` is not a recovery's half-way state.
+        """
+        ids = list(ids)
+        found = self._resolved(ids)
+        missing = [i for i, r in zip(ids, found) if r is None]
+        why = self.forgotten(missing) if missing else {}
+        return found, {i: why.get(i, LOST) for i in missing}
+
+    @_guarded("read")
+    def forgotten(self, ids: Iterable[int]) -> dict[int, str]:
+        """Why each of ``ids`` left the outbox, where recorded: ``sent`` (pruned after delivery) or ``dropped``."""
+        db = self._db()
+        out = {}
+        for i in ids:
+            r = db.execute("SELECT hi, why FROM forgotten WHERE lo <= ? ORDER BY lo DESC LIMIT 1", (i,)).fetchone()
+            if r is not None and r["hi"] >= i:
+                out[i] = str(r["why"])
         return out
 
     @_guarded("read")
@@ -923,6 +980,7 @@ class Outbox:
                     if carrier is not None and carrier["state"] == SENDING:
                         continue  # on its way now
                     n += db.execute("DELETE FROM message WHERE id=?", (i,)).rowcount
+                    _remember(db, [i], SENT if carrier is not None and carrier["state"] == SENT else DROPPED)
                     if carrier is not None and carrier["own_payload"] is not None:  # the text leaves the file now
                         db.execute("UPDATE message SET payload=? WHERE id=?",
                                    (self._rebuild(db, carrier["id"], carrier["own_payload"])[0], carrier["id"]))
@@ -930,9 +988,12 @@ class Outbox:
                 elif row["state"] == PENDING:
                     db.execute(f"UPDATE message SET state='{PENDING}', merged_into=NULL, next_at=?, updated_at=?"
                                f" WHERE merged_into=? AND state='{MERGED}'", (now, now, i))
+                    carried = []
                 else:
+                    carried = [r[0] for r in db.execute("SELECT id FROM message WHERE merged_into=? AND state=?", (i, MERGED))]
                     db.execute("DELETE FROM message WHERE merged_into=? AND state=?", (i, MERGED))
                 n += db.execute("DELETE FROM message WHERE id=?", (i,)).rowcount
+                _remember(db, [i, *carried], SENT if row["state"] == SENT else DROPPED)  # a delivered one stays delivered
             _forget_blobs(db)
         return n
 
@@ -941,8 +1002,12 @@ class Outbox:
         """Forget delivered messages older than ``older_than`` seconds."""
         cutoff = time.time() - older_than
         with self._write() as db:
+            gone = [r[0] for r in db.execute(
+                "SELECT id FROM message WHERE (state=? AND merged_into IN (SELECT id FROM message WHERE state=? AND updated_at < ?))"
+                " OR (state=? AND updated_at < ?)", (MERGED, SENT, cutoff, SENT, cutoff))]
             db.execute("DELETE FROM message WHERE state=? AND merged_into IN (SELECT id FROM message WHERE state=? AND updated_at < ?)", (MERGED, SENT, cutoff))
             n = int(db.execute("DELETE FROM message WHERE state=? AND updated_at < ?", (SENT, cutoff)).rowcount)
+            _remember(db, gone, SENT)
             _forget_blobs(db)
             return n
 
@@ -1091,7 +1156,7 @@ class Outbox:
         if self.path != self.configured:
             return False
         try:
-            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            with self._recovering, _file_lock(self.path.with_name(self.path.name + ".lock")), self._salvage_mark():
                 if self._healthy():
                     self._open()
                     return True
@@ -1115,6 +1180,14 @@ class Outbox:
         self._tell(f"the outbox {self.path} {what}: moved aside to {aside.name}; "
                    f"{kept} message(s) salvaged into a new outbox, {waiting} of them still to deliver")
         return True
+
+    @contextmanager
+    def _salvage_mark(self) -> Iterator[None]:
+        self._salvaging = True
+        try:
+            yield
+        finally:
+            self._salvaging = False
 
     def _healthy(self) -> bool:
         """Whether the file at ``path`` (perhaps replaced by another process) opens and checks fine."""
@@ -1164,6 +1237,7 @@ class Outbox:
                     if row.get("images") and row["state"] == PENDING:
                         wanted.update(re.findall(r"[0-9a-f]{64}", str(row["images"])))
                 _salvage_blobs(src, db, wanted)
+                _salvage_forgotten(src, db)
         finally:
             src.close()
         return kept, waiting
@@ -1171,11 +1245,8 @@ class Outbox:
     def _tell(self, line: str) -> None:
         """One visible line on stderr (not only a log record), and in :attr:`notices`."""
         self.notices.append(line)
-        log.warning("chat_magic: %s", line)
-        try:
-            print(f"chat_magic: {line}", file=sys.stderr, flush=True)
-        except Exception:
-            pass
+        log.warning("chat_magic: %s", redact(line))
+        say(line)  # redacted, never raises
 
 
 def _readable_destinations(src: sqlite3.Connection) -> dict[Any, str]:
@@ -1216,6 +1287,28 @@ def _readable_rows(src: sqlite3.Connection, budget: int = 20_000) -> Iterator[di
                 ranges[:0] = [(lo, mid), (mid + 1, hi)]
 
 
+def _salvage_forgotten(src: sqlite3.Connection, db: sqlite3.Connection) -> None:
+    """Keep the record of ids pruned after delivery or dropped, and never hand out an id of the old file again.
+
+    A receipt of a message lost with the damage must not find a newer
+    message under its id (the new file would count ids from the highest one
+    salvaged).
+    """
+    try:
+        for lo, hi, why in src.execute("SELECT lo, hi, why FROM forgotten").fetchall():
+            db.execute("INSERT OR IGNORE INTO forgotten (lo, hi, why) VALUES (?,?,?)", (int(lo), int(hi), str(why)))
+    except (sqlite3.Error, TypeError, ValueError):
+        pass  # an unreadable (or older, absent) record: those ids read as lost
+    top = 0
+    for sql in ("SELECT max(id) FROM message", "SELECT seq FROM sqlite_sequence WHERE name = 'message'"):
+        try:
+            top = max(top, int(src.execute(sql).fetchone()[0] or 0))
+        except (sqlite3.Error, TypeError, ValueError):
+            continue
+    if top and not db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'message'", (top,)).rowcount:
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('message', ?)", (top,))
+
+
 def _salvage_blobs(src: sqlite3.Connection, db: sqlite3.Connection, wanted: set[str]) -> int:
     """Copy the image bytes ``wanted`` that can still be read, and still hash to their name; return how many."""
     import hashlib
@@ -1243,6 +1336,34 @@ def _copy_blobs(src: sqlite3.Connection, db: sqlite3.Connection, images: list[st
             return
         if row is not None:
             db.execute("INSERT OR IGNORE INTO blob (sha256, data, mime) VALUES (?,?,?)", (digest, row[0], row[1]))
+
+
+def _remember(db: sqlite3.Connection, ids: Iterable[int], why: str) -> None:
+    """Record why ``ids`` leave the file (``sent``: pruned after delivery; ``dropped``), as runs of consecutive ids.
+
+    A run that touches a neighbouring one of the same reason joins it: pruning
+    in id order keeps the table a handful of rows.
+    """
+    for lo, hi in _runs(ids):
+        prev = db.execute("SELECT lo, hi, why FROM forgotten WHERE lo < ? ORDER BY lo DESC LIMIT 1", (lo,)).fetchone()
+        if prev is not None and prev[2] == why and prev[1] >= lo - 1:
+            lo, hi = prev[0], max(hi, prev[1])
+        after = db.execute("SELECT lo, hi, why FROM forgotten WHERE lo > ? ORDER BY lo LIMIT 1", (lo,)).fetchone()
+        if after is not None and after[2] == why and after[0] <= hi + 1:
+            db.execute("DELETE FROM forgotten WHERE lo = ?", (after[0],))
+            hi = max(hi, after[1])
+        db.execute("INSERT OR REPLACE INTO forgotten (lo, hi, why) VALUES (?,?,?)", (lo, hi, why))
+
+
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted ids as runs of consecutive ones: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(ids)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def _forget_blobs(db: sqlite3.Connection) -> None:
@@ -1532,14 +1653,24 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes (``flock``) for the duration of a recovery."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """An exclusive lock across processes (``flock``) for the duration of a recovery.
+
+    ``shared``: wait for a recovery in progress to finish (a reader about to
+    open the file); best effort, a lock file that cannot be made is not waited for.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
     try:
         try:
             import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         except ImportError:  # pragma: no cover - Windows: recoveries are rare; go on unlocked
             pass
         yield

@@ -44,16 +44,18 @@ import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import config
+from .console import say as _console_say
 
 if TYPE_CHECKING:
     from .outbox import Job, Outbox
+
+__all__ = ["RedisSlot", "cluster_slot", "redact_url", "reset", "scrub"]
 
 log = logging.getLogger("chat_magic")
 
@@ -373,10 +375,9 @@ def _key(space_key: str) -> str:
 
 
 def _stderr_line(line: str) -> None:
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except Exception:
-        pass
+    """The default ``say``: ``chat_magic: ...`` lines through :func:`chat_magic.console.say` (it redacts)."""
+    prefix, _, rest = line.partition(": ")
+    _console_say(rest, prefix=prefix) if rest else _console_say(line)
 
 
 # -- the process's cluster slot, made from the configured URL ----------------------

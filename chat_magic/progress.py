@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import ranks as _ranks
+from . import rules
 from .console import say
+
+__all__ = ["ChatProgress", "format_interval", "trange"]
 
 DEFAULT_MILESTONES = (25, 50, 75, 100)
 DEFAULT_INTERVAL = 300.0  # seconds: at most one line per label and thread per 5 minutes
@@ -126,7 +129,7 @@ class ChatProgress:
         self.total = total
         self.unit = unit
         self.to = to
-        self.thread_key = thread_key
+        self.thread_key = rules.validate_thread_key(thread_key, option="thread_key")  # now, not at the first line
         self.ranks = ranks
         self.bar: Any = None  # the tqdm bar it is attached to, if any
         self.posted: list[str] = []  # the lines this object posted (or tried to), in order
@@ -141,7 +144,7 @@ class ChatProgress:
 
     # -- where lines go --------------------------------------------------
 
-    def _resolve(self):
+    def _resolve(self) -> tuple[Callable[[str], Any], str] | None:
         """(send, thread key) or None when this process does not post. Warns once on a set-up problem."""
         if self._disabled:
             return None
@@ -167,7 +170,7 @@ class ChatProgress:
             return None
         sess = notify.session()
 
-        def send(text: str):
+        def send(text: str) -> Any:
             try:
                 return sess.send(text, to=webhook, thread_key=self.thread_key, truncate=True)
             except Exception as e:
@@ -325,12 +328,12 @@ class ChatProgress:
         orig_update, orig_close, orig_reset = bar.update, bar.close, getattr(bar, "reset", None)
         chat = self
 
-        def update(n=1):
+        def update(n: float = 1) -> Any:
             out = orig_update(n)
             chat.update()
             return out
 
-        def close():
+        def close() -> None:
             if not getattr(bar, "disable", False):
                 chat.close()
             return orig_close()
@@ -339,7 +342,7 @@ class ChatProgress:
         bar.close = close
         if orig_reset is not None:
 
-            def reset(total=None):
+            def reset(total: float | None = None) -> Any:
                 out = orig_reset(total=total)
                 chat.reset(total)
                 return out
@@ -348,7 +351,7 @@ class ChatProgress:
         return bar
 
 
-def _make_tqdm():
+def _make_tqdm() -> Any:
     try:
         from tqdm.auto import tqdm as _base
     except ImportError:

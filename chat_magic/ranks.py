@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+__all__ = ["FAILURE", "INTERRUPT", "PROGRESS", "RankInfo", "START", "SUCCESS", "current", "policy", "should_post"]
+
 ENV_RANKS = "CHAT_MAGIC_RANKS"
 POLICIES = ("zero", "all")
 

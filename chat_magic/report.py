@@ -25,9 +25,16 @@ from . import ranks as _ranks
 from .message import MAX_BYTES, MAX_TEXT, code_block, cut_note, neutralize, payload_size, strip_ansi, tail
 from .rules import mention_tag
 
+__all__ = [
+    "Cards", "DIVERGED", "FAILED", "FAILURES", "INTERRUPTED", "OK", "PROGRESS", "Report", "STARTED", "STOPPED",
+    "cell_name", "exception_summary", "format_duration", "format_traceback", "outcome", "remember_cell", "should_post",
+    "mark_reported", "signal_name", "status_of", "was_reported"
+]
+
 OK, FAILED, INTERRUPTED, STARTED, PROGRESS = "ok", "failed", "interrupted", "started", "progress"
 # how a training run ended without an exception, read from the framework's own state (integrations/_base.py)
 STOPPED, DIVERGED = "stopped", "diverged"
+FAILURES = (FAILED, DIVERGED)  # what "post only on error" posts (should_post)
 ICONS = {OK: "✅", FAILED: "❌", INTERRUPTED: "⏸️", STARTED: "▶️", PROGRESS: "⏳", STOPPED: "⏹️", DIVERGED: "⚠️"}
 WORDS = {OK: "finished", FAILED: "failed", INTERRUPTED: "interrupted", STARTED: "started", PROGRESS: "progress",
          STOPPED: "stopped early", DIVERGED: "diverged"}
@@ -44,6 +51,35 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
+def status_of(error: BaseException | None = None, *, exit_code: int | None = None) -> str:
+    """How a run ended, ``OK``, ``FAILED`` or ``INTERRUPTED``: the rule of :func:`outcome`, without the words."""
+    if exit_code is not None:
+        if exit_code < 0 and -exit_code == _signal.SIGINT:
+            return INTERRUPTED
+        return OK if exit_code == 0 else FAILED
+    if error is None or (isinstance(error, SystemExit) and error.code in (None, 0)):
+        return OK
+    if isinstance(error, (KeyboardInterrupt, GeneratorExit)) or type(error).__name__ == "CancelledError":
+        return INTERRUPTED
+    return FAILED
+
+
+def should_post(status: str, *, on_error: bool, worth_it: bool = True) -> bool:
+    """The one "post only on error" rule, for every front end that has such a switch.
+
+    ``%%chat --on-error``, ``%chat_autonotify --on-error`` (and ``--run-all``),
+    ``notify_when_done(on="error")``, the training callbacks' ``on="error"``
+    and ``chat-magic run --on error`` all ask this. A failure (an exception,
+    a non-zero exit, a training run whose metrics went NaN/inf) is always
+    posted. Under ``on_error`` nothing else is, and an interrupt (Ctrl-C,
+    a cancelled task, a child killed by SIGINT) is not a failure: whoever
+    interrupted the run is there and knows. Otherwise a run is posted when the
+    front end finds it ``worth_it`` (auto-notify: slow enough; the others:
+    always), interrupted or not.
+    """
+    return status in FAILURES or (worth_it and not on_error)
+
+
 def outcome(error: BaseException | None = None, *, exit_code: int | None = None, shell: Any = None) -> tuple[str, str, str]:
     """``(status, error line, traceback)`` for an exception, or for a process's exit status.
 
@@ -53,16 +89,16 @@ def outcome(error: BaseException | None = None, *, exit_code: int | None = None,
     - anything else: failed, with the exception's one-line summary and the
       last lines of its traceback.
     """
+    status = status_of(error, exit_code=exit_code)
     if exit_code is not None:
         if exit_code == 0:
             return OK, "", ""
         if exit_code > 0:
             return FAILED, f"exit code {exit_code}", ""
-        name = signal_name(-exit_code)
-        return (INTERRUPTED if -exit_code == _signal.SIGINT else FAILED), f"killed by {name}", ""
-    if error is None or (isinstance(error, SystemExit) and error.code in (None, 0)):
+        return status, f"killed by {signal_name(-exit_code)}", ""
+    if status == OK or error is None:
         return OK, "", ""
-    if isinstance(error, (KeyboardInterrupt, GeneratorExit)) or type(error).__name__ == "CancelledError":
+    if status == INTERRUPTED:
         return INTERRUPTED, "cancelled" if type(error).__name__ == "CancelledError" else exception_summary(error), ""
     return FAILED, exception_summary(error), format_traceback(error, shell=shell)
 

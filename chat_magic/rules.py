@@ -19,6 +19,8 @@ import re
 
 from .errors import ConfigError
 
+__all__ = ["MENTION_HELP", "mention_tag", "validate_mention", "validate_on", "validate_thread_key"]
+
 MAX_THREAD_KEY = 4000
 
 # what every front end's help says a mention may be (the rule below accepts exactly these)

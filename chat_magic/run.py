@@ -46,6 +46,8 @@ from .errors import ChatMagicError
 from .report import signal_name
 from .rules import MENTION_HELP
 
+__all__ = ["build_parser", "main"]
+
 TAIL_BYTES = 64 * 1024
 PROG = "chat-magic run"
 QUEUED = "notice queued; it will be delivered by the next chat_magic process or `chat-magic outbox flush`"
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="L", help="what to call the job in the notice (default: the command line)")
     p.add_argument("--notify-start", action="store_true", help="also post when the command starts")
     p.add_argument("--thread", metavar="KEY", help="post into the thread with this key (default: a new thread per run)")
-    p.add_argument("--on", choices=("always", "error"), default="always", help="post on every ending (default) or only on failure")
+    p.add_argument("--on", choices=("always", "error"), default="always",
+                   help="post on every ending (default) or only on failure (a child killed by SIGINT is not one)")
     p.add_argument("--mention", metavar="WHO", help=f"who to mention in the notice: {MENTION_HELP}")
     p.add_argument("--no-cards", dest="cards", action="store_false", help="post plain text instead of a card")
     p.add_argument("--wait", metavar="S", type=float, default=10.0, help="seconds to wait for delivery before exiting (default 10)")
@@ -294,7 +297,7 @@ class _Job:
         self.post(Report(self.title, status=STARTED, details=dict(self.details)))
 
     def post_end(self, ended: _Ended) -> None:
-        from .report import FAILED, OK, Report
+        from .report import OK, Report, should_post
 
         details = dict(self.details)
         if ended.fwd.received and ended.returncode >= 0:
@@ -306,7 +309,7 @@ class _Job:
         )
         if report.status == OK:
             report.details["Exit code"] = "0"
-        if self.args.on == "always" or report.status == FAILED:
+        if should_post(report.status, on_error=self.args.on == "error"):
             self.post(report)
 
 

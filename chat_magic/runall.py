@@ -47,8 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cells import cell_error, cell_title
 from .console import say
-from .report import Report, format_duration, was_reported
+from .report import FAILED, INTERRUPTED, OK, Report, format_duration, should_post, status_of, was_reported
+
+__all__ = ["CellRun", "RunAll"]
 
 SLOWEST = 3  # cells named in "Slowest cells"
 
@@ -155,8 +158,6 @@ class RunAll:
             say(f"run summary: {type(e).__name__}: {e}")
 
     def _record(self, result: Any) -> None:
-        from .magics import cell_title
-
         with self._lock:
             if self._depth == 0:  # the cell that turned tracking on: it started before pre_run_cell was ours
                 if self._enabled_at is None:
@@ -170,7 +171,7 @@ class RunAll:
                 if self._depth > 0:
                     return
             self._enabled_at = None
-            error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
+            error = cell_error(result)
             raw = getattr(getattr(result, "info", None), "raw_cell", "") or ""
             self._cells.append(CellRun(getattr(result, "execution_count", None), cell_title(raw),
                                        time.perf_counter() - self._cell_start, error, raw))
@@ -223,13 +224,14 @@ class RunAll:
         return report
 
     def worth_telling(self, cells: list[CellRun]) -> bool:
-        if self.only_failures:
-            return any(c.error is not None and not isinstance(c.error, KeyboardInterrupt) for c in cells)
-        return len(cells) >= 2 or any(c.error is not None for c in cells) or sum(c.duration for c in cells) >= self.threshold
+        statuses = {status_of(c.error) for c in cells}
+        status = FAILED if FAILED in statuses else INTERRUPTED if INTERRUPTED in statuses else OK
+        worth_it = len(cells) >= 2 or status != OK or sum(c.duration for c in cells) >= self.threshold
+        return should_post(status, on_error=self.only_failures, worth_it=worth_it)
 
     def report(self, cells: list[CellRun], duration: float) -> Report:
         """The summary of ``cells``: status, total time, slowest cells, the failing cell's error."""
-        failed = next((c for c in cells if c.error is not None), None)
+        failed = next((c for c in cells if status_of(c.error) != OK), None)  # a clean SystemExit(0) is no failure
         slowest = sorted(cells, key=lambda c: c.duration, reverse=True)[:SLOWEST]
         told = failed is not None and was_reported(failed.error)
         facts = {"Cells run": str(len(cells))}
@@ -309,7 +311,5 @@ def cells_after(path: Path | None, source: str) -> list[str]:
 
 def _title(source: str) -> str:
     """A cell's ``#`` title, else its first line of code (cut at 40 characters)."""
-    from .magics import cell_title
-
     first = next((line.strip() for line in source.splitlines() if line.strip()), "")
     return cell_title(source) or (first if len(first) <= 40 else first[:39] + "…")

@@ -18,7 +18,12 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .delivery import Receipt
+
+__all__ = ["Session", "current_session", "detect_source", "set_session"]
 
 ENV_THREAD_KEY = "CHAT_MAGIC_THREAD_KEY"
 
@@ -280,7 +285,7 @@ class Session:
         icon = {"notebook": "📓", "script": "📜"}.get(self.kind, "🐍")
         return f"{icon} *{neutralize(self.source)}* on {neutralize(self.host)} ({neutralize(self.user)}), session started {when}"
 
-    def send(self, text: str | None = None, *, to: Any = None, thread_key: str | None = None, **kwargs: Any):
+    def send(self, text: str | None = None, *, to: Any = None, thread_key: str | None = None, **kwargs: Any) -> Receipt:
         """``chat_magic.send`` into this session's thread, announcing the session first.
 
         The announcement (the first message into each space's thread) and the

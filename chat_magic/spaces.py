@@ -21,9 +21,10 @@ import getpass
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import config
+from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, WebhookURLError
 from .webhook import Webhook, parse_webhook_url, redact
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["add_space", "list_spaces", "main", "remove_space", "setup_magic"]
 
+PREFIX = "chat-magic spaces"
 DEFAULT_NAME = "default"
 TEST_TIMEOUT = 30.0
 WITHDRAW_WAIT = 20.0  # a failed hello's request still in flight: how long to wait to take it back
@@ -126,7 +128,7 @@ def remove_space(name: str) -> None:
 def list_spaces() -> list[str]:
     """One line per destination: name, space, where it comes from. Never a key or token."""
     rows: list[str] = []
-    env = config._env_secret(config.ENV_URL)
+    env = config.env_secret(config.ENV_URL)
     if env:
         try:
             rows.append(f"(default)  spaces/{parse_webhook_url(env).space}  from {config.ENV_URL}")
@@ -184,13 +186,13 @@ def main(argv: Sequence[str] | None = None, *, ask: Callable[[str], str] = read_
                 print(f"  {row}")
             return 0
     except ConfigError as e:
-        print(f"chat-magic spaces: {redact(e)}", file=sys.stderr)
+        say(e, prefix=PREFIX)
         return 2
     except (ChatMagicError, OSError) as e:
-        print(f"chat-magic spaces: {redact(e)}", file=sys.stderr)
+        say(e, prefix=PREFIX)
         return 1
     except (KeyboardInterrupt, EOFError):
-        print("chat-magic spaces: cancelled, nothing saved", file=sys.stderr)
+        say("cancelled, nothing saved", prefix=PREFIX)
         return 130
     _parser().print_help()
     return 2
@@ -213,7 +215,7 @@ def setup_magic(line: str = "", *, ask: Callable[[str], str] | None = None) -> N
     usage = "%chat_setup [NAME] [--default] [--test]"
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
             raise UsageError(f"%chat_setup: {message}; usage: {usage}")
 
     parser = Parser(prog="%chat_setup", add_help=False)

@@ -25,6 +25,8 @@ from typing import Any
 
 from . import deadman
 
+__all__ = ["watch"]
+
 
 @dataclass
 class _Watch:

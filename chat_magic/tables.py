@@ -15,6 +15,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+__all__ = ["frame_section", "is_frame", "shape_line", "text_section"]
+
 MAX_ROWS = 12
 GRID_COLUMNS = 5  # index included: more columns than this and a grid's cells get too narrow to read
 GRID_CELL = 24  # characters: a longer value makes the frame a monospace block

@@ -36,6 +36,8 @@ from typing import Any
 
 from .console import say as _warn
 
+__all__ = ["describe", "install", "signals", "uninstall"]
+
 WAIT = 10.0  # seconds the handler waits for the cards before the process ends (the watcher delivers the rest)
 
 _prev: dict[int, Any] = {}  # signal -> the handler ours replaced

@@ -26,6 +26,9 @@ import os
 import select
 import sys
 import time
+from typing import Any
+
+__all__ = ["enabled", "ensure", "main", "pid", "report", "stop", "wait_for_death"]
 
 SAMPLE = 1.0  # seconds between two samples of the parent's peak memory (one read of /proc/<pid>/status)
 DELIVER_FOR = 120.0  # seconds the watcher tries to deliver before leaving the rest to the outbox
@@ -63,7 +66,7 @@ def ensure(path: os.PathLike[str] | str) -> bool:
         return False
 
 
-def _spawn():
+def _spawn() -> Any:
     import subprocess
 
     from .outbox import _owner_id
@@ -75,7 +78,7 @@ def _spawn():
     )
 
 
-def _log():
+def _log() -> Any:
     """Where the watcher's own errors go: ``CHAT_MAGIC_WATCHER_LOG`` (a file, for debugging), else nowhere."""
     import subprocess
 
@@ -254,14 +257,16 @@ def report(owner: str, paths: list[str], death: dict) -> int:
             if waiting:
                 _deliver(path, sorted(set(ids) | set(waiting)))
         except Exception as e:
-            print(f"chat_magic watcher: {type(e).__name__}: {e}", file=sys.stderr)
+            from .console import say
+
+            say(f"{type(e).__name__}: {e}", prefix="chat_magic watcher")
     return fired
 
 
 def _deliver(path: str, ids: list[int]) -> None:
-    from .delivery import _open_dispatcher
+    from .delivery import open_dispatcher
 
-    d = _open_dispatcher(path)
+    d = open_dispatcher(path)
     d.ensure_running()
     try:
         d.wait_for(ids, DELIVER_FOR)

@@ -44,6 +44,11 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .errors import WebhookURLError
 
+__all__ = [
+    "REDACTED", "Sealed", "Webhook", "add_finder", "is_loopback", "parse_webhook_url", "redact", "scrub_error",
+    "scrub_known"
+]
+
 CHAT_HOST = "chat.googleapis.com"
 _PATH = re.compile(r"^/v1/spaces/(?P<space>[A-Za-z0-9_-]+)/messages/?$")
 REDACTED = "…"
@@ -337,19 +342,27 @@ def _unpickle(digest: str, base: str, space: str) -> Webhook:
     return Webhook(base, space, _Unknown(), _Unknown(), digest=digest)
 
 
-def _configured(digest: str) -> Webhook | None:
-    from . import config  # config imports this module
+_finders: list[Callable[[str], Webhook | None]] = []  # see add_finder
 
-    try:
-        names: list[str | None] = [None, *config.destination_names()]
-    except Exception:
-        names = [None]
-    for name in names:
+
+def add_finder(find: Callable[[str], Webhook | None]) -> None:
+    """Let ``find(digest)`` name a webhook this process has not parsed yet, for unpickling.
+
+    The configured destinations live above this module (``config`` imports
+    it), so the package wires them in (``chat_magic/__init__.py``) rather
+    than this module importing its own caller.
+    """
+    if find not in _finders:
+        _finders.append(find)
+
+
+def _configured(digest: str) -> Webhook | None:
+    for find in list(_finders):
         try:
-            hook = config.resolve(name)
+            hook = find(digest)
         except Exception:
             continue
-        if hook.id == digest:
+        if hook is not None:
             return hook
     return None
 

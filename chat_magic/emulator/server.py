@@ -4,7 +4,8 @@ It speaks real HTTP on a loopback address and behaves like
 ``https://chat.googleapis.com/v1/spaces/SPACE/messages?key=K&token=T`` as far as
 a webhook client can tell: the same URLs, the same JSON replies and error
 bodies, threads, ``requestId`` idempotency, the per-space quota and the message
-limits (see ``/work/shared/google-chat-webhooks.md``). On top of that it can
+limits (see https://developers.google.com/workspace/chat/quickstart/webhooks and
+https://developers.google.com/workspace/chat/limits). On top of that it can
 inject faults (5xx, 429, connection resets, lost replies, stalls, outages) so
 the delivery code can be tested against everything the real service does.
 
@@ -48,12 +49,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, urlsplit
 
+from ..console import say as _say_line
 from ..webhook import REDACTED, is_loopback, redact
+
+PREFIX = "chat_magic emulator"
 
 __all__ = ["Emulator", "render_page", "validate_message", "main", "FAULTS"]
 
@@ -390,16 +395,17 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # bursts of clients must not overflow the listen backlog
 
-    def __init__(self, addr, handler, emulator: Emulator, stop_event: threading.Event):
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], emulator: Emulator,
+                 stop_event: threading.Event) -> None:
         self.emulator = emulator
         self.stop_event = stop_event
         super().__init__(addr, handler)
 
-    def handle_error(self, request, client_address):  # never print a traceback with a request in it
+    def handle_error(self, request: Any, client_address: Any) -> None:  # never print a traceback with a request in it
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):  # resets, timeouts, closed sockets
             return
-        sys.stderr.write(redact(f"chat_magic emulator: error while handling a request: {exc!r}") + "\n")
+        _say_line(f"error while handling a request: {exc!r}", prefix=PREFIX)
 
 
 class _Aborted(Exception):
@@ -418,30 +424,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.server.emulator._track(self.connection, True)
 
-    def finish(self):
+    def finish(self) -> None:
         try:
             super().finish()
         finally:
             self.server.emulator._track(self.connection, False)
 
-    def log_message(self, format, *args):  # noqa: A002 - silenced: request lines carry key and token
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silenced: request lines carry key and token
         pass
 
-    def send_error(self, code, message=None, explain=None):
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server puts the raw request line in some error pages: redact it
         super().send_error(code, redact(message) if message else message, explain)
 
-    def handle_one_request(self):
+    def handle_one_request(self) -> None:
         try:
             super().handle_one_request()
         except _Aborted:
             self.close_connection = True
 
-    def _abort(self, *, rst: bool):
+    def _abort(self, *, rst: bool) -> NoReturn:
         """Drop the connection without an answer: RST when ``rst``, else FIN."""
         self.close_connection = True
         sock = self.connection
@@ -463,7 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         raise _Aborted()
 
-    def _send(self, status: int, body: bytes | str, content_type: str, extra: dict | None = None):
+    def _send(self, status: int, body: bytes | str, content_type: str, extra: dict | None = None) -> None:
         data = body.encode("utf-8") if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -477,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         self.wfile.flush()
 
-    def _send_json(self, status: int, obj: Any):
+    def _send_json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj, ensure_ascii=False, indent=2) + "\n", "application/json; charset=UTF-8")
 
     def _read_body(self) -> bytes | None:
@@ -502,25 +508,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         self._dispatch()
 
-    def do_HEAD(self):
+    def do_HEAD(self) -> None:
         self._dispatch()
 
-    def do_POST(self):
+    def do_POST(self) -> None:
         self._dispatch()
 
-    def do_PUT(self):
+    def do_PUT(self) -> None:
         self._dispatch()
 
-    def do_PATCH(self):
+    def do_PATCH(self) -> None:
         self._dispatch()
 
-    def do_DELETE(self):
+    def do_DELETE(self) -> None:
         self._dispatch()
 
-    def _dispatch(self):
+    def _dispatch(self) -> None:
         emu = self.server.emulator
         arrival = time.monotonic()
         wall = time.time()
@@ -570,7 +576,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._create(m.group("space"), query, arrival, rec)
 
-    def _serve_own(self, path: str, query: dict):
+    def _serve_own(self, path: str, query: dict) -> None:
         emu = self.server.emulator
         if path == "/healthz":
             self._send(200, "ok\n", "text/plain; charset=utf-8")
@@ -591,7 +597,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(404, _NOT_FOUND)
 
-    def _create(self, space: str, query: dict, arrival: float, rec: dict):
+    def _create(self, space: str, query: dict, arrival: float, rec: dict) -> None:
         emu = self.server.emulator
         stop_event = self.server.stop_event
         fault, seconds = emu._take_fault()
@@ -706,7 +712,7 @@ class Emulator:
 
     # -- lifecycle
 
-    def _clear_state(self):
+    def _clear_state(self) -> None:
         self._messages: list[dict] = []
         self._records: list[dict] = []
         self._thread_names: set[str] = set()
@@ -768,7 +774,7 @@ class Emulator:
     def __enter__(self) -> Emulator:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -938,7 +944,7 @@ class Emulator:
             try:
                 callback(copy.deepcopy(stored))
             except Exception as e:  # a broken callback must not break the server
-                sys.stderr.write(redact(f"chat_magic emulator: on_message failed: {e!r}") + "\n")
+                _say_line(f"on_message failed: {e!r}", prefix=PREFIX)
 
     def _new_id(self, taken: set[str] | None = None) -> str:
         while True:
@@ -951,130 +957,183 @@ class Emulator:
     ) -> tuple[int, dict, dict | None]:
         """Authentication, replay, quota, validation, threading, store: returns (status, reply, stored or None).
 
-        An accepted message is stored here, under the lock, before any answer is sent.
+        The steps run in the order the module docstring gives, each a small
+        method over one :class:`_Post`. An accepted message is stored here,
+        under the lock, before any answer is sent.
         """
-
-        def q(name: str) -> str | None:
-            vs = query.get(name)
-            return vs[-1] if vs else None
-
-        def reject(status: int, body: dict) -> tuple[int, dict, None]:
-            rec.update(status=status, outcome="rejected")
-            return status, body, None
-
-        key, token = q("key"), q("token")
-        request_id = q("requestId") or None
+        post = _Post(space, query, arrival, parsed, problem, rec)
         with self._lock:
-            if not key or (self.key is not None and key != self.key):
-                return reject(400, _API_KEY_INVALID)
-            if not token or (self.token is not None and token != self.token):
-                return reject(403, _PERMISSION_DENIED)
-            if request_id is not None:
-                existing = self._request_ids.get((space, request_id))
-                if existing is not None:
-                    self._counts["duplicates_suppressed"] += 1
-                    rec.update(status=200, outcome="duplicate", message=existing["name"])
-                    return 200, _public(existing), None
-            interval = 1.0 / self.qps if self.qps else 0.0
-            last = self._last_accept.get(space)
-            if interval and last is not None and arrival < last + interval:
-                return reject(429, _QUOTA)
-            if problem is not None:
-                return reject(*problem)
-            assert parsed is not None
-            option = q("messageReplyOption") or "MESSAGE_REPLY_OPTION_UNSPECIFIED"
-            if option not in REPLY_OPTIONS:
-                return reject(
-                    400,
-                    error_body(
-                        400,
-                        "INVALID_ARGUMENT",
-                        f"Invalid value at 'message_reply_option' "
-                        f"(type.googleapis.com/google.chat.v1.CreateMessageRequest.MessageReplyOption), \"{option}\"",
-                    ),
-                )
-            message_id = q("messageId")
-            if message_id is not None:
-                if not _CLIENT_MESSAGE_ID.match(message_id):
-                    return reject(
-                        400,
-                        error_body(
-                            400,
-                            "INVALID_ARGUMENT",
-                            "Invalid message ID: a custom ID starts with client-, has at most 63 characters "
-                            "of lowercase letters, digits and hyphens.",
-                        ),
-                    )
-                if f"spaces/{space}/messages/{message_id}" in self._message_ids:
-                    return reject(409, error_body(409, "ALREADY_EXISTS", "Message with the given ID already exists."))
-
-            thread_in = parsed.get("thread") or {}
-            thread_key = thread_in.get("threadKey") or q("threadKey") or None
-            thread_name = thread_in.get("name") or None
-            identity = token  # thread keys are per webhook (sender)
-            existing_thread = None
-            if option != "MESSAGE_REPLY_OPTION_UNSPECIFIED":
-                if thread_name and thread_name.startswith(f"spaces/{space}/threads/") and thread_name in self._thread_names:
-                    existing_thread = thread_name
-                elif thread_key:
-                    existing_thread = self._thread_keys.get((space, identity, thread_key))
-                if existing_thread is None and option == "REPLY_MESSAGE_OR_FAIL":
-                    return reject(404, _NOT_FOUND)
-
-            # Accepted: reserve ids, thread, quota slot.
-            if existing_thread is not None:
-                thread = existing_thread
-                thread_id = thread.rsplit("/", 1)[1]
-            else:
-                taken = {n.rsplit("/", 1)[1] for n in self._thread_names}
-                thread_id = self._new_id(taken)
-                thread = f"spaces/{space}/threads/{thread_id}"
-                self._thread_names.add(thread)
-                if thread_key and option == "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD":
-                    self._thread_keys[(space, identity, thread_key)] = thread
-            if message_id is not None:
-                name = f"spaces/{space}/messages/{message_id}"
-            elif existing_thread is None:
-                name = f"spaces/{space}/messages/{thread_id}.{thread_id}"
-            else:
-                while True:
-                    name = f"spaces/{space}/messages/{self._new_id()}.{thread_id}"
-                    if name not in self._message_ids:
-                        break
-            self._message_ids.add(name)
-            self._last_accept[space] = arrival
-            sender = self._senders.setdefault(identity, f"users/{114000000000000000000 + len(self._senders) + 1}")
-
-            now = time.time()
-            msg: dict[str, Any] = {
-                "name": name,
-                "sender": {"name": sender, "displayName": "Webhook", "type": "BOT"},
-                "createTime": _rfc3339(now),
-            }
-            for field in ("text", "cardsV2", "cards", "fallbackText", "accessoryWidgets"):
-                if field in parsed:
-                    msg[field] = copy.deepcopy(parsed[field])
-            msg["thread"] = {"name": thread}
-            if thread_key:
-                msg["thread"]["threadKey"] = thread_key
-            msg["space"] = {"name": f"spaces/{space}"}
-            if existing_thread is not None:
-                msg["threadReply"] = True
-            if message_id is not None:
-                msg["clientAssignedMessageId"] = message_id
-            msg["_emu"] = {
-                "requestId": request_id,
-                "messageReplyOption": option,
-                "space": space,
-                "received_at": rec["time"],
-            }
-            if request_id is not None:
-                self._request_ids[(space, request_id)] = msg
-            self._messages.append(msg)
-            self._counts["created"] += 1
-            self._cond.notify_all()
-            rec.update(status=200, outcome="created", message=name)
+            refusal = self._check_credentials(post)
+            if refusal is None:
+                replayed = self._replay(post)
+                if replayed is not None:
+                    return replayed
+                refusal = self._check_quota(post) or post.problem or _check_reply_option(post) or self._check_message_id(post)
+            existing_thread = None if refusal is not None else self._existing_thread(post)
+            if refusal is None and existing_thread is None and post.option == "REPLY_MESSAGE_OR_FAIL":
+                refusal = (404, _NOT_FOUND)
+            if refusal is not None:
+                rec.update(status=refusal[0], outcome="rejected")
+                return refusal[0], refusal[1], None
+            thread = existing_thread or self._new_thread(post)
+            msg = self._store(post, self._new_message_name(post, thread, reply=existing_thread is not None), thread,
+                              reply=existing_thread is not None)
             return 200, _public(msg), msg
+
+    # -- the steps of _decide, in order (under the lock) --------------------------------
+
+    def _check_credentials(self, post: _Post) -> tuple[int, dict] | None:
+        """The ``key`` (400), then the ``token`` (403)."""
+        key, token = post.arg("key"), post.token
+        if not key or (self.key is not None and key != self.key):
+            return 400, _API_KEY_INVALID
+        if not token or (self.token is not None and token != self.token):
+            return 403, _PERMISSION_DENIED
+        return None
+
+    def _replay(self, post: _Post) -> tuple[int, dict, None] | None:
+        """A ``requestId`` that already names a message in the space: that message, stored once."""
+        if post.request_id is None:
+            return None
+        existing = self._request_ids.get((post.space, post.request_id))
+        if existing is None:
+            return None
+        self._counts["duplicates_suppressed"] += 1
+        post.rec.update(status=200, outcome="duplicate", message=existing["name"])
+        return 200, _public(existing), None
+
+    def _check_quota(self, post: _Post) -> tuple[int, dict] | None:
+        """429 when the space accepted a message less than ``1 / qps`` before this one arrived."""
+        interval = 1.0 / self.qps if self.qps else 0.0
+        last = self._last_accept.get(post.space)
+        if interval and last is not None and post.arrival < last + interval:
+            return 429, _QUOTA
+        return None
+
+    def _check_message_id(self, post: _Post) -> tuple[int, dict] | None:
+        """A ``messageId`` must look like ``client-...`` (400) and be new in the space (409)."""
+        message_id = post.message_id
+        if message_id is None:
+            return None
+        if not _CLIENT_MESSAGE_ID.match(message_id):
+            return 400, error_body(400, "INVALID_ARGUMENT", "Invalid message ID: a custom ID starts with client-, has at most "
+                                                            "63 characters of lowercase letters, digits and hyphens.")
+        if f"spaces/{post.space}/messages/{message_id}" in self._message_ids:
+            return 409, error_body(409, "ALREADY_EXISTS", "Message with the given ID already exists.")
+        return None
+
+    def _existing_thread(self, post: _Post) -> str | None:
+        """The thread a reply option points at (by name, else by this webhook's key), if it exists."""
+        if post.option == "MESSAGE_REPLY_OPTION_UNSPECIFIED":
+            return None
+        name = post.thread_name
+        if name and name.startswith(f"spaces/{post.space}/threads/") and name in self._thread_names:
+            return name
+        if post.thread_key:
+            return self._thread_keys.get((post.space, post.token, post.thread_key))  # thread keys are per webhook
+        return None
+
+    def _new_thread(self, post: _Post) -> str:
+        """Reserve a new thread; its key names it from now on (``REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD``)."""
+        taken = {n.rsplit("/", 1)[1] for n in self._thread_names}
+        thread = f"spaces/{post.space}/threads/{self._new_id(taken)}"
+        self._thread_names.add(thread)
+        if post.thread_key and post.option == "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD":
+            self._thread_keys[(post.space, post.token, post.thread_key)] = thread
+        return thread
+
+    def _new_message_name(self, post: _Post, thread: str, *, reply: bool) -> str:
+        """The client's ``messageId``, else ``T.T`` for a thread's first message, else a new ``M.T``."""
+        thread_id = thread.rsplit("/", 1)[1]
+        if post.message_id is not None:
+            return f"spaces/{post.space}/messages/{post.message_id}"
+        if not reply:
+            return f"spaces/{post.space}/messages/{thread_id}.{thread_id}"
+        while True:
+            name = f"spaces/{post.space}/messages/{self._new_id()}.{thread_id}"
+            if name not in self._message_ids:
+                return name
+
+    def _store(self, post: _Post, name: str, thread: str, *, reply: bool) -> dict[str, Any]:
+        """Keep the accepted message (it takes the quota slot) and wake whoever waits for it."""
+        assert post.parsed is not None
+        self._message_ids.add(name)
+        self._last_accept[post.space] = post.arrival
+        sender = self._senders.setdefault(post.token, f"users/{114000000000000000000 + len(self._senders) + 1}")
+        msg: dict[str, Any] = {
+            "name": name,
+            "sender": {"name": sender, "displayName": "Webhook", "type": "BOT"},
+            "createTime": _rfc3339(time.time()),
+        }
+        for field in ("text", "cardsV2", "cards", "fallbackText", "accessoryWidgets"):
+            if field in post.parsed:
+                msg[field] = copy.deepcopy(post.parsed[field])
+        msg["thread"] = {"name": thread}
+        if post.thread_key:
+            msg["thread"]["threadKey"] = post.thread_key
+        msg["space"] = {"name": f"spaces/{post.space}"}
+        if reply:
+            msg["threadReply"] = True
+        if post.message_id is not None:
+            msg["clientAssignedMessageId"] = post.message_id
+        msg["_emu"] = {"requestId": post.request_id, "messageReplyOption": post.option, "space": post.space,
+                       "received_at": post.rec["time"]}
+        if post.request_id is not None:
+            self._request_ids[(post.space, post.request_id)] = msg
+        self._messages.append(msg)
+        self._counts["created"] += 1
+        self._cond.notify_all()
+        post.rec.update(status=200, outcome="created", message=name)
+        return msg
+
+
+@dataclass
+class _Post:
+    """One ``POST .../messages`` as :meth:`Emulator._decide` weighs it: where, when, what it asks."""
+
+    space: str
+    query: dict[str, list[str]]
+    arrival: float  # time.monotonic() when it arrived (the quota's clock)
+    parsed: dict[str, Any] | None  # the body, when it is a valid Message
+    problem: tuple[int, dict] | None  # (status, error body) when it is not
+    rec: dict[str, Any]  # the request's record (web view, ``requests``)
+
+    def arg(self, name: str) -> str | None:
+        """A query parameter's last value."""
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    @property
+    def token(self) -> str:
+        return self.arg("token") or ""  # also the webhook's identity: its sender and its thread keys
+
+    @property
+    def request_id(self) -> str | None:
+        return self.arg("requestId") or None
+
+    @property
+    def option(self) -> str:
+        return self.arg("messageReplyOption") or "MESSAGE_REPLY_OPTION_UNSPECIFIED"
+
+    @property
+    def message_id(self) -> str | None:
+        return self.arg("messageId")
+
+    @property
+    def thread_key(self) -> str | None:
+        return ((self.parsed or {}).get("thread") or {}).get("threadKey") or self.arg("threadKey") or None
+
+    @property
+    def thread_name(self) -> str | None:
+        return ((self.parsed or {}).get("thread") or {}).get("name") or None
+
+
+def _check_reply_option(post: _Post) -> tuple[int, dict] | None:
+    """``messageReplyOption`` must be one of the API's names (400)."""
+    if post.option in REPLY_OPTIONS:
+        return None
+    return 400, error_body(400, "INVALID_ARGUMENT", f"Invalid value at 'message_reply_option' "
+                           f"(type.googleapis.com/google.chat.v1.CreateMessageRequest.MessageReplyOption), \"{post.option}\"")
 
 
 def _public(msg: dict) -> dict:
@@ -1117,10 +1176,10 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
     args = parser.parse_args(argv)
 
     if not is_loopback(args.host):
-        print(f"chat_magic emulator: refusing to listen on {args.host}: only a loopback address is allowed", file=sys.stderr)
+        _say_line(f"refusing to listen on {args.host}: only a loopback address is allowed", prefix=PREFIX)
         return 2
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.space):
-        print(f"chat_magic emulator: invalid space id {args.space!r}", file=sys.stderr)
+        _say_line(f"invalid space id {args.space!r}", prefix=PREFIX)
         return 2
     try:
         emu = Emulator(
@@ -1134,7 +1193,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m chat_magic.emu
         )
         emu.start()
     except (OSError, ValueError) as e:
-        print(f"chat_magic emulator: cannot start on {args.host}:{args.port}: {e}", file=sys.stderr)
+        _say_line(f"cannot start on {args.host}:{args.port}: {e}", prefix=PREFIX)
         return 1
 
     out_lock = threading.Lock()

@@ -16,7 +16,8 @@ What it posts, by ``on=``:
   per metric last/best and a sparkline); a crash posts a failure card with the
   exception and the traceback tail.
 - ``"end"``: the final card only.
-- ``"error"``: failures only (a crash, or a run whose metrics went NaN/inf).
+- ``"error"``: failures only (a crash, or a run whose metrics went NaN/inf;
+  an interrupted run posts nothing: see :func:`chat_magic.report.should_post`).
 
 ``stall_after=`` (seconds): one line when no step or epoch ends for that
 long, one when training moves again (see :mod:`chat_magic.stalls`).
@@ -69,6 +70,8 @@ from ..errors import ConfigError
 from ..metrics import MAX, MIN, as_number, format_value, point
 from ..notify import notify_when_done
 from ..report import DIVERGED, OK, exception_summary
+
+__all__ = ["TrainingWatch", "format_epochs", "guard", "metric_filter", "model_name"]
 
 ON = ("epoch", "end", "error")
 PROGRESS_EVERY = 300.0  # seconds: at most one progress message per span (the lines of the span merged)
@@ -155,7 +158,7 @@ class TrainingWatch:
         self.notifier = notify_when_done(label or "training", to=to, thread_key=thread_key, mention=mention,
                                          on="error" if on == "error" else "always", cards=cards, ranks=ranks,
                                          stall_after=stall_after)
-        self.notifier._ready()  # no webhook configured: say so now, not after the run
+        self.notifier.ready()  # no webhook configured: say so now, not after the run
         self.run: Any = None
         self.planned: int | None = None
         self.done = 0
@@ -182,7 +185,7 @@ class TrainingWatch:
         try:
             if self.run is not None:  # a run whose end no hook reported: how it ended is unknown, so say nothing
                 self._forget().disarm()
-            self.run = self.notifier._begin(self.label or name)
+            self.run = self.notifier.begin(self.label or name)
             if rank is not None:
                 self.run.rank = rank
             self.planned, self.done = (epochs if epochs and epochs > 0 else None), 0
@@ -217,7 +220,7 @@ class TrainingWatch:
             return
         try:
             done = number if done is None else done
-            kept = self._kept(values)
+            kept = self.kept(values)
             if self.unit != "step":
                 run.log(kept, step=number)
             self.done = max(self.done, done)
@@ -239,7 +242,7 @@ class TrainingWatch:
         if run is None:
             return
         try:
-            kept = self._kept(values)
+            kept = self.kept(values)
             run.log(kept, step=number)
             self.step_count = max(self.step_count, number)
             run.facts[self._steps_key] = format_epochs(self.step_count, self.steps_planned)
@@ -271,7 +274,7 @@ class TrainingWatch:
                 run.amend = functools.partial(_apply, self._verdict(run, ending or Ending()))
         except Exception as e:
             _warn(f"training notices: how the run ended: {exception_summary(e)}")
-        self.notifier._end(run, exc)  # never raises
+        self.notifier.end(run, exc)  # never raises
 
     def _verdict(self, run: Any, ending: Ending) -> Ending:
         """A NaN or infinity in any recorded metric makes the run diverged, whatever else stopped it."""
@@ -297,7 +300,8 @@ class TrainingWatch:
     def _steps_key(self) -> str:
         return f"{self.unit.capitalize()}s"  # "Steps", "Reports", "Iterations"
 
-    def _kept(self, values: Mapping[str, Any]) -> dict[str, Any]:
+    def kept(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The metrics of ``values`` worth recording: numbers, through ``metrics=`` (also for Ray's results)."""
         return {str(k): v for k, v in values.items() if self.keep(str(k)) and as_number(v) is not None}
 
     # -- the lines -----------------------------------------------------------------

@@ -45,6 +45,8 @@ from ..console import say
 from ..report import OK, STOPPED
 from ._base import Ending, TrainingWatch, early_reason, guard
 
+__all__ = ["ChatCallback"]
+
 BACKENDS = ("torch", "jax", "tensorflow")  # the order a missing backend is replaced in
 INSTALL = "pip install keras, and a backend: pip install torch (or jax, or tensorflow)"
 

@@ -37,6 +37,8 @@ from ..ranks import RankInfo
 from ..report import OK, STOPPED
 from ._base import Ending, TrainingWatch, early_reason, model_name
 
+__all__ = ["ChatCallback", "epoch_metrics"]
+
 
 def _bases() -> tuple[type, ...]:
     bases: list[type] = []

@@ -48,6 +48,8 @@ from ..report import FAILED, OK, exception_summary
 from ..session import Session, current_session, set_session
 from ._base import Ending, TrainingWatch
 
+__all__ = ["ChatCallback", "WorkerFailed"]
+
 
 def _train_bases() -> tuple[type, ...]:
     """Ray Train 2's controller, report and worker-group callback interfaces (none on Ray Train 1)."""
@@ -174,7 +176,7 @@ class ChatCallback(ray.tune.Callback, *_train_bases()):  # type: ignore[misc]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         history = self._trials.setdefault(trial.trial_id, MetricHistory(unit="iteration"))
-        kept = self.watch._kept(result)
+        kept = self.watch.kept(result)
         step = int(result.get("training_iteration") or 0) or None
         history.record(kept, step=step)
         if self.watch.on == "epoch" and self.watch.run is not None:
@@ -207,7 +209,7 @@ class ChatCallback(ray.tune.Callback, *_train_bases()):  # type: ignore[misc]
         if not done:
             first = next(iter(self._failed.items()), None)
             return Ending(FAILED, f"all {len(trials)} trials failed" + (f"; trial {first[0]}: {first[1]}" if first else ""))
-        metric = self.metric or next((k for k in self.watch._kept(done[0].last_result) if direction(k)), None)
+        metric = self.metric or next((k for k in self.watch.kept(done[0].last_result) if direction(k)), None)
         mode = self.mode or (direction(metric) if metric else None)
         best = done[0]
         if metric and mode:

@@ -36,6 +36,8 @@ import math
 import re
 from typing import Any
 
+__all__ = ["ChatCallback"]
+
 try:
     import transformers
     from transformers import TrainerCallback

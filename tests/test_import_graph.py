@@ -1,0 +1,192 @@
+"""The package's connections (issue 20): no import cycle, nothing underscored crosses a module.
+
+Read from the source with ``ast``, every import counted (at the top, inside a
+function, or lazily for speed) but those under ``if TYPE_CHECKING:``, which
+never run. Importing the package ``chat_magic`` itself from a submodule counts
+as importing its ``__init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import chat_magic
+
+ROOT = Path(chat_magic.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(name: str) -> set[str]:
+    """The chat_magic modules that module ``name`` imports."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle's smallest rotation, found by a depth-first search from each module."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(path: list[str]) -> None:
+        for nxt in sorted(graph[path[-1]]):
+            if nxt in path:
+                cyc = path[path.index(nxt):]
+                i = cyc.index(min(cyc))
+                found.add(tuple(cyc[i:] + cyc[:i]))
+            else:
+                visit([*path, nxt])
+
+    for start in graph:
+        visit([start])
+    return [list(c) for c in sorted(found)]
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Known debt, pinned so that nothing new joins it: the dead-man modules (never-silent, merged at
+# 21:39) import deadman and deadman imports them back, lazily, to install their hooks; the
+# outbox's take-over fires death notices through deadman. The fix is one registry below them all
+# (each module registers itself at import; deadman imports none of them). Until then a cycle is
+# tolerated only if it runs through deadman and stays among these modules.
+KNOWN_KNOT = {"chat_magic." + m for m in ("deadman", "delivery", "outbox", "jobs", "lost", "stalls", "termination", "watcher")}
+
+
+def _tolerated(cycle: list[str]) -> bool:
+    return "chat_magic.deadman" in cycle and set(cycle) <= KNOWN_KNOT
+
+
+def test_no_import_cycle():
+    graph = {name: imports_of(name) for name in MODULES}
+    assert "chat_magic.cells" in graph["chat_magic.runall"]  # the graph is read, not empty
+    assert [c for c in cycles(graph) if not _tolerated(c)] == []
+
+
+# a class and the helper class it owns, in the same module: the helper is part of it
+FRIENDS = {("delivery.py", "d")}  # _Lane, the sender thread of one Dispatcher
+# Known debt, pinned (never-silent, merged at 21:39): the dead-man modules reach into the outbox
+# (_Tx, owner and request ids: public doors belong in outbox.py, which edges-tx is changing now)
+# and into deadman's hook lists (a registry of hooks, see KNOWN_CYCLES).
+KNOWN_PRIVATE = {
+    "deadman.py from .outbox import _owner_id", "deadman.py from .outbox import _request_id", "deadman.py from .outbox import _Tx",
+    "deadman.py from .outbox import _owner_alive", "lost.py from .outbox import _owner_id", "termination.py from .outbox import _owner_id",
+    "watcher.py from .outbox import _owner_id", "lost.py deadman._arm_hooks", "lost.py deadman._close_hooks",
+    "lost.py deadman._fired_hooks", "stalls.py deadman._arm_hooks", "stalls.py deadman._progress_hooks",
+    "stalls.py deadman._close_hooks", "termination.py deadman._lock", "termination.py deadman._open", "outbox.py deadman._spec",
+}
+
+
+def test_nothing_underscored_crosses_a_module():
+    """``other_module._name``, or ``self.other._name`` (another object's privates): public doors instead."""
+    reached = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and (n.level or (n.module or "").startswith("chat_magic")) for a in n.names}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in imported:
+                reached.append(f"{path.name} {owner.id}.{node.attr}")
+            elif (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self"
+                  and (path.name, owner.attr) not in FRIENDS):
+                reached.append(f"{path.name} self.{owner.attr}.{node.attr}")
+        for node in ast.walk(tree):  # from .outbox import _Tx
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("chat_magic")):
+                reached += [f"{path.name} from .{node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__") and node.module]
+    assert sorted(set(reached) - KNOWN_PRIVATE) == []
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0] for line in layout.splitlines()[1:] if line.startswith("  ")}
+    present = {p.name for p in ROOT.glob("*.py")} | {p.name + "/" for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert sorted(present - listed) == [] and sorted(listed - present) == []
+
+
+def test_docstrings_point_inside_the_repository():
+    outside = [f"{p.relative_to(ROOT.parent)}: {w}" for p in MODULES.values()
+               for w in ("/work/", "/home/", "/tmp/shared") if w in p.read_text(encoding="utf-8")]
+    assert outside == []
+
+
+MAX_FUNCTION_LINES = 100  # the emulator's _decide was 129 lines doing nine jobs
+
+
+def test_no_function_is_a_page_long():
+    long = [f"{p.relative_to(ROOT)}:{n.name} {n.end_lineno - n.lineno + 1} lines" for p in MODULES.values()
+            for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+# the modules whose __all__ waits for a branch in flight to be merged (edges-tx edits them)
+ALL_PENDING = {"chat_magic.delivery", "chat_magic.outbox"}
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in _runtime_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_every_module_says_what_it_exports():
+    """``__all__`` in every module, naming only what the module defines (httpx's rule, module by module)."""
+    missing, unknown = [], []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        declared = [n for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    and any(getattr(t, "id", "") == "__all__" for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
+        if not declared:
+            if name not in ALL_PENDING:
+                missing.append(name)
+            continue
+        value = declared[0].value
+        exported = ast.literal_eval(value) if value is not None else []
+        defined = _top_level_names(tree)
+        lazy = "__getattr__" in defined  # a module that makes some names on first use (the package, progress)
+        unknown += [f"{name}.{n}" for n in exported if n not in defined and not lazy]
+    assert missing == [] and unknown == []
