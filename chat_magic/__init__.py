@@ -12,7 +12,9 @@ ipywidgets, requests and sqlite3 load when first needed.
 from __future__ import annotations
 
 import _thread
+import os as _os
 import sys as _sys
+import time as _time
 from typing import TYPE_CHECKING, Any
 
 from . import hooks as _hooks
@@ -131,6 +133,28 @@ def send(
 _loaded = _hooks.entry  # chat_magic.delivery's send, once it is imported
 _loading: set[int] = set()  # threads importing it now
 _early: list[tuple[Any, dict[str, Any]]] = []  # sent by a signal handler during that import
+
+
+def _before_fork() -> None:
+    """A fork waits (5 s at most) while another thread imports the delivery modules.
+
+    A module being imported at the fork stays locked in the child forever:
+    the child's first ``send`` would hang importing it.
+    """
+    deadline = _time.monotonic() + 5.0
+    waited = False
+    while _loading - {_thread.get_ident()} and _time.monotonic() < deadline:
+        waited = True
+        _time.sleep(0.001)
+    box = _sys.modules.get("chat_magic.outbox")
+    if waited and box is not None and not getattr(box, "_fork_held", True):
+        box._before_fork()  # loaded while this fork waited: its own hook was not in this fork's list
+
+
+if hasattr(_os, "register_at_fork"):
+    import logging as _logging  # noqa: F401 - its fork hooks first: none may be added while a fork waits here
+
+    _os.register_at_fork(before=_before_fork)
 
 
 def _cannot_send(*args: Any, **kwargs: Any) -> Any:

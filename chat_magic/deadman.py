@@ -319,8 +319,7 @@ def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
             told)] if told else []
         if not important:
             return mine, settings.exit_timeout
-        explicit = bool(os.environ.get("CHAT_MAGIC_EXIT_TIMEOUT", "").strip()) or settings.exit_timeout != 3.0
-        timeout = settings.exit_timeout if explicit else 30.0
+        timeout = settings.exit_timeout_or(30.0)  # a bad value: one line, and 30 s here
         if timeout <= 1.0:
             return mine, timeout
         if d.wait_for(important, 1.0):  # most are gone within a second: no line then

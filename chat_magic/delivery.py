@@ -132,6 +132,12 @@ class Settings:
     def exit_timeout(self, value: float) -> None:
         self._exit_timeout = float(value)
 
+    def exit_timeout_or(self, default: float) -> float:
+        """``exit_timeout`` when set here or by a valid ``CHAT_MAGIC_EXIT_TIMEOUT``, else ``default``."""
+        if self._exit_timeout is not None:
+            return self._exit_timeout
+        return _env_seconds(ENV_EXIT_TIMEOUT, default)
+
     def names(self) -> list[str]:
         """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
         return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
@@ -1019,8 +1025,7 @@ class Receipt:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._held:
             if deadline is not None and time.monotonic() >= deadline:
-                reason = self._d.held_reason if self._d is not None else ""
-                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({reason})")
+                raise DeliveryTimeout(f"not delivered within {timeout:g} s: still kept in memory ({self.error})")
             if self._d is None:  # sent from a signal handler: queued by the call it interrupted, or now
                 _adopt_late()
             else:
@@ -1314,7 +1319,6 @@ def send(
     magics, ``chat_magic.send``, ``chat-magic send --thread``, the composer,
     the progress lines): a blank or too long key is a one-line ConfigError.
     """
-    thread_key = rules.validate_thread_key(thread_key, option="thread_key")
     before = _owned_locks()
     try:
         return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
@@ -1327,6 +1331,7 @@ def send(
 def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
           fallback_text: str | None, truncate: bool, keep_on_fault: bool, header: str | None, image: Any,
           figures: Any, disarm: int | None) -> Receipt:
+    thread_key = rules.validate_thread_key(thread_key, option="thread_key")
     webhook = config.resolve(to)
     if image is not None:
         from . import images

@@ -275,3 +275,14 @@ def test_outbox_list_says_when_rows_are_in_a_state_it_does_not_know(quick, repli
         said = [ln for ln in out.stderr.splitlines() if "does not know" in ln]
         assert len(said) == 1, (args, out.stderr)
         assert "2 message(s)" in said[0] and "'parked'" in said[0] and "'scheduled'" in said[0] and "newer" in said[0]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3s", 30.0), ("12", 12.0), ("", 30.0)])
+def test_the_exit_wait_for_a_completion_notice_uses_its_own_default_when_the_setting_is_bad(monkeypatch, value, expected):
+    """A bad CHAT_MAGIC_EXIT_TIMEOUT falls back to the default of the wait it sets: 30 s while a completion notice waits."""
+    from chat_magic import delivery
+
+    monkeypatch.setenv("CHAT_MAGIC_EXIT_TIMEOUT", value)
+    monkeypatch.setattr(delivery.settings, "_exit_timeout", None)
+    assert delivery.settings.exit_timeout_or(30.0) == expected
+    assert delivery.settings.exit_timeout == (expected if value == "12" else 3.0)

@@ -476,7 +476,7 @@ def child(i):
         os._exit(3)
     os._exit(0)
 
-chat_magic.send("parent-start", to=url, thread_key="p")
+chat_magic.send("parent-start", to=url, thread_key="p")  # loaded first (a fork while threads load it: see the report)
 threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
 for t in threads:
     t.start()
