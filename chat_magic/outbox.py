@@ -445,6 +445,15 @@ class Outbox:
         """A write transaction; ``wait``: how long another process's lock may keep it waiting (busy timeout)."""
         return _Tx(self, self.busy_timeout if wait is None else wait)
 
+    def _close_thread(self, thread: threading.Thread) -> None:
+        """Close ``thread``'s own connection (it reconnects on next use); other threads' stay open."""
+        mine = [c for t, c in self._conns if t is thread]
+        self._conns = [(t, c) for t, c in self._conns if t is not thread]
+        if getattr(self._local, "conn", None) in mine:  # ``_local`` is read in the calling thread: its own
+            self._local.conn = None
+        for conn in mine:
+            _close_quietly(conn)
+
     def _close_all(self) -> None:
         """Close every thread's connection (before a fork, under the gate): each reconnects on next use.
 
@@ -778,12 +787,16 @@ class Outbox:
 
     def _checkpoint(self) -> None:
         """``wal_checkpoint(TRUNCATE)``, waiting at most 0.1 s for other processes (incomplete then: next time)."""
-        db = self._db()
-        db.execute("PRAGMA busy_timeout=100")
+        _gate.enter(self.busy_timeout)  # a fork must not come while this connection holds the log's locks
         try:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            db = self._db()
+            db.execute("PRAGMA busy_timeout=100")
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")  # a caller's wait is set per transaction
         finally:
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")  # a caller's wait is set per transaction
+            _gate.leave()
 
     @_guarded("write to")
     def prune_sent(self, keep: int, min_age: float = KEEP_SENT_FOR) -> int:
@@ -1628,6 +1641,7 @@ def _rollback(db: sqlite3.Connection) -> None:
 
 
 _outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+_inherited: list[sqlite3.Connection] = []  # in a forked child: the parent's other threads' connections, never used nor closed
 _fork_held = False
 
 
@@ -1639,8 +1653,13 @@ def _before_fork() -> None:
     except BaseException:
         return  # a thread holds it that long (never seen): fork anyway
     _fork_held = True
+    me = threading.current_thread()
     for box in list(_outboxes):
-        box._close_all()
+        # Only this thread's connection is closed here. Another thread may be inside a statement
+        # that does not hold the gate (a checkpoint, a deadman query): closing its connection
+        # under it crashed the process (SIGSEGV, 1 fork in 6 in the fork test). The child never
+        # uses nor closes what it inherits (see _after_fork_in_child).
+        box._close_thread(me)
 
 
 def _after_fork_in_parent() -> None:
@@ -1656,7 +1675,9 @@ def _after_fork_in_child() -> None:
     _gate = _Gate()
     _fork_held = False
     for box in list(_outboxes):
+        _inherited.extend(c for _, c in box._conns)  # kept, never closed: closing them here would release the parent's locks
         box._conns = []
+        box._gen += 1
         box._local = threading.local()
         box._recovering = threading.RLock()  # no recovery runs in the child
 
