@@ -55,6 +55,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -70,11 +71,35 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("chat_magic")
 
-PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed", "merged"
-# a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
-# only deadman.fire turns it into a pending message, or closing deletes it
-ARMED = "armed"
-STATES = (PENDING, SENDING, SENT, FAILED, MERGED, ARMED)  # every state this version knows (``chat-magic outbox list``)
+class State(str, Enum):
+    """A message's state, as the ``state`` column stores it (its value; every version reads the same text).
+
+    A ``str`` too, so SQL parameters, f-strings in SQL, JSON and comparisons
+    with a row's plain text all see the value (``(str, Enum)``, not
+    ``StrEnum``: Python 3.10 is supported).
+    """
+
+    PENDING = "pending"
+    SENDING = "sending"  # claimed by a worker, under a lease
+    SENT = "sent"
+    FAILED = "failed"  # refused by the space: kept until ``chat-magic outbox retry``
+    MERGED = "merged"  # its text rides in another message (``merged_into``)
+    # a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
+    # only deadman.fire turns it into a pending message, or closing deletes it
+    ARMED = "armed"
+
+    def __str__(self) -> str:
+        return self.value  # the text, not "State.SENT", wherever it is printed or formatted
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)  # 3.11 changed Enum's format of a mixin to "State.SENT": keep the value
+
+    def __hash__(self) -> int:
+        return hash(self.value)  # a member and its text are one dict key (rows carry the text)
+
+
+PENDING, SENDING, SENT, FAILED, MERGED, ARMED = State  # the names SQL and other modules use
+STATES = tuple(State)  # every state this version knows (``chat-magic outbox list``)
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """
@@ -330,7 +355,9 @@ class Outbox:
         self.pacer = pacer or SqlitePacer()
         self._local = threading.local()
         self._gen = 0  # bumped when the file is replaced: every thread reconnects
-        self._recovering = threading.RLock()  # held by a recovery: no other thread connects to a file half salvaged
+        # held by a recovery (under the gate), with the lock file: guards path/_opened/_salvaging while the file
+        # is moved aside and salvaged; order: gate -> _recovering -> the lock file (_file_lock)
+        self._recovering = threading.RLock()
         self._salvaging = False  # a recovery in this process holds the lock file (set and read under _recovering)
         self._ino: int | None = None
         self._next_look = 0.0
@@ -351,7 +378,9 @@ class Outbox:
         self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
         self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
-        self._lease_lock: Any = threading.RLock()  # guards _leases and _renewer (reentrant: healed after an interrupt)
+        # guards _leases and _renewer; a leaf, never held across an outbox call, so never with the gate
+        # (reentrant, and given back by _heal after an interrupt)
+        self._lease_lock: Any = threading.RLock()
         self._renewer: threading.Thread | None = None
         self.adopted: list[int] = []  # death notices this process queued for another host's jobs (take_over): the exit waits
         try:
@@ -1475,6 +1504,8 @@ class _Gate:
     """
 
     def __init__(self) -> None:
+        # guards every SQLite call of this process (all outboxes, all threads) and, before a fork, the
+        # connections; order: delivery's _dlock and _drain_lock -> the gate -> Outbox._recovering -> lock file
         self._lock: Any = threading.RLock()
         self._local = threading.local()
 

@@ -383,7 +383,7 @@ def _stderr_line(line: str) -> None:
 # -- the process's cluster slot, made from the configured URL ----------------------
 
 _slots: dict[str, RedisSlot | None] = {}
-_slots_lock = threading.Lock()
+_slots_lock = threading.Lock()  # guards _slots (one RedisSlot per URL); taken after delivery's _dlock, never before
 
 
 def cluster_slot() -> RedisSlot | None:
