@@ -67,6 +67,11 @@ from .message import build_payloads
 from .outbox import DROPPED, FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
 
+__all__ = [
+    "ENV_EXIT_TIMEOUT", "Delivered", "Dispatcher", "Receipt", "RedactingFilter", "Settings", "backoff", "dispatcher",
+    "dispatchers", "explain", "flush", "open_dispatcher", "running_dispatcher", "send", "settings", "shutdown",
+]
+
 log = logging.getLogger("chat_magic")
 log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on stderr from the worker thread
 
@@ -1256,7 +1261,6 @@ def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     return d
 
 
-_open_dispatcher = open_dispatcher  # the old private name, while branches written against it are merged (remove after)
 
 
 def _drain_legacy(home: os.PathLike[str]) -> None:

@@ -69,6 +69,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pacing import RedisSlot
     from .webhook import Webhook
 
+__all__ = [
+    "ARMED", "DROPPED", "FAILED", "KEEP_SENT", "LOST", "MAX_HOLD", "MERGED", "PENDING", "SENDING", "SENT", "STATES",
+    "TERMINAL", "Job", "Outbox", "Row", "SqlitePacer", "State", "heal_gate", "inside", "keep_sent", "private_files",
+    "private_folder",
+]
+
 log = logging.getLogger("chat_magic")
 
 class State(str, Enum):
