@@ -1253,7 +1253,7 @@ def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     Raises :class:`OutboxError` when not even a temporary outbox can be made.
     """
     try:
-        box = Outbox(path)
+        box = Outbox(path, pacer=pacing.SqlitePacer())  # both pacers live in pacing.py; the cluster's is added below
     except (sqlite3.Error, OSError) as e:
         raise OutboxError(f"cannot open an outbox ({path}, nor a temporary one): {e}") from None
     d = Dispatcher(box)

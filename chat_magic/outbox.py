@@ -2,7 +2,7 @@
 
 A message is written here before ``send`` returns, and leaves only when the
 space has it (``sent``) or refused it for good (``failed``, kept for the user).
-The file also holds each space's pacing slot (see :class:`SqlitePacer`), so
+The file also holds each space's pacing slot (see :class:`chat_magic.pacing.SqlitePacer`), so
 every process that posts to one space shares its 1 request/second quota.
 
 States: ``pending`` -> ``sending`` (claimed under a lease by one process) ->
@@ -63,10 +63,10 @@ from .console import say
 from .errors import OutboxError
 from .hosts import current_host, hold_live, let_go
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
+from .pacing import RedisSlot, SqlitePacer  # SqlitePacer: still importable here (its old home)
 from .webhook import redact
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pacing import RedisSlot
     from .webhook import Webhook
 
 __all__ = [
@@ -272,32 +272,6 @@ class Row:
     error_status: str | None
     error: str | None
     preview: str
-
-
-class SqlitePacer:
-    """Each space's pacing slot, kept in the outbox file: shared by every process on this machine.
-
-    The one place that decides when a space may be posted to again.
-    :meth:`Outbox.claim` asks :meth:`free_at` and calls :meth:`take` in the
-    claim's own transaction; the worker calls :meth:`hold` after an answer.
-    Another pacer (shared across machines) implements the same three methods.
-    """
-
-    def free_at(self, db: sqlite3.Connection, space_key: str) -> float:
-        row = db.execute("SELECT next_slot FROM pacing WHERE space_key = ?", (space_key,)).fetchone()
-        return row[0] if row else 0.0
-
-    def take(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        db.execute(
-            "INSERT INTO pacing (space_key, next_slot) VALUES (?, ?)"
-            " ON CONFLICT(space_key) DO UPDATE SET next_slot = excluded.next_slot",
-            (space_key, until),
-        )
-
-    def hold(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        """Keep the slot closed until ``until`` (never opens it earlier)."""
-        if until:
-            db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
 
 
 T = TypeVar("T")
