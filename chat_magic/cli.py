@@ -171,7 +171,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     from . import delivery
-    from .outbox import FAILED, PENDING, SENDING
+    from .outbox import FAILED, PENDING, SENDING, SENT
 
     if args.action == "path":
         from . import config, hosts
@@ -192,7 +192,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         for r in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
             line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
-            if r.state == FAILED or (r.error and r.state != "sent"):
+            if r.state == FAILED or (r.error and r.state != SENT):
                 line += f"  {_shown(r.error)}"
             print(redact(line))
         return EXIT_OK
@@ -201,7 +201,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         counts = box.counts()
         left = counts.get(PENDING, 0) + counts.get(SENDING, 0)
         failed = counts.get(FAILED, 0)
-        print(f"{left} waiting, {failed} failed, {counts.get('sent', 0)} delivered")
+        print(f"{left} waiting, {failed} failed, {counts.get(SENT, 0)} delivered")
         return EXIT_OK if ok and not left else EXIT_FAILED
     if args.action == "retry":
         ids = args.ids or ([r.id for r in box.rows(states=[FAILED])] if args.all else [])
@@ -318,7 +318,7 @@ def _list_host_file(f: HostFile) -> None:
 def _flush_host_file(f: HostFile, timeout: float) -> bool:
     """Deliver what waits in one host's file; False when some of it is still there."""
     from . import delivery, hosts
-    from .outbox import FAILED, PENDING, SENDING
+    from .outbox import FAILED, PENDING, SENDING, SENT
 
     running = delivery.dispatcher() if f.mine else delivery.running_dispatcher(f.path)  # the old single file: drained already
     mine = running is not None
@@ -341,7 +341,7 @@ def _flush_host_file(f: HostFile, timeout: float) -> bool:
             d.stop(2.0)
             d.outbox.close()
     left = counts.get(PENDING, 0) + counts.get(SENDING, 0)
-    print(f"{f.label}: {left} waiting, {counts.get(FAILED, 0)} failed, {counts.get('sent', 0)} delivered")
+    print(f"{f.label}: {left} waiting, {counts.get(FAILED, 0)} failed, {counts.get(SENT, 0)} delivered")
     return ok and not left
 
 

@@ -24,6 +24,19 @@ after an answer (disk full) is retried until it lands, and ``send(...,
 keep_on_fault=True)`` (what the magics and ``notify_when_done`` use) keeps a
 message the outbox cannot take in memory, says so in one line, and queues it,
 in order, as soon as the outbox works again.
+
+Locks, and the one order in which a thread may take them (never the reverse;
+each is named again where it is made, with what it guards):
+
+    _dlock -> Dispatcher._drain_lock -> outbox gate (outbox.py) -> Outbox._recovering
+    _dlock -> config's settings lock, webhook's known lock, pacing's slots lock (leaves)
+    Dispatcher._lock, Dispatcher._changed, _Wake._cond, Receipt._cb_lock: leaves, held
+    for a few lines with no other lock taken inside and no outbox call made
+
+The reentrant ones (``_dlock``, ``Dispatcher._lock``, ``_changed``, ``_Wake``,
+the outbox gate, config's and webhook's) are so because a signal handler's
+``send`` may run while its thread holds them; ``send`` gives back whatever an
+interrupt left held (``_heal_locks``), and a fork makes them anew in the child.
 """
 
 from __future__ import annotations
@@ -53,6 +66,11 @@ from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, 
 from .message import build_payloads
 from .outbox import DROPPED, FAILED, SENT, Job, Outbox
 from .webhook import Webhook, redact, scrub_error, scrub_known
+
+__all__ = [
+    "ENV_EXIT_TIMEOUT", "Delivered", "Dispatcher", "Receipt", "RedactingFilter", "Settings", "backoff", "dispatcher",
+    "dispatchers", "explain", "flush", "open_dispatcher", "running_dispatcher", "send", "settings", "shutdown",
+]
 
 log = logging.getLogger("chat_magic")
 log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on stderr from the worker thread
@@ -346,6 +364,7 @@ class _Wake(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
+        # the Event's own condition (guards its flag), reentrant: set() may run inside set(); a leaf
         self._cond = threading.Condition(threading.RLock())
 
 
@@ -379,13 +398,18 @@ class Dispatcher:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self._wake = _Wake()
+        # notified when an outcome is recorded (wait_for sleeps on it); guards no data; a leaf
         self._changed = threading.Condition(threading.RLock())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
+        # guards _lanes (and each lane's busy/current), _held, _held_reason, _watchers, _thread; a leaf:
+        # no outbox call, no other lock inside (reentrant: a signal handler may run while this thread holds it)
+        self._lock = threading.RLock()
         self._lanes: dict[str, _Lane] = {}
         self._owed: list[Callable[[], None]] = []  # outbox writes after an answer that failed (disk full)
         self._held: list[_Held] = []  # messages the outbox could not take (locked, full): queued later, in order
+        # one drainer of _held at a time, so kept messages are queued in order; taken before the outbox gate
+        # and before _lock (_drainer names its holder: an interrupt cannot leave it held, see _heal_locks)
         self._drain_lock = threading.Lock()
         self._drainer: int | None = None  # the thread draining: an interrupt cannot leave the drain lock held
         self._held_reason = ""
@@ -940,7 +964,7 @@ class Receipt:
         self._held = not ids
         self.destination = destination
         self._callbacks: list[Callable[[Receipt], None]] = []  # added and not called yet
-        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once
+        self._cb_lock = threading.Lock()  # guards _callbacks: each callback is taken (and called) once; a leaf
         self._final: tuple[str, str | None, list[Delivered]] | None = None  # (status, error, results), once it cannot change
 
     def _queued(self, ids: list[int]) -> None:
@@ -1100,6 +1124,8 @@ def _make_held(d: Dispatcher | None, webhook: Webhook, payloads: list[dict[str, 
 # -- the process-wide dispatchers, one per outbox folder ------------------------
 
 _dispatchers: dict[str, Dispatcher] = {}
+# guards _dispatchers (making one: open, drain the legacy file, take over orphans); the first lock
+# of the order: the outbox gate, config's, webhook's and pacing's locks may be taken inside, never it inside them
 _dlock = threading.RLock()
 _registered = False  # _at_exit is registered (once per process, inherited by a forked child)
 _exited = False  # _at_exit has run: a later send delivers inline, or says it could not
@@ -1227,7 +1253,7 @@ def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     Raises :class:`OutboxError` when not even a temporary outbox can be made.
     """
     try:
-        box = Outbox(path)
+        box = Outbox(path, pacer=pacing.SqlitePacer())  # both pacers live in pacing.py; the cluster's is added below
     except (sqlite3.Error, OSError) as e:
         raise OutboxError(f"cannot open an outbox ({path}, nor a temporary one): {e}") from None
     d = Dispatcher(box)
@@ -1235,7 +1261,6 @@ def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
     return d
 
 
-_open_dispatcher = open_dispatcher  # the old private name, while branches written against it are merged (remove after)
 
 
 def _drain_legacy(home: os.PathLike[str]) -> None:

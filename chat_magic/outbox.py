@@ -2,7 +2,7 @@
 
 A message is written here before ``send`` returns, and leaves only when the
 space has it (``sent``) or refused it for good (``failed``, kept for the user).
-The file also holds each space's pacing slot (see :class:`SqlitePacer`), so
+The file also holds each space's pacing slot (see :class:`chat_magic.pacing.SqlitePacer`), so
 every process that posts to one space shares its 1 request/second quota.
 
 States: ``pending`` -> ``sending`` (claimed under a lease by one process) ->
@@ -55,6 +55,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -62,19 +63,49 @@ from .console import say
 from .errors import OutboxError
 from .hosts import current_host, hold_live, let_go
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
+from .pacing import RedisSlot, SqlitePacer  # SqlitePacer: still importable here (its old home)
 from .webhook import redact
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pacing import RedisSlot
     from .webhook import Webhook
+
+__all__ = [
+    "ARMED", "DROPPED", "FAILED", "KEEP_SENT", "LOST", "MAX_HOLD", "MERGED", "PENDING", "SENDING", "SENT", "STATES",
+    "TERMINAL", "Job", "Outbox", "Row", "SqlitePacer", "State", "heal_gate", "inside", "keep_sent", "private_files",
+    "private_folder",
+]
 
 log = logging.getLogger("chat_magic")
 
-PENDING, SENDING, SENT, FAILED, MERGED = "pending", "sending", "sent", "failed", "merged"
-# a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
-# only deadman.fire turns it into a pending message, or closing deletes it
-ARMED = "armed"
-STATES = (PENDING, SENDING, SENT, FAILED, MERGED, ARMED)  # every state this version knows (``chat-magic outbox list``)
+class State(str, Enum):
+    """A message's state, as the ``state`` column stores it (its value; every version reads the same text).
+
+    A ``str`` too, so SQL parameters, f-strings in SQL, JSON and comparisons
+    with a row's plain text all see the value (``(str, Enum)``, not
+    ``StrEnum``: Python 3.10 is supported).
+    """
+
+    PENDING = "pending"
+    SENDING = "sending"  # claimed by a worker, under a lease
+    SENT = "sent"
+    FAILED = "failed"  # refused by the space: kept until ``chat-magic outbox retry``
+    MERGED = "merged"  # its text rides in another message (``merged_into``)
+    # a death notice waiting for its owner to die (deadman.py): never claimed, merged or counted as waiting;
+    # only deadman.fire turns it into a pending message, or closing deletes it
+    ARMED = "armed"
+
+    def __str__(self) -> str:
+        return self.value  # the text, not "State.SENT", wherever it is printed or formatted
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)  # 3.11 changed Enum's format of a mixin to "State.SENT": keep the value
+
+    def __hash__(self) -> int:
+        return hash(self.value)  # a member and its text are one dict key (rows carry the text)
+
+
+PENDING, SENDING, SENT, FAILED, MERGED, ARMED = State  # the names SQL and other modules use
+STATES = tuple(State)  # every state this version knows (``chat-magic outbox list``)
 TERMINAL = (SENT, FAILED)
 
 _SCHEMA = """
@@ -243,32 +274,6 @@ class Row:
     preview: str
 
 
-class SqlitePacer:
-    """Each space's pacing slot, kept in the outbox file: shared by every process on this machine.
-
-    The one place that decides when a space may be posted to again.
-    :meth:`Outbox.claim` asks :meth:`free_at` and calls :meth:`take` in the
-    claim's own transaction; the worker calls :meth:`hold` after an answer.
-    Another pacer (shared across machines) implements the same three methods.
-    """
-
-    def free_at(self, db: sqlite3.Connection, space_key: str) -> float:
-        row = db.execute("SELECT next_slot FROM pacing WHERE space_key = ?", (space_key,)).fetchone()
-        return row[0] if row else 0.0
-
-    def take(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        db.execute(
-            "INSERT INTO pacing (space_key, next_slot) VALUES (?, ?)"
-            " ON CONFLICT(space_key) DO UPDATE SET next_slot = excluded.next_slot",
-            (space_key, until),
-        )
-
-    def hold(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        """Keep the slot closed until ``until`` (never opens it earlier)."""
-        if until:
-            db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
-
-
 T = TypeVar("T")
 
 
@@ -330,7 +335,9 @@ class Outbox:
         self.pacer = pacer or SqlitePacer()
         self._local = threading.local()
         self._gen = 0  # bumped when the file is replaced: every thread reconnects
-        self._recovering = threading.RLock()  # held by a recovery: no other thread connects to a file half salvaged
+        # held by a recovery (under the gate), with the lock file: guards path/_opened/_salvaging while the file
+        # is moved aside and salvaged; order: gate -> _recovering -> the lock file (_file_lock)
+        self._recovering = threading.RLock()
         self._salvaging = False  # a recovery in this process holds the lock file (set and read under _recovering)
         self._ino: int | None = None
         self._next_look = 0.0
@@ -351,7 +358,9 @@ class Outbox:
         self._checked = False  # whether the worker has run its one integrity check (never on a caller's path)
         self.lease_cap = MAX_HOLD  # a lease further ahead than this is not believed (raised by longer leases)
         self._leases: dict[int, tuple[float, float]] = {}  # job id -> (lease, monotonic end of renewing); under _lease_lock
-        self._lease_lock: Any = threading.RLock()  # guards _leases and _renewer (reentrant: healed after an interrupt)
+        # guards _leases and _renewer; a leaf, never held across an outbox call, so never with the gate
+        # (reentrant, and given back by _heal after an interrupt)
+        self._lease_lock: Any = threading.RLock()
         self._renewer: threading.Thread | None = None
         self.adopted: list[int] = []  # death notices this process queued for another host's jobs (take_over): the exit waits
         try:
@@ -1488,6 +1497,8 @@ class _Gate:
     """
 
     def __init__(self) -> None:
+        # guards every SQLite call of this process (all outboxes, all threads) and, before a fork, the
+        # connections; order: delivery's _dlock and _drain_lock -> the gate -> Outbox._recovering -> lock file
         self._lock: Any = threading.RLock()
         self._local = threading.local()
 

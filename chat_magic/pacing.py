@@ -47,15 +47,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import config
 from .console import say as _console_say
 
 if TYPE_CHECKING:
-    from .outbox import Job, Outbox
+    import sqlite3
 
-__all__ = ["RedisSlot", "after_fork_in_child", "cluster_slot", "redact_url", "reset", "scrub"]
+__all__ = ["Claimer", "RedisSlot", "SqlitePacer", "after_fork_in_child", "cluster_slot", "redact_url", "reset", "scrub"]
 
 log = logging.getLogger("chat_magic")
 
@@ -223,7 +223,7 @@ class RedisSlot:
         out.update({space: max(0.0, int(ttl) / 1000.0) for space, ttl in zip(open_here, ttls)})
         return out
 
-    def claim(self, outbox: Outbox, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Job | None:
+    def claim(self, outbox: Claimer, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Any:
         """Claim the next message whose space both slots let through now.
 
         The Redis slot is taken *before* the SQLite transaction, so the outbox's
@@ -380,10 +380,51 @@ def _stderr_line(line: str) -> None:
     _console_say(rest, prefix=prefix) if rest else _console_say(line)
 
 
+# -- the local slot, in the host's outbox file ----------------------------------------
+
+class SqlitePacer:
+    """Each space's pacing slot, kept in the outbox file: shared by every process on this machine.
+
+    The one place that decides when a space may be posted to again.
+    :meth:`Outbox.claim` asks :meth:`free_at` and calls :meth:`take` in the
+    claim's own transaction; the worker calls :meth:`hold` after an answer.
+    Another pacer (shared across machines) implements the same three methods.
+    """
+
+    def free_at(self, db: sqlite3.Connection, space_key: str) -> float:
+        row = db.execute("SELECT next_slot FROM pacing WHERE space_key = ?", (space_key,)).fetchone()
+        return row[0] if row else 0.0
+
+    def take(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
+        db.execute(
+            "INSERT INTO pacing (space_key, next_slot) VALUES (?, ?)"
+            " ON CONFLICT(space_key) DO UPDATE SET next_slot = excluded.next_slot",
+            (space_key, until),
+        )
+
+    def hold(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
+        """Keep the slot closed until ``until`` (never opens it earlier)."""
+        if until:
+            db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
+
+
+class Claimer(Protocol):
+    """What :meth:`RedisSlot.claim` asks of an outbox (:class:`chat_magic.outbox.Outbox` is one).
+
+    Named here so that pacing imports nothing from the outbox: the outbox
+    imports both pacers and is handed the one to use.
+    """
+
+    def ready_spaces(self, now: float, *, exclude: Iterable[str] = ()) -> dict[str, float]: ...
+
+    def claim_local(self, now: float, *, interval: float, lease: float, exclude: Iterable[str] = (),
+                    space_key: str | None = None) -> Any: ...
+
+
 # -- the process's cluster slot, made from the configured URL ----------------------
 
 _slots: dict[str, RedisSlot | None] = {}
-_slots_lock = threading.Lock()
+_slots_lock = threading.Lock()  # guards _slots (one RedisSlot per URL); taken after delivery's _dlock, never before
 
 
 def cluster_slot() -> RedisSlot | None:
