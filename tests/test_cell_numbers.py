@@ -46,6 +46,7 @@ def _kernel_env(space) -> dict[str, str]:
 FAILING = "def load():\n    return open('/nonexistent/chat-magic-cells.csv')\n\nload()"
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_autonotify_and_notify_when_done_cards_name_the_cell_number(fast_space, tmp_path):
     nb_path = make_notebook(
         tmp_path / "numbers.ipynb",

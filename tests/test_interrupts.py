@@ -251,6 +251,7 @@ def _sent(space, text: str) -> bool:
     return text in items(space.messages())
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_an_interrupt_at_every_line_of_the_workers_claim_leaves_nothing_behind(fast_space, locker):
     d = _manual_dispatcher()
     n, after = 0, []
@@ -273,6 +274,7 @@ def test_an_interrupt_at_every_line_of_the_workers_claim_leaves_nothing_behind(f
     assert sorted(got) == sorted(set(got)) and all(t in got for t in after)
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_an_interrupt_at_every_line_of_the_workers_completion_leaves_nothing_behind(fast_space, locker):
     d = _manual_dispatcher()
     n, after = 0, []
@@ -385,6 +387,7 @@ def _storm_run(url: str, run: int, home: Path, rnd: random.Random) -> tuple[int,
     return presses, set(re.findall(r"storm-\d+-\d{4}", "".join(lines))), stderr
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_sigint_storm_against_a_sending_process_jams_nothing(fast_space, tmp_path):
     home = tmp_path / "storm-home"
     home.mkdir()
@@ -435,6 +438,7 @@ sys.exit(0 if chat_magic.flush(120) else 4)
 """
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_signal_handler_that_sends_while_send_runs_never_deadlocks(fast_space, tmp_path):
     for run in range(12):
         home, out = tmp_path / f"sig-{run}", tmp_path / f"sig-{run}.json"
@@ -518,6 +522,7 @@ sys.exit(0 if chat_magic.flush(180) else 4)
 """
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_150_forks_sending_while_the_parent_sends_never_hang(fast_space, tmp_path):
     home, out = tmp_path / "forks", tmp_path / "forks.json"
     home.mkdir()
@@ -616,6 +621,7 @@ def test_a_first_send_from_del_at_shutdown_is_said(fast_space, tmp_path):
 SENDS = 16
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_96_threads_sending_at_once_never_raise_database_is_locked(fast_space, locker):
     """While another process writes a few ms at a time too (the ``locker``)."""
     errors: list[str] = []

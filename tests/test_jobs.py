@@ -157,6 +157,7 @@ def test_chat_magic_watch_reports_a_host_killed_whole_and_nothing_for_a_job_that
         redis_server.stop()
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_job_killed_on_every_rank_posts_one_death_card_and_a_line_per_other_rank(fast_space, tmp_path):
     from test_watcher import BLOCK, deaths, ready, start_script
 

@@ -195,6 +195,7 @@ for i in range(int(sys.argv[1])):
 """
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_flush_is_not_done_while_the_worker_still_salvages(space, outbox_home):
     """What made ``test_damaged_outbox_found_by_the_next_process`` fail now and then, made certain.
 

@@ -359,6 +359,7 @@ def _lightning_trainer(L, tmp_path, callbacks, epochs=10, **kw):
                      num_sanity_val_steps=0, **kw)
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_lightning_early_stop_names_the_callback_epoch_and_the_best_checkpoint_as_lightning_names_it(space, tmp_path):
     L, torch = _lightning()
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -383,6 +384,7 @@ def test_lightning_early_stop_names_the_callback_epoch_and_the_best_checkpoint_a
     assert "(max, epoch=0)" in m["train_loss"]["text"], "EarlyStopping's mode sets the direction"
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_lightning_nan_loss_is_diverged_naming_the_metric_and_epoch(space, tmp_path):
     L, torch = _lightning()
     from chat_magic.integrations.lightning import ChatCallback
@@ -402,6 +404,7 @@ def test_lightning_nan_loss_is_diverged_naming_the_metric_and_epoch(space, tmp_p
     assert "non-finite: nan at epoch=1" in metric_rows(card)["train_loss"]["text"]
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_lightning_ctrl_c_is_interrupted_not_failed(space, tmp_path):
     L, torch = _lightning()
     from chat_magic.integrations.lightning import ChatCallback
@@ -464,6 +467,7 @@ def test_hf_early_stopping_names_the_callback_step_and_the_restored_checkpoint(s
     assert "(max, epoch 1)" in metric_rows(card)["eval_loss"]["text"], "greater_is_better sets the direction"
 
 
+@pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_lightning_step_based_training_keeps_a_point_every_n_steps_and_says_the_step(space, tmp_path):
     L, torch = _lightning()
     from chat_magic.integrations.lightning import ChatCallback
