@@ -396,6 +396,8 @@ def _make_tqdm() -> Any:
             return out
 
         def close(self) -> None:
+            if not hasattr(self, "disable"):
+                return  # refused before tqdm set itself up (a bad thread key): its __del__ must not raise
             chat = getattr(self, "_chat", None)
             if chat is not None and not self.disable:
                 chat.close()

@@ -254,6 +254,29 @@ def test_batch_runners_name_the_notebook(space, tmp_path, runner):
 
 
 @pytest.mark.slow
+def _wait_for_iopub(client, within: float = 60.0) -> None:
+    """Until the client's IOPub socket hears the kernel (a SUB socket loses what was sent before it joined).
+
+    ``execute_interactive`` waits for the kernel's "idle" on IOPub: lost to a
+    slow join, it waited out its timeout (seen once on a loaded machine).
+    """
+    import queue
+
+    deadline = time.monotonic() + within
+    while True:
+        client.kernel_info()
+        try:
+            client.get_iopub_msg(timeout=1)
+            break
+        except queue.Empty:
+            assert time.monotonic() < deadline, "the kernel's IOPub never answered"
+    while True:  # what the probes said: not this test's output
+        try:
+            client.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            return
+
+
 def test_jupyter_server_sessions_name_the_notebook(space, tmp_path):
     """JupyterLab and Notebook 7 start kernels through Jupyter Server's sessions API: the same call here."""
     from jupyter_client import BlockingKernelClient
@@ -295,6 +318,7 @@ def test_jupyter_server_sessions_name_the_notebook(space, tmp_path):
         try:
             client.kernel_info()  # jupyter_client 7's wait_for_ready misjudges a kernel it did not start
             assert client.get_shell_msg(timeout=60)["msg_type"] == "kernel_info_reply"
+            _wait_for_iopub(client)
             for code in ("%load_ext chat_magic", "%chat hello from the lab", "import chat_magic\nassert chat_magic.flush(30)"):
                 reply = client.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
                 assert reply["content"]["status"] == "ok", reply["content"]

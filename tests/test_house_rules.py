@@ -293,3 +293,17 @@ def test_each_stderr_helper_is_one_redacted_line(outbox_home, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("chat_magic"), err
     assert KEY not in err and TOKEN not in err and KEY not in caplog.text and TOKEN not in caplog.text
+
+
+def test_a_refused_tqdm_bar_leaves_no_exception_at_collection(tmp_path):
+    """A bad thread key refuses the bar before tqdm set itself up: its ``__del__`` must say nothing more."""
+    code = ("import gc, chat_magic\n"
+            "try:\n"
+            "    chat_magic.tqdm(range(3), chat_thread_key='   ')\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__)\n"
+            "gc.collect()\n")
+    env = dict(os.environ, CHAT_MAGIC_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ConfigError", out.stdout + out.stderr
+    assert "Exception ignored" not in out.stderr and "AttributeError" not in out.stderr, out.stderr
