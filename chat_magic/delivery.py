@@ -87,6 +87,7 @@ def _say(line: str) -> None:
 
 REPLY_CAP = 64 * 1024  # bytes of a reply read at most: an answer is small, a proxy's page or a flood is not read whole
 ENV_EXIT_TIMEOUT = "CHAT_MAGIC_EXIT_TIMEOUT"
+ENV_INTERVAL = "CHAT_MAGIC_INTERVAL"
 _said: set[str] = set()  # one-line notices already given in this process (each is said once)
 
 
@@ -118,15 +119,18 @@ class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`.
 
     ``exit_timeout`` (how long the exit waits for this process's messages)
-    comes from ``CHAT_MAGIC_EXIT_TIMEOUT`` unless set here; it is read when
-    needed, never at import, and a bad value is one line and the default.
+    comes from ``CHAT_MAGIC_EXIT_TIMEOUT`` unless set here, and ``interval``
+    from ``CHAT_MAGIC_INTERVAL`` (for a server with another quota, such as
+    ``chat-magic emulator --qps 0``; the test suite's processes use it); both
+    are read when needed, never at import, and a bad value is one line and
+    the default.
     """
 
-    interval: float = 1.1  # seconds between two requests to one space (quota: 1/s)
+    _interval: float | None = None  # None: CHAT_MAGIC_INTERVAL, else 1.1 s between two requests to one space (quota: 1/s)
     # and at least this long after the last answer: the server counts a request when it
     # arrives, somewhere between our send and its answer, so pacing from the answer is safe
     # whatever the latency or the scheduling of several processes
-    gap_after_answer: float = 1.02
+    _gap_after_answer: float | None = None  # None: 1.02 s, or CHAT_MAGIC_INTERVAL when that is shorter
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     backoff_base: float = 1.0
@@ -139,6 +143,26 @@ class Settings:
     @property
     def lease(self) -> float:
         return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
+
+    @property
+    def interval(self) -> float:
+        if self._interval is not None:
+            return self._interval
+        return _env_seconds(ENV_INTERVAL, 1.1)
+
+    @interval.setter
+    def interval(self, value: float) -> None:
+        self._interval = float(value)
+
+    @property
+    def gap_after_answer(self) -> float:
+        if self._gap_after_answer is not None:
+            return self._gap_after_answer
+        return min(1.02, _env_seconds(ENV_INTERVAL, 1.1))
+
+    @gap_after_answer.setter
+    def gap_after_answer(self, value: float) -> None:
+        self._gap_after_answer = float(value)
 
     @property
     def exit_timeout(self) -> float:
@@ -157,8 +181,8 @@ class Settings:
         return _env_seconds(ENV_EXIT_TIMEOUT, default)
 
     def names(self) -> list[str]:
-        """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
-        return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
+        """The settings a user may change: every field (one with a leading ``_`` through its property)."""
+        return sorted(f.name.lstrip("_") for f in fields(self))
 
     def change(self, **values: Any) -> None:
         """Set each of ``values``, all checked first: a one-line ConfigError names the setting and its form.

@@ -11,8 +11,12 @@ How the suite runs (README, "Run the tests"):
   quota and this process's delivery ``interval`` and ``gap_after_answer`` at
   :data:`TEST_INTERVAL`, so no test waits a second per message for nothing. A test about
   pacing says so: ``@pytest.mark.pacing`` (or the ``paced_space`` fixture) gives the real
-  quota (1 request/s per space) and the user's interval (1.1 s). Subprocesses and kernels a
-  test starts pace as users do (they do not see this process's settings).
+  quota (1 request/s per space) and the user's interval (1.1 s). The interval reaches this
+  process and the subprocesses and kernels a test starts through ``CHAT_MAGIC_INTERVAL``
+  (set for the session, removed in a ``pacing`` test), so children are pacing-free too.
+- In parallel: ``python -m pytest`` runs on 4 pytest-xdist workers (pyproject's addopts), each
+  with its own emulators, temporary folders and ``IPYTHONDIR``; a test keeps to its own
+  ports (ask the OS for a free one), folders (``tmp_path``) and environment (``monkeypatch``).
 - Isolation: the whole session (this process, the kernels and subprocesses it starts, which
   inherit the environment) has its IPython history in a temporary ``IPYTHONDIR`` and its
   temporary folders under a private ``TMPDIR``; both are deleted at the end. Nothing is
@@ -79,6 +83,8 @@ except ImportError:
     pass
 
 TEST_INTERVAL = 0.01  # this process's pacing interval in tests not marked `pacing` (the user's: 1.1 s)
+# ... and that of the kernels and subprocesses they start, which inherit the environment (a `pacing` test removes it)
+os.environ["CHAT_MAGIC_INTERVAL"] = str(TEST_INTERVAL)
 
 KEY = "emu-key-" + "k" * 24  # long enough that a leak is unmistakable
 TOKEN = "emu-token-" + "t" * 24
@@ -162,26 +168,31 @@ def _about_pacing(request) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _pacing(request):
-    """Pacing-free unless the test is about pacing: no quota in ``emulator``, a tiny interval here.
+def _pacing(request, monkeypatch):
+    """Pacing-free unless the test is about pacing: no quota in ``emulator``, a tiny interval here and in children.
 
-    A test marked ``pacing`` (or using ``paced_space``) gets the real quota and the
-    user's settings. Either way the settings are the user's again afterwards.
+    The interval comes from ``CHAT_MAGIC_INTERVAL`` (set above for the whole session, so the
+    kernels and subprocesses a test starts are pacing-free too). A test marked ``pacing`` (or
+    using ``paced_space``) runs without it: the real quota and the user's settings, here and in
+    its children. Either way this process's settings are as before afterwards.
     """
-    if _about_pacing(request):
-        yield
-        return
     from chat_magic import delivery
 
+    saved = dict(vars(delivery.settings))
+    if _about_pacing(request):
+        monkeypatch.delenv("CHAT_MAGIC_INTERVAL")
+        try:
+            yield
+        finally:
+            vars(delivery.settings).update(saved)
+        return
     emu = request.getfixturevalue("emulator") if "emulator" in request.fixturenames else None
-    saved = (delivery.settings.interval, delivery.settings.gap_after_answer)
-    delivery.settings.interval = delivery.settings.gap_after_answer = TEST_INTERVAL
     if emu is not None:
         emu.qps = None
     try:
         yield
     finally:
-        delivery.settings.interval, delivery.settings.gap_after_answer = saved
+        vars(delivery.settings).update(saved)
         if emu is not None:
             emu.qps = 1.0
 
