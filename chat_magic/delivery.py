@@ -114,6 +114,26 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+class _SetOrEnv:
+    """A setting read, until it is set, from an environment variable when used (never at import), at most ``at_most``.
+
+    Its value lives in the dataclass field of its name with a leading ``_`` (None: not set).
+    """
+
+    def __init__(self, env: str, default: float, at_most: float = float("inf")) -> None:
+        self.env, self.default, self.at_most = env, default, at_most
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> float:
+        value = None if obj is None else getattr(obj, self.slot)
+        return value if value is not None else min(self.at_most, _env_seconds(self.env, self.default))
+
+    def __set__(self, obj: Any, value: float) -> None:
+        setattr(obj, self.slot, float(value))
+
+
 @dataclass
 class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`.
@@ -139,30 +159,12 @@ class Settings:
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
     lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
     _exit_timeout: float | None = None  # None: CHAT_MAGIC_EXIT_TIMEOUT, else 3 s
+    interval = _SetOrEnv(ENV_INTERVAL, 1.1)
+    gap_after_answer = _SetOrEnv(ENV_INTERVAL, 1.1, at_most=1.02)
 
     @property
     def lease(self) -> float:
         return self.lease_seconds or self.connect_timeout + self.read_timeout + 10.0
-
-    @property
-    def interval(self) -> float:
-        if self._interval is not None:
-            return self._interval
-        return _env_seconds(ENV_INTERVAL, 1.1)
-
-    @interval.setter
-    def interval(self, value: float) -> None:
-        self._interval = float(value)
-
-    @property
-    def gap_after_answer(self) -> float:
-        if self._gap_after_answer is not None:
-            return self._gap_after_answer
-        return min(1.02, _env_seconds(ENV_INTERVAL, 1.1))
-
-    @gap_after_answer.setter
-    def gap_after_answer(self, value: float) -> None:
-        self._gap_after_answer = float(value)
 
     @property
     def exit_timeout(self) -> float:
