@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
+from .rules import seconds_arg
 from .webhook import redact
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--to", metavar="NAME", help="a space named in the config file (default: GOOGLE_CHAT_WEBHOOK_URL)")
     s.add_argument("--thread", metavar="KEY", help="thread key to post into (default: a new thread)")
     s.add_argument("--truncate", action="store_true", help="cut a long message with a note instead of splitting it")
-    s.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    s.add_argument("--timeout", type=seconds_arg(), default=30.0, metavar="S",
                    help="the longest this command waits, in all, for delivery (default 30)")
 
     sub.add_parser("run", help="run a command and post a notice when it ends", add_help=False)
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("action", nargs="?", default="list", choices=list(OUTBOX_ACTIONS), help="what to do (default: list)")
     o.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids, as `list` shows them (retry, drop)")
     o.add_argument("--all", action="store_true", help="list: show delivered messages too; retry: every failed one")
-    o.add_argument("--timeout", type=float, default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
+    o.add_argument("--timeout", type=seconds_arg(), default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
     o.add_argument("--all-hosts", action="store_true",
                    help="list, flush: every host's outbox file in the folder (flush only hosts whose jobs are over)")
 

@@ -97,22 +97,6 @@ def _say_once(topic: str, line: str) -> None:
         say(line)
 
 
-def _env_seconds(name: str, default: float) -> float:
-    """A number of seconds from the environment; a bad value is one line (once) and ``default``."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        _say_once(f"env {name}={raw}", f"{name}={raw[:40]!r} is not a number of seconds (e.g. {name}=3 or 0.5); "
-                                       f"using {default:g}")
-        return default
-    return value
-
-
 @dataclass
 class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`.
@@ -144,7 +128,7 @@ class Settings:
     def exit_timeout(self) -> float:
         if self._exit_timeout is not None:
             return self._exit_timeout
-        return _env_seconds(ENV_EXIT_TIMEOUT, 3.0)
+        return rules.env_seconds(ENV_EXIT_TIMEOUT, 3.0, least=0.0, most=rules.DAY)
 
     @exit_timeout.setter
     def exit_timeout(self, value: float) -> None:
@@ -154,7 +138,7 @@ class Settings:
         """``exit_timeout`` when set here or by a valid ``CHAT_MAGIC_EXIT_TIMEOUT``, else ``default``."""
         if self._exit_timeout is not None:
             return self._exit_timeout
-        return _env_seconds(ENV_EXIT_TIMEOUT, default)
+        return rules.env_seconds(ENV_EXIT_TIMEOUT, default, least=0.0, most=rules.DAY)
 
     def names(self) -> list[str]:
         """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
