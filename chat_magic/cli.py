@@ -295,25 +295,47 @@ def cmd_outbox_all_hosts(args: argparse.Namespace) -> int:
 
 
 def _list_host_file(f: HostFile) -> None:
-    from .outbox import FAILED, PENDING, SENDING, Outbox
+    """One host's file: this host's through its outbox, another's read only (never taken over, locked or changed)."""
+    import sqlite3
 
-    box = Outbox(f.path)
-    try:
-        if box.problem:
-            _err(f"{f.label}: {box.problem}")
+    from .outbox import FAILED, PENDING, SENDING, Outbox, peek
+
+    shown = [PENDING, SENDING, FAILED]
+    if f.mine:
+        box = Outbox(f.path)
+        try:
+            if box.problem:
+                _err(f"{f.label}: {box.problem}")
+                return
+            counts, rows = box.counts(), box.rows(states=shown)
+        finally:
+            box.close()
+    else:
+        try:
+            counts, rows = peek(f.path, shown)
+        except sqlite3.Error as e:
+            _err(f"{f.label}: {f.path} could not be read ({_unreadable(e)}); it was left as it is")
             return
-        counts = box.counts()
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
-        print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
-        _say_unknown_states(counts, f"{f.label}: ")
-        for r in box.rows(states=[PENDING, SENDING, FAILED]):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
-            line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
-            if r.error:
-                line += f"  {_shown(r.error)}"
-            print(redact(line))
-    finally:
-        box.close()
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+    print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
+    _say_unknown_states(counts, f"{f.label}: ")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
+        if r.error:
+            line += f"  {_shown(r.error)}"
+        print(redact(line))
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why another host's file could not be read, in words (its owner's chat_magic repairs a damaged one)."""
+    text = str(e) or type(e).__name__
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return f"{text}: another process holds its lock; try again in a moment"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return f"{text}: damaged; the next chat_magic process on that host repairs it"
+    return text
 
 
 def _flush_host_file(f: HostFile, timeout: float) -> bool:

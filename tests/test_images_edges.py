@@ -105,9 +105,7 @@ def test_patience_setting(monkeypatch, value, seconds):
 
 @pytest.mark.parametrize("bad", ["soon", "-5", "2d"])
 def test_bad_patience_is_one_line_and_the_default(monkeypatch, capsys, bad):
-    from chat_magic import images
-
-    from chat_magic import rules
+    from chat_magic import images, rules
 
     monkeypatch.setattr(rules, "_said", set())  # the line is said once per process and value
     monkeypatch.setenv("CHAT_MAGIC_IMAGE_PATIENCE", bad)
