@@ -1767,6 +1767,10 @@ def _ahead(t: float, now: float, longest: float) -> float:
     return now if t > now + longest else t
 
 
+_PEEKED = ("id", "state", "space_key", "thread_key", "attempts", "created_at", "next_at", "merged_into", "name", "thread_name",
+           "error_code", "error_status", "error")  # what a listing shows of a row (Row's fields but the preview)
+
+
 def peek(path: str | os.PathLike[str], states: Iterable[str], limit: int = 1000) -> tuple[dict[str, int], list[Row]]:
     """Counts by state, and the rows in ``states``, of an outbox file another host owns: read only.
 
@@ -1785,11 +1789,11 @@ def peek(path: str | os.PathLike[str], states: Iterable[str], limit: int = 1000)
     try:
         db.row_factory = sqlite3.Row
         counts = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM message GROUP BY state")}
+        has = {r[1] for r in db.execute("PRAGMA table_info(message)")}  # an older file lacks later columns: None
+        shown = ", ".join(c if c in has else f"NULL AS {c}" for c in _PEEKED)
         wanted = list(states)
-        rows = db.execute(
-            "SELECT id, state, space_key, thread_key, attempts, created_at, next_at, merged_into, name, thread_name,"
-            " error_code, error_status, error, substr(payload, 1, 200) AS preview FROM message"
-            f" WHERE state IN ({','.join('?' * len(wanted))}) ORDER BY id LIMIT ?", [*wanted, limit])
+        rows = db.execute(f"SELECT {shown}, substr(payload, 1, 200) AS preview FROM message"
+                          f" WHERE state IN ({','.join('?' * len(wanted))}) ORDER BY id LIMIT ?", [*wanted, limit])
         return counts, [Row(**dict(r)) for r in rows]
     finally:
         db.close()

@@ -99,3 +99,37 @@ def test_listing_all_hosts_reads_other_hosts_files_and_changes_nothing(fast_spac
     assert len(damaged) == 1 and "could not be read" in damaged[0] and "damaged" in damaged[0], out.stderr
     assert len(locked) == 1 and "could not be read" in locked[0] and "lock" in locked[0], out.stderr
 
+
+
+OLD_SCHEMA = """
+CREATE TABLE message (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
+    space_key TEXT NOT NULL, thread_key TEXT, payload TEXT NOT NULL, mergeable INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, owner TEXT, lease_until REAL, merged_into INTEGER, name TEXT, thread_name TEXT,
+    error_code INTEGER, error_status TEXT, error TEXT);
+"""
+
+
+def test_listing_shows_an_old_single_file_of_the_older_format_without_carrying_it_over(fast_space, outbox_home):
+    """The old single file, in the format with the URL on every row: listed as it is; carrying it over is a flush's job."""
+    import sqlite3
+    import time
+
+    outbox_home.mkdir(parents=True, exist_ok=True)
+    old = outbox_home / "outbox.sqlite3"
+    db = sqlite3.connect(old)
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    db.execute("INSERT INTO message (request_id, url, space_key, thread_key, payload, state, next_at, created_at, updated_at)"
+               " VALUES ('cm-old', ?, 'spaces/OLDSPACE', 'old', '{\"text\": \"old\"}', 'pending', ?, ?, ?)",
+               (fast_space.url, now, now, now))
+    db.commit()
+    db.close()
+    before = _folder(outbox_home)
+    out = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "list", "--all-hosts"],
+                         env=_host_env("pod-x"), capture_output=True, text=True, timeout=90)
+    assert_no_secret(out.stdout, out.stderr)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"(old single file): {old}: 1 pending" in out.stdout and "OLDSPACE  tries=0" in out.stdout, (out.stdout, out.stderr)
+    assert _folder(outbox_home) == before, "the listing moved, salvaged or changed the old file"
+    assert fast_space.messages() == [], "a listing delivers nothing"
