@@ -76,6 +76,16 @@ def _stall_after_keyword(value: str, monkeypatch, capsys, **_) -> tuple[float | 
         return None, str(e)
 
 
+def _progress_every_keyword(value: str, monkeypatch, capsys, **_) -> tuple[float | None, str]:
+    from chat_magic import ConfigError
+    from chat_magic.integrations._base import TrainingWatch  # what every framework's ChatCallback is
+
+    try:
+        return TrainingWatch(progress_every=value).progress_every, ""
+    except ConfigError as e:
+        return None, str(e)
+
+
 def _magic(option: str, key: str):
     def front(value: str, monkeypatch, capsys, request, **_) -> tuple[float | None, str]:
         ip = request.getfixturevalue("ip")
@@ -97,7 +107,7 @@ def _cli(args: list[str], ok_words: str):
         argv = [a.replace("VALUE", value) for a in args]
         out = subprocess.run([sys.executable, "-m", "chat_magic.cli", *argv], env=dict(os.environ),
                              capture_output=True, text=True, timeout=60)
-        if "error:" in out.stderr:
+        if "argument --" in out.stderr:  # argparse's line about an option's value
             assert out.returncode == 2, out.stderr
             return None, out.stderr
         assert ok_words in out.stdout + out.stderr, out.stderr
@@ -116,6 +126,8 @@ FRONT_ENDS = {
     "%chat_autonotify --threshold": _magic("--threshold", "threshold"),
     "chat-magic send --timeout": _cli(["send", "--timeout", "VALUE", "duration rule"], ""),
     "chat-magic watch --lost-after": _cli(["watch", "--once", "--lost-after", "VALUE"], "no Redis configured"),
+    "chat-magic run --wait": _cli(["run", "--wait", "VALUE", "--", sys.executable, "-c", "pass"], ""),
+    "ChatCallback(progress_every=)": _progress_every_keyword,
 }
 # "5s" for the exit timeout was bad input before the rule: a user who writes 3s means 3 seconds
 VALUES = [("5s", 5.0), ("1m", 60.0), ("2.5", 2.5), (" 0.5 m ", 30.0), ("soon", BAD), ("-1", BAD), ("1e3", BAD)]
