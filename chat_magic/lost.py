@@ -30,7 +30,6 @@ or config file (the named spaces), so no secret ever goes through Redis.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
@@ -44,10 +43,10 @@ KEEP = 7 * 86400  # a record of a host that never came back is forgotten after a
 
 
 def beat_every() -> float:
-    try:
-        return max(0.2, float(os.environ.get("CHAT_MAGIC_HEARTBEAT", "") or 15.0))
-    except ValueError:
-        return 15.0
+    """``CHAT_MAGIC_HEARTBEAT``: seconds between two beats (0.2 s to 1 h; default 15); a bad value is one line and 15."""
+    from .rules import env_seconds
+
+    return env_seconds("CHAT_MAGIC_HEARTBEAT", 15.0, least=0.2, most=3600.0)
 
 
 _clients: dict[str, Any] = {}
@@ -221,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     from .console import say
     from .errors import ChatMagicError
     from .pacing import redact_url
+    from .rules import seconds_arg
 
     p = argparse.ArgumentParser(prog="chat-magic watch",
                                 description="Post into a job's thread when its host stops sending heartbeats to Redis.")
-    p.add_argument("--lost-after", type=float, default=120.0, metavar="S",
+    p.add_argument("--lost-after", type=seconds_arg(above=True), default=120.0, metavar="S",
                    help="seconds without a heartbeat before a host counts as lost (default 120)")
-    p.add_argument("--every", type=float, default=5.0, metavar="S", help="seconds between two looks (default 5)")
+    p.add_argument("--every", type=seconds_arg(above=True, most=3600.0), default=5.0, metavar="S", help="seconds between two looks (default 5)")
     p.add_argument("--once", action="store_true", help="look once and exit (cron)")
     args = p.parse_args(argv)
     if not args.lost_after > 0 or not args.every > 0:

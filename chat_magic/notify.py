@@ -564,12 +564,10 @@ class notify_when_done:
 
 
 def _stall_seconds(value: Any) -> float | None:
-    """``stall_after=``: seconds > 0 or None; anything else is a one-line ConfigError now."""
+    """``stall_after=``: a duration over 0 (600, "10m"; :func:`chat_magic.rules.seconds`) or None; else a one-line ConfigError now."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"stall_after={value!r}: give seconds > 0 (e.g. stall_after=600), or None")
-    return float(value)
+    return rules.seconds(value, option="stall_after", above=True, most=7 * rules.DAY)
 
 
 def _find_run(owner: notify_when_done) -> _Run | None:

@@ -1767,6 +1767,38 @@ def _ahead(t: float, now: float, longest: float) -> float:
     return now if t > now + longest else t
 
 
+_PEEKED = ("id", "state", "space_key", "thread_key", "attempts", "created_at", "next_at", "merged_into", "name", "thread_name",
+           "error_code", "error_status", "error")  # what a listing shows of a row (Row's fields but the preview)
+
+
+def peek(path: str | os.PathLike[str], states: Iterable[str], limit: int = 1000) -> tuple[dict[str, int], list[Row]]:
+    """Counts by state, and the rows in ``states``, of an outbox file another host owns: read only.
+
+    For ``chat-magic outbox list --all-hosts``. Opening an :class:`Outbox`
+    would hold the file's ``.live`` lock (other hosts would take it for in
+    use), write its schema, checkpoint and delete its log, and move a damaged
+    file aside to salvage it: a listing must do none of that. With a
+    ``-wal`` beside it (a process has it open, or one died) the file is read
+    ``mode=ro``; without one ``immutable=1``, since ``mode=ro`` would create
+    the ``-wal`` and ``-shm`` (and no process has the file open then). Raises
+    :class:`sqlite3.Error` for a damaged, locked or foreign file.
+    """
+    path = Path(path)
+    options = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=1.0)
+    try:
+        db.row_factory = sqlite3.Row
+        counts = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM message GROUP BY state")}
+        has = {r[1] for r in db.execute("PRAGMA table_info(message)")}  # an older file lacks later columns: None
+        shown = ", ".join(c if c in has else f"NULL AS {c}" for c in _PEEKED)
+        wanted = list(states)
+        rows = db.execute(f"SELECT {shown}, substr(payload, 1, 200) AS preview FROM message"
+                          f" WHERE state IN ({','.join('?' * len(wanted))}) ORDER BY id LIMIT ?", [*wanted, limit])
+        return counts, [Row(**dict(r)) for r in rows]
+    finally:
+        db.close()
+
+
 def keep_sent() -> int:
     """How many delivered messages to keep for ``outbox list``: ``CHAT_MAGIC_KEEP_SENT``, else :data:`KEEP_SENT`."""
     value = os.environ.get("CHAT_MAGIC_KEEP_SENT", "").strip()
