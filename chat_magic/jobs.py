@@ -72,19 +72,19 @@ def thread_key(ident: str) -> str:
     return f"chat-magic-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:6]}"
 
 
-def first_failure(job: str, who: str, summary: str, box: Any = None) -> tuple[str, str] | None:
+def first_failure(job: str, who: str, summary: str, box: Any) -> tuple[str, str] | None:
     """Record this rank's failure for ``job``; None if it is the first, else ``(rank, summary)`` of the first.
 
-    Never raises: if no record can be kept, every failure counts as the first.
+    Recorded in Redis when configured, else in the outbox ``box`` (or what
+    ``box()`` returns, asked only then). Never raises: if no record can be
+    kept, every failure counts as the first.
     """
     first = _first_in_redis(job, who, summary)
     if first is not None:
         return None if first == (who, summary) else first
     try:
-        if box is None:
-            from .delivery import dispatcher
-
-            box = dispatcher().outbox
+        if callable(box):
+            box = box()
         with box._write() as db:
             db.execute("DELETE FROM job_failure WHERE at < ?", (time.time() - 7 * 86400,))
             db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)",
