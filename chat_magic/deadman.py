@@ -8,9 +8,10 @@ deletes it in the transaction that queues the completion notice
 (``send(..., disarm=armed.replacing())``), or right after when none is
 posted. An armed row is
 never claimed, merged or counted as waiting: only :func:`fire_dead` turns
-it into a pending message, in one transaction (``DELETE ... WHERE
-state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
-fires it, and after whatever the dead process queued before.
+it into a pending message, in one transaction (the row deleted only while
+still armed, then the notice inserted: :meth:`Outbox.fire_armed`), so it is
+posted exactly once, whoever fires it, and after whatever the dead process
+queued before.
 
 Who fires it:
 
@@ -308,9 +309,9 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     """Turn armed rows into pending death notices: those of ``owner``, or (None) of every dead owner on this host.
 
     Returns the ids of the messages queued. Exactly once: each row is
-    deleted (``WHERE state='armed'``) and its notice inserted in one
-    transaction (:meth:`Outbox.fire_armed`); a row another process fired
-    meanwhile is skipped.
+    deleted while still armed and its notice inserted in one transaction
+    (:meth:`Outbox.fire_armed`); a row another process fired meanwhile is
+    skipped.
     """
     from .outbox import armed_spec, owner_alive
 
