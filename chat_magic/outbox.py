@@ -1130,6 +1130,20 @@ class Outbox:
         with self._write() as db:
             db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
 
+    @_guarded("write to")
+    def first_job_failure(self, job: str, rank: str, summary: str) -> tuple[str, str] | None:
+        """Record a rank's failure of a distributed ``job`` unless one is recorded; the first's ``(rank, summary)``.
+
+        Records older than a week are forgotten on the way (jobs.py: the first
+        failure is the card, later ones of the job a line).
+        """
+        now = time.time()
+        with self._write() as db:
+            db.execute("DELETE FROM job_failure WHERE at < ?", (now - 7 * 86400,))
+            db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)", (job, rank, summary, now))
+            row = db.execute("SELECT rank, summary FROM job_failure WHERE job=?", (job,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
     @_guarded("read")
     def important_waiting(self, ids: list[int]) -> list[int]:
         """Which of ``ids`` (at most 900) are important notices still waiting to be delivered."""
