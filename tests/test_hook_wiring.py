@@ -71,14 +71,25 @@ NOTIFY = """
     sys.stdin.readline()
 """
 
+# %%chat in a real IPython shell (its history in the test's own IPYTHONDIR)
+CELL = """
+    import sys
+    from IPython.core.interactiveshell import InteractiveShell
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "chat_magic")
+    ip.run_cell("%%chat\\nimport sys\\nprint('READY', flush=True)\\nsys.stdin.readline()")
+    print("CLOSED", flush=True)
+    sys.stdin.readline()
+"""
+
 # chat-magic run: the command it runs says READY, then waits for a line; the process that armed is its parent
 RUN_CHILD = "import sys; print('READY', flush=True); sys.stdin.readline()"
 
 
 def _open_block(front: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     """Open a block through ``front`` in a fresh interpreter; (the process, the pid of the one that armed)."""
-    if front == "notify_when_done":
-        (tmp_path / "block.py").write_text(textwrap.dedent(NOTIFY), encoding="utf-8")
+    if front in ("notify_when_done", "%%chat"):
+        (tmp_path / "block.py").write_text(textwrap.dedent(NOTIFY if front == "notify_when_done" else CELL), encoding="utf-8")
         argv = [sys.executable, str(tmp_path / "block.py")]
     else:
         argv = [sys.executable, "-m", "chat_magic.cli", "run", "--label", "wired block", "--", sys.executable, "-c", RUN_CHILD]
@@ -87,11 +98,12 @@ def _open_block(front: str, tmp_path: Path, env: dict[str, str]) -> tuple[subpro
     return proc, proc.pid
 
 
-@pytest.mark.parametrize("front", ["notify_when_done", "chat-magic run"])
+@pytest.mark.parametrize("front", ["notify_when_done", "%%chat", "chat-magic run"])
 def test_every_hook_is_in_place_when_a_block_opens_in_a_fresh_process_and_undone_when_it_closes(
         fast_space, tmp_path, redis_server, front):
     home = tmp_path / "home"
-    env = script_env(fast_space, home, CHAT_MAGIC_REDIS_URL=redis_server.url, CHAT_MAGIC_HEARTBEAT="0.2")
+    env = script_env(fast_space, home, CHAT_MAGIC_REDIS_URL=redis_server.url, CHAT_MAGIC_HEARTBEAT="0.2",
+                     IPYTHONDIR=str(tmp_path / "ipython"))
     proc, pid = _open_block(front, tmp_path, env)
     try:
         assert handles(pid, signal.SIGTERM), "termination: the SIGTERM handler is installed at the first block"
@@ -106,7 +118,7 @@ def test_every_hook_is_in_place_when_a_block_opens_in_a_fresh_process_and_undone
         wait_until(lambda: not records(redis_server, "open", pid) and not records(redis_server, "beat", pid),
                    what="heartbeat: the record forgotten when the block closes")
         wait_until(lambda: armed_rows(home) == 0, what="disarmed")
-        if front == "notify_when_done":
+        if front != "chat-magic run":  # (that process has ended)
             assert not handles(pid, signal.SIGTERM), "termination: the handler is given back after the last block"
     finally:
         proc.kill()
@@ -117,10 +129,15 @@ def _close(proc: subprocess.Popen, front: str) -> None:
     """One line on its stdin: the block ends (the script's, or the command chat-magic run runs)."""
     proc.stdin.write("\n")
     proc.stdin.flush()
-    if front == "notify_when_done":
-        assert proc.stdout.readline().strip() == "CLOSED"
-    else:
+    if front == "chat-magic run":
         proc.wait(60)
+    else:
+        assert wait_for_line(proc, "CLOSED")
+
+
+def wait_for_line(proc: subprocess.Popen, line: str) -> bool:
+    """Read the process's output up to ``line`` (a cell's own output may come before it)."""
+    return any(got.strip() == line for got in proc.stdout)
 
 
 def test_a_process_that_only_sends_fires_a_dead_blocks_notice_and_forgets_its_redis_record(fast_space, tmp_path, redis_server):
