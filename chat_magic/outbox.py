@@ -74,7 +74,7 @@ __all__ = [
     "ARMED", "DROPPED", "FAILED", "KEEP_SENT", "LOST", "MAX_HOLD", "MERGED", "PENDING", "SENDING", "SENT", "STATES",
     "TERMINAL", "Job", "Outbox", "Row", "SqlitePacer", "State", "heal_gate", "inside", "keep_sent", "private_files",
     "private_folder",
-    "armed_spec", "hold_for_fork", "new_request_id", "owner_alive", "owner_id",  # the dead-man modules' doors
+    "armed_spec", "hold_for_fork", "owner_alive", "owner_id",  # the dead-man modules' doors
 ]
 
 log = logging.getLogger("chat_magic")
@@ -253,11 +253,6 @@ def owner_id() -> str:
 def owner_alive(owner: str | None) -> bool:
     """Whether the process a row's ``owner`` names may still run (gone, a zombie or a reused pid: dead)."""
     return _owner_alive(owner)
-
-
-def new_request_id() -> str:
-    """A fresh ``requestId`` (the space keeps one message per id: a retry never duplicates)."""
-    return _request_id()
 
 
 def armed_spec(row: dict[str, Any]) -> dict[str, Any]:
