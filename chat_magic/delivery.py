@@ -62,6 +62,7 @@ from . import config, hooks, hosts, pacing, rules
 from . import outbox as _outbox
 from . import webhook as webhook_module
 from .console import say
+from .deadman import exit_wait, fire_orphans  # imported first: it words the death notices a take-over queues
 from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import DROPPED, FAILED, SENT, Job, Outbox
@@ -1218,8 +1219,6 @@ def _dispatcher_at(home: Any) -> Dispatcher:
             d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
-    from .deadman import fire_orphans
-
     if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
         d.ensure_running()
     return d
@@ -1433,9 +1432,7 @@ def _at_exit() -> None:
             if not d.drain_held():
                 _say(f"{d.held_count()} message(s) could not be queued and are lost with this process: {d.held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
-            from .deadman import exit_wait
-
-            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            mine, longer = exit_wait(d, mine, settings)  # completion notices waiting: up to 30 s (the policy is deadman's)
             deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:

@@ -596,13 +596,13 @@ class ChatMagics(Magics):
     def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None, capture: Any = None) -> Any:
         """The cell's death notice, written before it runs (deadman.py); None if it cannot be. Never raises."""
         try:
-            from . import deadman
+            from . import arming
             from .notify import origin_details
 
             session = self._session()
-            return deadman.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
-                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
-                               probe=_output_probe(capture) if capture is not None else None)
+            return arming.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
+                              to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
+                              probe=_output_probe(capture) if capture is not None else None)
         except Exception as e:
             _warn(f"could not arm the death notice of {title!r}: {type(e).__name__}: {e}")
             return None

@@ -285,10 +285,10 @@ class _Job:
 
     def arm(self) -> Any:
         """The death notice, in the outbox before the command starts: reported if chat-magic run itself is killed."""
-        from . import deadman
+        from . import arming
 
-        self.armed = deadman.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
-                                 cards=self.args.cards, to=self.args.to)
+        self.armed = arming.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
+                                cards=self.args.cards, to=self.args.to)
         return self.armed
 
     def post_start(self) -> None:

@@ -61,9 +61,9 @@ def _redis_slow() -> float:
 
 
 def _heartbeat() -> float:
-    from chat_magic import lost
+    from chat_magic import heartbeat
 
-    return lost.beat_every()
+    return heartbeat.beat_every()
 
 
 def _stall_after_keyword(value: str, monkeypatch, capsys, **_) -> tuple[float | None, str]:
