@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import chat_magic
-from chat_magic import delivery
+from chat_magic import delivery, rules
 
 ENV = "CHAT_MAGIC_INTERVAL"
 
@@ -29,7 +29,7 @@ def user_settings(monkeypatch):
     return delivery.settings
 
 
-@pytest.mark.parametrize(("value", "interval", "gap"), [(None, 1.1, 1.02), ("0", 0.0, 0.0), ("0.25", 0.25, 0.25), ("2", 2.0, 1.02)])
+@pytest.mark.parametrize(("value", "interval", "gap"), [(None, 1.1, 1.02), ("0", 0.0, 0.0), ("0.25", 0.25, 0.25), ("2", 2.0, 1.02), ("1m", 60.0, 1.02)])
 def test_the_interval_and_the_gap_after_an_answer_follow_the_environment_when_read(user_settings, monkeypatch, value, interval, gap):
     if value is not None:
         monkeypatch.setenv(ENV, value)  # after chat_magic was imported: it is read when used
@@ -44,13 +44,13 @@ def test_configure_wins_over_the_environment(user_settings, monkeypatch):
     assert not [n for n in user_settings.names() if n.startswith("_")]
 
 
-@pytest.mark.parametrize("value", ["fast", "-1", "nan", "1.1s"])
+@pytest.mark.parametrize("value", ["fast", "-1", "nan", "2 days"])
 def test_a_bad_value_is_one_line_and_the_users_pacing(user_settings, monkeypatch, capsys, value):
     monkeypatch.setenv(ENV, value)
-    monkeypatch.setattr(delivery, "_said", set())
+    monkeypatch.setattr(rules, "_said", set())
     assert (user_settings.interval, user_settings.gap_after_answer) == (1.1, 1.02)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ENV in err and "using 1.1" in err and "Traceback" not in err, err
+    assert err.count("\n") == 1 and ENV in err and "using 1.1s" in err and "Traceback" not in err, err
 
 
 def test_a_subprocess_paces_by_the_environment_it_is_given(tmp_path):
