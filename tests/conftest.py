@@ -37,7 +37,7 @@ Fixtures:
 - ``fast_space``: the same on a second emulator that never has a quota, and this
   process's pacing off (kept for the tests written before pacing-free was the default).
 - ``outbox_home``, ``shell``/``ip`` (a real IPython shell, chat_magic loaded),
-  ``fast_backoff``, ``debug_logs``.
+  ``fast_backoff``, ``debug_logs``, ``replies`` (a scripted loopback server, ``tests/replies.py``).
 - ``validate_message(payload)``: checks a payload with the official proto.
 - ``wait_until(predicate)``: poll until true, or fail saying what was awaited.
 """
@@ -279,6 +279,22 @@ def fast_space(fast_emulator, outbox_home, monkeypatch):
         yield from _space(fast_emulator, monkeypatch)
     finally:
         delivery.settings.interval, delivery.settings.gap_after_answer = saved
+
+
+@pytest.fixture
+def replies():
+    """``replies(script)``: a :class:`replies.Replies` loopback server answering from ``script``; all closed afterwards."""
+    from replies import Replies
+
+    made: list[Replies] = []
+
+    def make(script):
+        made.append(Replies(script))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 @pytest.fixture
