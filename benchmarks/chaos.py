@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scenarios' child scripts: one copy, the tests'
 
-from scenarios import FORKS, SIGNALLED, STORM  # noqa: E402
+from scenarios import FORKS, SIGNALLED, ctrl_c_storm  # noqa: E402
 
 from chat_magic.emulator import Emulator  # noqa: E402
 
@@ -133,8 +133,6 @@ def _report(name: str, sent: int, delivered: int, lost: int, dups: int, reordere
 
 def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
     """Storms of real SIGINTs; a process stopped by one (outside its try) is a program stopped by Ctrl-C."""
-    import threading
-
     emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
     url = emu.webhook_url(space="CHAOSC", key=KEY, token=TOKEN)
     hung = presses = kept_out = stopped = 0
@@ -144,27 +142,11 @@ def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
     env = _edge_env(home)
     locker, stop = _with_locker(home, env)
     for run in range(runs):
-        proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        proc.stdout.readline()
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout))  # type: ignore[misc]
-        reader.start()
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
-            os.kill(proc.pid, signal.SIGINT)
-            presses += 1
-            time.sleep(rnd.uniform(0.0005, 0.008))
-        try:
-            proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            hung += 1
-        reader.join(10)
-        stopped += proc.returncode != 0
-        confirmed |= set(re.findall(r"storm-\d+-\d{4}", "".join(lines)))
+        pressed, returned, code, _ = ctrl_c_storm(url, run, env, rnd)
+        presses += pressed
+        hung += code is None
+        stopped += bool(code)
+        confirmed |= returned
     kept_out += _stop_locker(locker, stop)
     flushed = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "120"], env=env,
                              capture_output=True, text=True)

@@ -13,7 +13,20 @@ process: a real SIGINT, a real SIGALRM handler, a real ``os.fork``).
 - :data:`FORKS` ``URL N OUT``: N children (``os.fork`` and multiprocessing's fork context)
   each send ``child-NNNN`` (thread ``children``) while 3 parent threads send
   ``parent-K-NNNN`` (threads ``p0``..``p2``); writes ``{"hung", "failed", "parent"}`` to OUT.
+
+:func:`ctrl_c_storm` runs :data:`STORM` under the Ctrl-C storm.
 """
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 STORM = r"""
 import signal, sys
@@ -122,3 +135,34 @@ for t in threads:
 json.dump({"hung": hung, "failed": failed, "parent": parent_sent}, open(out, "w"))
 sys.exit(0 if chat_magic.flush(180) else 4)
 """
+
+
+def ctrl_c_storm(url: str, run: int, env: dict[str, str], rnd: random.Random) -> tuple[int, set[str], int | None, str]:
+    """One :data:`STORM` process sending 300 events under real SIGINTs every 0.5-8 ms.
+
+    Returns (presses, the events whose send returned, its exit code or None when it hung and
+    was killed, its stderr). Like a user's program, it may be stopped by a Ctrl-C that lands
+    outside its ``try`` (a KeyboardInterrupt traceback): what it queued must still be delivered.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout))  # type: ignore[arg-type]
+    reader.start()
+    presses = 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
+        os.kill(proc.pid, signal.SIGINT)
+        presses += 1
+        time.sleep(rnd.uniform(0.0005, 0.008))
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return presses, set(), None, ""
+    finally:
+        reader.join(10)
+    # a print cut by Ctrl-C runs into the next one: take every whole name
+    return presses, set(re.findall(r"storm-\d+-\d{4}", "".join(lines))), proc.returncode, stderr

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
+from helpers_outbox import queued_by_another_process
 
 import chat_magic
 from chat_magic import delivery
@@ -880,25 +881,10 @@ def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_
     assert f"{20 - len(lost)} message(s) salvaged" in err
 
 
-QUEUER = textwrap.dedent("""
-    import sys, chat_magic
-    from chat_magic import delivery
-    delivery.settings.exit_timeout = 0
-    delivery.settings.backoff_base = delivery.settings.backoff_cap = 600
-    for i in range(int(sys.argv[1])):
-        chat_magic.send(f"queued {i:02d} " + "·" * 600, thread_key=f"q{i:02d}")
-    sys.exit(0)
-""")
-
-
 @pytest.mark.slow
 def test_damaged_outbox_found_by_the_next_process(space, outbox_home):
     """A CLI flush opens a damaged file: moved aside, salvaged, delivered, said on stderr; no raw DatabaseError."""
-    space.emu.set_down(True)
-    try:
-        subprocess.run([sys.executable, "-c", QUEUER, "12"], env=dict(os.environ), check=True, timeout=60)
-    finally:
-        space.emu.set_down(False)
+    queued_by_another_process(space, 12, pad=600)
     box = outbox_path(outbox_home)
     _checkpoint(box)
     _damage_pages_holding(box, ["queued 05 "])
@@ -912,11 +898,7 @@ def test_damaged_outbox_found_by_the_next_process(space, outbox_home):
 
 def test_temporary_outbox_is_loud_and_flush_reports_what_waits_in_the_real_one(space, outbox_home, tmp_path, capfd):
     """The configured outbox holds 3 waiting messages but sits on a read-only filesystem."""
-    space.emu.set_down(True)
-    try:
-        subprocess.run([sys.executable, "-c", QUEUER, "3"], env=dict(os.environ), check=True, timeout=60)
-    finally:
-        space.emu.set_down(False)
+    queued_by_another_process(space, 3, pad=600)
     _checkpoint(outbox_path(outbox_home))
     _mount(outbox_home, "--bind", str(outbox_home))
     try:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scenarios import FORKS, SIGNALLED, STORM
+from scenarios import FORKS, SIGNALLED, ctrl_c_storm
 
 import chat_magic
 from chat_magic import config, delivery
@@ -339,29 +337,13 @@ def _storm_run(url: str, run: int, home: Path, rnd: random.Random) -> tuple[int,
     its ``try`` (a KeyboardInterrupt traceback): what it queued must still be
     delivered, once.
     """
-    proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout))  # type: ignore[arg-type]
-    reader.start()
-    presses = 0
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
-        os.kill(proc.pid, signal.SIGINT)
-        presses += 1
-        time.sleep(rnd.uniform(0.0005, 0.008))
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    presses, returned, code, stderr = ctrl_c_storm(url, run, _env(home), rnd)
+    if code is None:
         pytest.fail("the process hung under the Ctrl-C storm")
-    reader.join(10)
-    if proc.returncode:  # stopped by a Ctrl-C outside its try (or during its exit), as a program is
-        assert "KeyboardInterrupt" in stderr, f"exit {proc.returncode}: {stderr[-1500:]}"
+    if code:  # stopped by a Ctrl-C outside its try (or during its exit), as a program is
+        assert "KeyboardInterrupt" in stderr, f"exit {code}: {stderr[-1500:]}"
         stderr = stderr.replace("Traceback", "").replace("Exception ignored", "")
-    # a print cut by Ctrl-C runs into the next one: take every whole name
-    return presses, set(re.findall(r"storm-\d+-\d{4}", "".join(lines))), stderr
+    return presses, returned, stderr
 
 
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
