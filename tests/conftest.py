@@ -1,7 +1,7 @@
 """Shared fixtures: a real emulator over real HTTP on loopback, a private outbox per test.
 
 How the suite runs (README, "Run the tests"):
-- ``python -m pytest`` runs everything not marked ``slow`` (a few minutes on 2 cores);
+- ``python -m pytest`` runs everything not marked ``slow`` (about 2 minutes on 2 cores);
   ``python -m pytest -m slow`` runs the rest; ``.ci/run`` runs both, so every test runs once.
 - Markers: ``slow`` (clusters and ``unshare``, the real quota over long runs, the training
   frameworks, the browser, long sweeps: anything over a few seconds), ``browser`` (also
