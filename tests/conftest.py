@@ -65,7 +65,9 @@ from chat_magic.emulator import Emulator
 # go into one private folder, deleted at the end. pytest's own tmp_path stays where it was (kept
 # for a look after a failure, as pytest keeps it).
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="cm-pytest-"))
+# in the first temporary folder, also in a pytest-xdist worker (whose TMPDIR is the controller's private one):
+# a deeper path is too long for the Unix sockets of Ray and Jupyter (107 bytes at most)
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="cm-pytest-", dir=os.environ["PYTEST_DEBUG_TEMPROOT"]))
 (SESSION_DIR / "ipython").mkdir()
 (SESSION_DIR / "tmp").mkdir()
 os.environ["IPYTHONDIR"] = str(SESSION_DIR / "ipython")
