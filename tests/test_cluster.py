@@ -32,8 +32,7 @@ from chat_magic import delivery, hosts, pacing
 from chat_magic.outbox import SENT, Outbox
 from chat_magic.webhook import parse_webhook_url
 
-pytestmark = [pytest.mark.pacing,  # the quota shared by hosts: the emulator enforces it, each process paces as users' do
-              pytest.mark.xdist_group("cluster")]  # one worker: the session's redis-server starts once
+pytestmark = pytest.mark.pacing  # the quota shared by hosts: the emulator enforces it, each process paces as users' do
 NO_UNSHARE = unshare_works()
 needs_hosts = pytest.mark.skipif(NO_UNSHARE is not None, reason=f"simulated hosts: {NO_UNSHARE}")
 DOWN_LINE = "does not answer"

@@ -19,7 +19,7 @@ import chat_magic
 
 ray = pytest.importorskip("ray", reason='Ray not installed: pip install "chat-magic[ray]"')
 pytest.importorskip("ray.train.torch", reason='Ray Train not installed: pip install "chat-magic[ray]"')
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]  # one local Ray at a time (one xdist worker)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
