@@ -14,7 +14,7 @@ How the suite runs (README, "Run the tests"):
   quota (1 request/s per space) and the user's interval (1.1 s). The interval reaches this
   process and the subprocesses and kernels a test starts through ``CHAT_MAGIC_INTERVAL``
   (set for the session, removed in a ``pacing`` test), so children are pacing-free too.
-- In parallel: ``python -m pytest`` runs on 4 pytest-xdist workers (pyproject's addopts), each
+- In parallel: ``python -m pytest`` runs on 4 pytest-xdist workers, a file on one (pyproject's addopts), each
   with its own emulators, temporary folders and ``IPYTHONDIR``; a test keeps to its own
   ports (ask the OS for a free one), folders (``tmp_path``) and environment (``monkeypatch``).
 - Isolation: the whole session (this process, the kernels and subprocesses it starts, which
