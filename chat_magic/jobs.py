@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,11 +84,7 @@ def first_failure(job: str, who: str, summary: str, box: Any = None) -> tuple[st
             from .delivery import dispatcher
 
             box = dispatcher().outbox
-        with box._write() as db:
-            db.execute("DELETE FROM job_failure WHERE at < ?", (time.time() - 7 * 86400,))
-            db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)",
-                       (job, who, summary[:500], time.time()))
-            row = db.execute("SELECT rank, summary FROM job_failure WHERE job=?", (job,)).fetchone()
+        row = box.first_job_failure(job, who, summary[:500])
     except Exception:
         return None
     if row is None or (row[0], row[1]) == (who, summary[:500]):
