@@ -1639,12 +1639,13 @@ class _Statement(sqlite3.Cursor):
         return self
 
     def _read_all(self) -> None:
+        """Every row, one by one: where a step fails, the rows before it are kept (as a plain cursor hands them out)."""
+        fetch = super().fetchone
         try:
-            while True:
-                batch = super().fetchmany(256)
-                self._rows.extend(batch)
-                if len(batch) < 256:
-                    return
+            row = fetch()
+            while row is not None:
+                self._rows.append(row)
+                row = fetch()
         except sqlite3.DatabaseError as e:
             self._error = e
 
