@@ -136,3 +136,17 @@ def test_all_sql_is_in_the_outbox_and_every_connection_it_opens_is_gated():
     assert [(name, ast.unparse(node)) for name, node in connects
             if name != "outbox.py" or not any(k.arg == "factory" and ast.unparse(k.value) == "_GatedConnection"
                                                for k in node.keywords)] == []
+
+
+def test_a_transaction_begun_outside_the_outboxs_own_writes_is_rolled_back_and_refused(tmp_path: Path):
+    """``BEGIN`` on the outbox's connection from outside ``Outbox._write`` would hold the write lock past the gate."""
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=1.0, caller_timeout=1.0)
+    db = box._db()
+    with pytest.raises(sqlite3.ProgrammingError, match="must hold the gate"):
+        db.execute("BEGIN IMMEDIATE")
+    assert not db.in_transaction
+    other = sqlite3.connect(str(box.path), isolation_level=None, timeout=0.1)  # another process would find the lock free
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+    assert box.enqueue(HOOK, None, [(_body("after"), False)])
