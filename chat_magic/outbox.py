@@ -41,7 +41,6 @@ Nothing here knows about IPython or HTTP.
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
@@ -1603,59 +1602,88 @@ def _call_gated(box: Outbox, method: Callable[..., T], gate: bool, args: Any, kw
 # -- the gated connection: every statement of the process holds the gate -----------------
 
 
-class _Statement(sqlite3.Cursor):
-    """A cursor whose statement runs to its end under the gate, rows read in the same hold.
+class _Rows:
+    """What one gated statement did: its rows, read to the end under the gate, handed out from memory.
 
-    The rows are then handed out from memory: no statement stays half-way
-    (a lock in SQLite's per-file bookkeeping) once the gate is let go, so a
-    fork, which waits for the gate, never makes a child that believes its
-    process holds a lock. A read that fails half-way (a damaged page) hands
-    out the rows read before the failure, then raises it (salvage reads row by row).
+    No statement stays half-way (a lock in SQLite's per-file bookkeeping)
+    once the gate is let go, so a fork, which waits for the gate, never makes
+    a child that believes its process holds a lock. A read that fails
+    half-way (a damaged page) hands out the rows read before the failure,
+    then raises it, as a plain cursor does (salvage reads row by row).
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        super().__init__(conn)
-        self._rows: collections.deque[Any] = collections.deque()
-        self._error: sqlite3.Error | None = None
+    __slots__ = ("_error", "_rows", "description", "lastrowid", "rowcount")
 
-    def execute(self, sql: str, parameters: Any = (), /) -> _Statement:  # type: ignore[override]
-        return self._run(super().execute, sql, parameters)
+    def __init__(self, cur: sqlite3.Cursor, rows: list[Any], error: sqlite3.Error | None) -> None:
+        self._rows, self._error = iter(rows), error
+        self.rowcount, self.lastrowid, self.description = cur.rowcount, cur.lastrowid, cur.description
 
-    def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Statement:  # type: ignore[override]
-        return self._run(super().executemany, sql, seq_of_parameters)
-
-    def executescript(self, script: str, /) -> _Statement:  # type: ignore[override]
-        return self._run(lambda s, _: super(_Statement, self).executescript(s), script, None)
-
-    def _run(self, step: Callable[[str, Any], Any], sql: str, args: Any) -> _Statement:
-        _gate.enter(_wait_of(self.connection))
-        try:
-            self._rows, self._error = collections.deque(), None
-            step(sql, args)
-            self._read_all()
-            _no_open_transaction(self.connection)
-        finally:
-            _gate.leave()
+    def __iter__(self) -> _Rows:
         return self
 
-    def _read_all(self) -> None:
-        """Every row, one by one: where a step fails, the rows before it are kept (as a plain cursor hands them out)."""
-        fetch = super().fetchone
-        try:
-            row = fetch()
-            while row is not None:
-                self._rows.append(row)
-                row = fetch()
-        except sqlite3.DatabaseError as e:
-            self._error = e
-
     def __next__(self) -> Any:
-        if self._rows:
-            return self._rows.popleft()
+        for row in self._rows:
+            return row
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         raise StopIteration
+
+    def fetchone(self) -> Any:
+        return next(self, None)
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        return [row for _, row in zip(range(size), self)]
+
+    def fetchall(self) -> list[Any]:
+        return list(self)
+
+
+def _ran(conn: sqlite3.Connection, step: Callable[[Any, str, Any], sqlite3.Cursor], sql: str, args: Any) -> _Rows:
+    """Run one statement to its end under the gate (taken here unless this thread holds it: a transaction, an outbox call)."""
+    outermost = not _gate.held()
+    if outermost:
+        _gate.enter(_wait_of(conn))
+    try:
+        cur = step(conn, sql, args)
+        rows: list[Any] = []
+        error = None
+        try:
+            row = sqlite3.Cursor.fetchone(cur)
+            while row is not None:
+                rows.append(row)
+                row = sqlite3.Cursor.fetchone(cur)
+        except sqlite3.DatabaseError as e:
+            error = e
+        if outermost and conn.in_transaction:
+            _refuse_open_transaction(conn)
+        return _Rows(cur, rows, error)
+    finally:
+        if outermost:
+            _gate.leave()
+
+
+class _Statement(sqlite3.Cursor):
+    """A cursor of a gated connection (``cursor()``, seldom used): each statement runs as :func:`_ran` runs it."""
+
+    _done: _Rows | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.execute(self, s, a), sql, parameters)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.executemany(self, s, a), sql, seq_of_parameters)
+        return self
+
+    def executescript(self, script: str, /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.executescript(self, s), script, None)
+        return self
+
+    def __next__(self) -> Any:
+        if self._done is None:
+            raise StopIteration
+        return next(self._done)
 
     def fetchone(self) -> Any:
         return next(self, None)
@@ -1679,16 +1707,16 @@ class _GatedConnection(sqlite3.Connection):
     wait = 10.0  # how long a statement waits for the gate (set to the connection's busy timeout)
 
     def cursor(self, factory: Any = None) -> Any:
-        return super().cursor(factory or _Statement)
+        return sqlite3.Connection.cursor(self, factory or _Statement)
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        return self.cursor().execute(sql, parameters)
+        return _ran(self, sqlite3.Connection.execute, sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> Any:
-        return self.cursor().executemany(sql, parameters)
+        return _ran(self, sqlite3.Connection.executemany, sql, parameters)
 
     def executescript(self, script: str, /) -> Any:
-        return self.cursor().executescript(script)
+        return _ran(self, lambda conn, sql, _: sqlite3.Connection.executescript(conn, sql), script, None)
 
     def commit(self) -> None:
         self._gated(super().commit)
@@ -1711,11 +1739,10 @@ def _wait_of(conn: sqlite3.Connection) -> float:
     return float(getattr(conn, "wait", 10.0))
 
 
-def _no_open_transaction(conn: sqlite3.Connection) -> None:
-    """Refuse a transaction that would outlive the gate: a fork then would leave the child "database is locked"."""
-    if _gate.depth() == 1 and conn.in_transaction:
-        sqlite3.Connection.execute(conn, "ROLLBACK")
-        raise sqlite3.ProgrammingError("an outbox transaction must hold the gate (Outbox._write): rolled back")
+def _refuse_open_transaction(conn: sqlite3.Connection) -> None:
+    """A transaction would outlive the gate (a fork then leaves the child "database is locked"): roll it back, refuse it."""
+    sqlite3.Connection.execute(conn, "ROLLBACK")
+    raise sqlite3.ProgrammingError("an outbox transaction must hold the gate (Outbox._write): rolled back")
 
 
 def _connect_file(target: str, *, timeout: float, **options: Any) -> sqlite3.Connection:
