@@ -36,6 +36,10 @@ back when idle), and opens in the same time whatever its size (no integrity
 scan on open). Times shared between processes are wall-clock times; one
 implausibly far ahead (the clock stepped back) is not waited for (:func:`_ahead`).
 
+All SQL of the package lives here, and every statement of the process,
+whoever issues it, holds one gate (:class:`_GatedConnection`): a fork waits
+for it, so no child inherits a statement half-way ("database is locked").
+
 Nothing here knows about IPython or HTTP.
 """
 
@@ -1940,10 +1944,10 @@ def _before_fork() -> None:
     _fork_held = True
     me = threading.current_thread()
     for box in list(_outboxes):
-        # Only this thread's connection is closed here. Another thread may be inside a statement
-        # that does not hold the gate (a checkpoint, a deadman query): closing its connection
-        # under it crashed the process (SIGSEGV, 1 fork in 6 in the fork test). The child never
-        # uses nor closes what it inherits (see _after_fork_in_child).
+        # Only this thread's connection is closed here. Another thread keeps its own between two
+        # statements (each holds the gate, _GatedConnection): closed under it, its next one would
+        # fail (and, when statements ran ungated, the process crashed: SIGSEGV, 1 fork in 6). The
+        # child never uses nor closes what it inherits (see _after_fork_in_child).
         box._close_thread(me)
 
 
