@@ -147,8 +147,9 @@ def _before_fork() -> None:
         waited = True
         _time.sleep(0.001)
     box = _sys.modules.get("chat_magic.outbox")
-    if waited and box is not None and not getattr(box, "_fork_held", True):
-        box._before_fork()  # loaded while this fork waited: its own hook was not in this fork's list
+    hold = getattr(box, "hold_for_fork", None)  # None while that module is still half-imported
+    if waited and hold is not None:
+        hold()  # loaded while this fork waited: its own hook was not in this fork's list
 
 
 if hasattr(_os, "register_at_fork"):

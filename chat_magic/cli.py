@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, MessageError
+from .rules import seconds_arg
 from .webhook import redact
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--to", metavar="NAME", help="a space named in the config file (default: GOOGLE_CHAT_WEBHOOK_URL)")
     s.add_argument("--thread", metavar="KEY", help="thread key to post into (default: a new thread)")
     s.add_argument("--truncate", action="store_true", help="cut a long message with a note instead of splitting it")
-    s.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    s.add_argument("--timeout", type=seconds_arg(), default=30.0, metavar="S",
                    help="the longest this command waits, in all, for delivery (default 30)")
 
     sub.add_parser("run", help="run a command and post a notice when it ends", add_help=False)
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("action", nargs="?", default="list", choices=list(OUTBOX_ACTIONS), help="what to do (default: list)")
     o.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids, as `list` shows them (retry, drop)")
     o.add_argument("--all", action="store_true", help="list: show delivered messages too; retry: every failed one")
-    o.add_argument("--timeout", type=float, default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
+    o.add_argument("--timeout", type=seconds_arg(), default=60.0, metavar="S", help="flush, retry: how long to wait (default 60)")
     o.add_argument("--all-hosts", action="store_true",
                    help="list, flush: every host's outbox file in the folder (flush only hosts whose jobs are over)")
 
@@ -294,25 +295,47 @@ def cmd_outbox_all_hosts(args: argparse.Namespace) -> int:
 
 
 def _list_host_file(f: HostFile) -> None:
-    from .outbox import FAILED, PENDING, SENDING, Outbox
+    """One host's file: this host's through its outbox, another's read only (never taken over, locked or changed)."""
+    import sqlite3
 
-    box = Outbox(f.path)
-    try:
-        if box.problem:
-            _err(f"{f.label}: {box.problem}")
+    from .outbox import FAILED, PENDING, SENDING, Outbox, peek
+
+    shown = [PENDING, SENDING, FAILED]
+    if f.mine:
+        box = Outbox(f.path)
+        try:
+            if box.problem:
+                _err(f"{f.label}: {box.problem}")
+                return
+            counts, rows = box.counts(), box.rows(states=shown)
+        finally:
+            box.close()
+    else:
+        try:
+            counts, rows = peek(f.path, shown)
+        except sqlite3.Error as e:
+            _err(f"{f.label}: {f.path} could not be read ({_unreadable(e)}); it was left as it is")
             return
-        counts = box.counts()
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
-        print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
-        _say_unknown_states(counts, f"{f.label}: ")
-        for r in box.rows(states=[PENDING, SENDING, FAILED]):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
-            line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
-            if r.error:
-                line += f"  {_shown(r.error)}"
-            print(redact(line))
-    finally:
-        box.close()
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+    print(f"{f.label}{' (this host)' if f.mine else ''}: {f.path}: {summary}")
+    _say_unknown_states(counts, f"{f.label}: ")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        line = f"{r.id:>6}  {r.state:<8} {when}  {r.space_key.split('/', 1)[-1]}  tries={r.attempts}"
+        if r.error:
+            line += f"  {_shown(r.error)}"
+        print(redact(line))
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why another host's file could not be read, in words (its owner's chat_magic repairs a damaged one)."""
+    text = str(e) or type(e).__name__
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return f"{text}: another process holds its lock; try again in a moment"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return f"{text}: damaged; the next chat_magic process on that host repairs it"
+    return text
 
 
 def _flush_host_file(f: HostFile, timeout: float) -> bool:

@@ -8,9 +8,10 @@ deletes it in the transaction that queues the completion notice
 (``send(..., disarm=armed.replacing())``), or right after when none is
 posted. An armed row is
 never claimed, merged or counted as waiting: only :func:`fire_dead` turns
-it into a pending message, in one transaction (``DELETE ... WHERE
-state='armed'`` then ``INSERT``), so it is posted exactly once, whoever
-fires it, and after whatever the dead process queued before.
+it into a pending message, in one transaction (the row deleted only while
+still armed, then the notice inserted: :meth:`Outbox.fire_armed`), so it is
+posted exactly once, whoever fires it, and after whatever the dead process
+queued before.
 
 Who fires it:
 
@@ -25,38 +26,45 @@ Who fires it:
 What it says: "💀 *label* died after 12 min (killed by SIGKILL — out of
 memory?)", with when it started, the last progress line, the peak memory seen
 and the cause as far as it can be known (see :func:`cause`).
+
+Who imports whom (no cycle): this module sits below :mod:`chat_magic.delivery`
+(whose dispatcher fires orphans at start and asks :func:`exit_wait` at exit)
+and above the outbox (whose SQL it calls through public methods); opening a
+block, which starts the watcher and the signal handlers, is
+:func:`chat_magic.arming.arm`, above them all. The modules that watch a block
+register in :mod:`chat_magic.hooks`.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import (
+    heartbeat,  # noqa: F401 - its on_fired hook: whoever fires a notice forgets the block in Redis
+    hooks,
+)
 from .console import say as _warn
-from .errors import OutboxError
 
 __all__ = [
-    "Armed", "arm", "cause", "death_message", "exit_wait", "fire_dead", "fire_orphans", "mark_important",
-    "open_notices", "peak_memory"
+    "Armed", "cause", "death_message", "exit_wait", "fire_dead", "fire_orphans", "fired", "forget", "mark_important",
+    "moved_notices", "notice_payloads", "open_notices", "peak_memory", "register", "retry_disarms", "retry_disarms_at_exit",
 ]
 
 log = logging.getLogger("chat_magic")
 
-ENV_WATCHER = "CHAT_MAGIC_WATCHER"
 RECORD_EVERY = 2.0  # seconds between two progress writes of one open block (update() lines always)
 
 
 @dataclass
 class Armed:
-    """One open block's armed death notice (a row of ``outbox``)."""
+    """One open block's armed death notice (a row of ``outbox``); made by :func:`chat_magic.arming.arm`."""
 
     id: int
     outbox: Any
@@ -67,7 +75,7 @@ class Armed:
     last_progress: str = ""
     closed: bool = False
     replaced: bool = False  # a completion card queued with ``disarm=`` took the row with it (see :meth:`replacing`)
-    extra: dict[str, Any] = field(default_factory=dict)  # stalls.py and lost.py keep their state here
+    extra: dict[str, Any] = field(default_factory=dict)  # stalls.py and heartbeat.py keep their state here
 
     def record(self, text: str | None = None, *, force: bool = False) -> None:
         """Remember a sign of life (and ``text``, the last progress line); written at most every 2 s unless ``force``."""
@@ -76,20 +84,12 @@ class Armed:
         now = time.time()
         if text:
             self.last_progress = text[:500]
-        for hook in list(_progress_hooks):
-            try:
-                hook(self, now)
-            except Exception:
-                pass
+        hooks.call(hooks.on_progress, self, now)
         if not force and now - self.last_write < RECORD_EVERY:
             return
         self.last_write = now
         try:
-            from .outbox import _Tx
-
-            with _Tx(_caller_db(self.outbox)) as db:
-                db.execute("UPDATE message SET progress=?, beat=?, peak=MAX(COALESCE(peak, 0), ?) WHERE id=? AND state='armed'",
-                           (self.last_progress or None, now, peak_memory(), self.id))
+            self.outbox.record_progress(self.id, self.last_progress or None, beat=now, peak=peak_memory())
         except Exception:
             # not worth a line (the notice is armed already), nor a training loop held up: try again in 30 s
             self.last_write = now + 30.0
@@ -109,16 +109,8 @@ class Armed:
         if self.closed or self.pid != os.getpid():
             return
         self.closed = True
-        with _lock:
-            _open.pop((str(self.outbox.path), self.id), None)
-        for hook in list(_close_hooks):
-            try:
-                hook(self)
-            except Exception:
-                pass
-        from . import termination
-
-        termination.uninstall()
+        forget(self)
+        hooks.call(hooks.on_close, self)  # stalls, heartbeat; termination puts the signal handlers back after the last
         if self.replaced:
             return  # gone with the card's transaction (or, the card kept in memory, when it is queued)
         if not _delete(self.outbox, self.id):
@@ -128,15 +120,14 @@ class Armed:
 def _delete(box: Any, row_id: int) -> bool:
     """Delete an armed row; False if the outbox cannot be written now (it is retried: never a false death notice)."""
     try:
-        with box._write() as db:
-            db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
+        box.disarm(row_id)
         return True
     except Exception as e:
         log.warning("chat_magic: could not disarm death notice %s yet: %s", row_id, e)
         return False
 
 
-def _retry_disarms() -> None:
+def retry_disarms() -> None:
     """Delete the armed rows of closed blocks that the outbox could not take when they closed."""
     while _undone:
         box, row_id = _undone[0]
@@ -145,27 +136,37 @@ def _retry_disarms() -> None:
         _undone.pop(0)
 
 
-def _caller_db(box: Any) -> Any:
-    """The outbox connection of this thread, waiting at most the caller's timeout for another process's lock."""
-    db = box._db()
-    if not getattr(box._local, "caller", False):
-        db.execute(f"PRAGMA busy_timeout={int(box.caller_timeout * 1000)}")
-        box._local.caller = True
-    return db
+def retry_disarms_at_exit() -> None:
+    """The last try, patiently (10 s each), for closed blocks still armed; one line for each that stays armed."""
+    for box, row_id in list(_undone):
+        try:
+            box.disarm(row_id, wait=10.0)
+            _undone.remove((box, row_id))
+        except Exception as e:
+            _warn(f"a closed block's death notice is still armed in {box.path} ({e}): if this process dies, it may be posted")
 
 
 _undone: list[tuple[Any, int]] = []  # (outbox, row id) of closed blocks still armed in the outbox
 _open: dict[tuple[str, int], Armed] = {}  # every armed notice of this process not closed yet
-_lock = threading.Lock()
-_progress_hooks: list[Any] = []  # called with (armed, now) on every sign of life (stalls)
-_close_hooks: list[Any] = []  # called with (armed) when a block closes (stalls, lost hosts)
-_arm_hooks: list[Any] = []  # called with (armed, spec) when a block opens (signals, lost hosts)
-_exit_registered = False
+_lock = threading.Lock()  # guards _open
 
 
 def open_notices() -> list[Armed]:
+    """This process's open blocks (a forked child has none of its parent's)."""
     with _lock:
         return [a for a in _open.values() if a.pid == os.getpid()]
+
+
+def register(armed: Armed) -> None:
+    """A block opened: it is open until :func:`forget` (its close, its termination, the exit)."""
+    with _lock:
+        _open[(str(armed.outbox.path), armed.id)] = armed
+
+
+def forget(armed: Armed) -> None:
+    """A block is no longer open (closed, or its notice fired by this process)."""
+    with _lock:
+        _open.pop((str(armed.outbox.path), armed.id), None)
 
 
 def peak_memory() -> int:
@@ -193,130 +194,19 @@ def _status_kib(pid: int, name: str) -> int:
     return 0
 
 
-def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, str] | None = None,
-        cards: bool = True, to: Any = None, stall_after: float | None = None, job: str | None = None,
-        probe: Any = None) -> Armed | None:
-    """Write ``title``'s death notice to the outbox before the work starts; None (and one line) if it cannot be.
-
-    ``to`` is the destination as the user named it (a space name, or None for
-    the default): kept for ``chat-magic watch`` (never the URL).
-    """
-    from .delivery import dispatcher
-    from .outbox import _owner_id, _request_id
-
-    try:
-        d = dispatcher()
-        box = d.outbox
-        _retry_disarms()
-        _at_first_arm(box)  # the watcher first: once the row is armed, someone is watching
-        now = time.time()
-        host = (details or {}).get("Host") or _hostname()
-        from . import jobs, ranks
-
-        rank = ranks.current()
-        spec = {"title": title, "started": now, "details": dict(details or {}), "cards": bool(cards), "host": host,
-                "pid": os.getpid(), "job": job or (jobs.identity() if rank.distributed else None),
-                "rank": jobs.describe_rank(rank)}
-        fallback = json.dumps({"text": f"💀 {title} died", **({"thread": {"threadKey": thread_key}} if thread_key else {})},
-                              ensure_ascii=False)
-        from .outbox import _Tx
-
-        with _Tx(_caller_db(box)) as db:
-            dest = box._dest_id(db, webhook)
-            row_id = int(db.execute(
-                "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at,"
-                " updated_at, owner, armed, beat, peak) VALUES (?,?,?,?,?,0,'armed',?,?,?,?,?,?,?)",
-                (_request_id(), dest, webhook.space_key, thread_key, fallback, now, now, now, _owner_id(),
-                 json.dumps(spec, ensure_ascii=False), now, peak_memory()),
-            ).lastrowid or 0)
-    except (OutboxError, sqlite3.Error, OSError) as e:
-        # a storage fault (locked, disk full): the notice that follows says it, once, and is kept in memory
-        log.warning("chat_magic: could not arm the death notice of %r: %s", title, e)
-        return None
-    except Exception as e:
-        _warn(f"could not arm the death notice of {title!r} (if the process dies it goes unreported): {e}")
-        return None
-    armed = Armed(row_id, box, title, started=now)
-    with _lock:
-        _open[(str(box.path), row_id)] = armed
-    spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
-                stall_after=stall_after, job=job, webhook=webhook, probe=probe)
-    from . import lost, stalls  # noqa: F401  (their hooks)
-    for hook in list(_arm_hooks):
-        try:
-            hook(armed, spec)
-        except Exception as e:
-            _warn(f"{title!r}: {type(e).__name__}: {e}")
-    return armed
-
-
-def _hostname() -> str:
-    from .hosts import current_host
-
-    return current_host()
-
-
-def _at_first_arm(box: Any) -> None:
-    global _exit_registered
-    from . import termination
-
-    termination.install()
-    if not _exit_registered:
-        _exit_registered = True
-        atexit.register(_fire_own_at_exit)  # after the dispatcher's: runs before it (atexit is LIFO)
-    from . import watcher
-
-    watcher.ensure(box.path)
-
-
-def _fire_own_at_exit() -> None:
-    """Interpreter exit with blocks still open (a kernel shut down mid-cell, a daemon thread): fire them now."""
-    for box, row_id in list(_undone):  # closed while the outbox could not be written: try once more, patiently
-        try:
-            from .outbox import _Tx
-
-            db = box._db()
-            db.execute("PRAGMA busy_timeout=10000")
-            with _Tx(db):
-                db.execute("DELETE FROM message WHERE id=? AND state='armed'", (row_id,))
-            _undone.remove((box, row_id))
-        except Exception as e:
-            _warn(f"a closed block's death notice is still armed in {box.path} ({e}): if this process dies, it may be posted")
-    mine = open_notices()
-    if not mine:
-        return
-    boxes = {str(a.outbox.path): a.outbox for a in mine}
-    for box in boxes.values():
-        try:
-            ids = fire_dead(box, owner=_my_owner(), cause_text="the process exited while it was still running",
-                            died_at=time.time(), icon="⏹️", verb="ended")
-            from .delivery import dispatchers
-
-            for d in dispatchers():
-                if d.outbox is box:
-                    d.mine.update(ids)  # the exit waits for them
-        except Exception as e:
-            _warn(f"could not post the notice of a block still open at exit: {e}")
-    for a in mine:
-        a.closed = True
-
-
-def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
+def exit_wait(d: Any, mine: list[int], settings: Any) -> tuple[list[int], float]:
     """The exit policy: which of this process's waiting messages to wait for at exit, and for how long.
 
     While a completion, failure, termination or death notice waits: those,
     for ``CHAT_MAGIC_EXIT_TIMEOUT`` seconds if set, else 30 s, said in one
-    line; else every message, for the usual short window (3 s). Never raises.
+    line; else every message, for the usual short window (3 s). ``d`` is the
+    dispatcher, ``settings`` delivery's. Never raises.
     """
-    from .delivery import settings
-
     try:
         if not mine:
             return mine, settings.exit_timeout
         told = [i for i in mine if i not in d.reported][:900]  # a caller that waited and told the user: not again
-        important = [r[0] for r in d.outbox._db().execute(
-            f"SELECT id FROM message WHERE important=1 AND state IN ('pending','sending') AND id IN ({','.join('?' * len(told))})",
-            told)] if told else []
+        important = d.outbox.important_waiting(told)
         if not important:
             return mine, settings.exit_timeout
         timeout = settings.exit_timeout_or(30.0)  # a bad value: one line, and 30 s here
@@ -332,20 +222,12 @@ def exit_wait(d: Any, mine: list[int]) -> tuple[list[int], float]:
         return mine, settings.exit_timeout
 
 
-def _my_owner() -> str:
-    from .outbox import _owner_id
-
-    return _owner_id()
-
-
 def mark_important(receipt: Any) -> None:
     """Flag a queued completion/failure notice: the exit waits for it, the watcher delivers it. Never raises."""
     try:
         ids = list(getattr(receipt, "ids", ()) or ())
         if ids:
-            box = receipt._d.outbox
-            with box._write() as db:
-                db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
+            receipt._d.outbox.mark_important(ids)
     except Exception:
         pass
 
@@ -427,46 +309,29 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     """Turn armed rows into pending death notices: those of ``owner``, or (None) of every dead owner on this host.
 
     Returns the ids of the messages queued. Exactly once: each row is
-    deleted (``WHERE state='armed'``) and its notice inserted in one
-    transaction; a row another process fired meanwhile is skipped.
+    deleted while still armed and its notice inserted in one transaction
+    (:meth:`Outbox.fire_armed`); a row another process fired meanwhile is
+    skipped.
     """
-    from . import lost  # noqa: F401  (its hook forgets the block in Redis)
-    from .outbox import _owner_alive, _request_id
+    from .outbox import armed_spec, owner_alive
 
-    db = box._db()
-    rows = [dict(r) for r in db.execute("SELECT * FROM message WHERE state='armed' ORDER BY id")]
+    rows = box.armed_rows()
     if owner is not None:
         rows = [r for r in rows if r["owner"] == owner]
     else:
-        rows = [r for r in rows if not _owner_alive(r["owner"])]
+        rows = [r for r in rows if not owner_alive(r["owner"])]
     queued: list[int] = []
     for row in rows:
-        spec = _spec(row)
+        spec = armed_spec(row)
         webhook = box.webhook(row["dest"])
         text = cause_text or cause(exit_status, oom_kills)
         payloads = notice_payloads(box, spec, row, webhook, cause_text=text, died_at=died_at, peak=peak, **wording)
-        now = time.time()
-        with box._write() as wdb:
-            if wdb.execute("DELETE FROM message WHERE id=? AND state='armed'", (row["id"],)).rowcount != 1:
-                continue  # fired (or closed) by someone else meanwhile
-            for p in payloads:
-                queued.append(int(wdb.execute(
-                    "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at,"
-                    " created_at, updated_at, important) VALUES (?,?,?,?,?,0,'pending',?,?,?,1)",
-                    (_request_id(), row["dest"], row["space_key"], row["thread_key"],
-                     json.dumps(p, ensure_ascii=False, separators=(",", ":")), now, now, now),
-                ).lastrowid or 0))
+        ids = box.fire_armed(row, [json.dumps(p, ensure_ascii=False, separators=(",", ":")) for p in payloads])
+        if ids is None:
+            continue  # fired (or closed) by someone else meanwhile
+        queued += ids
         fired(spec, row)
     return queued
-
-
-def _spec(row: dict[str, Any]) -> dict[str, Any]:
-    """What an armed row says to post (its ``armed`` column); {} when unreadable."""
-    try:
-        spec = json.loads(row.get("armed") or "{}")
-    except ValueError:
-        return {}
-    return spec if isinstance(spec, dict) else {}
 
 
 def notice_payloads(box: Any, spec: dict[str, Any], row: dict[str, Any], webhook: Any, *, cause_text: str,
@@ -486,12 +351,8 @@ def notice_payloads(box: Any, spec: dict[str, Any], row: dict[str, Any], webhook
 
 
 def fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
-    """A death notice was queued for ``row``: tell the hooks (lost.py forgets the job in Redis). Never raises."""
-    for hook in list(_fired_hooks):
-        try:
-            hook(spec, row)
-        except Exception:
-            pass
+    """A death notice was queued for ``row``: tell the hooks (heartbeat.py forgets the block in Redis). Never raises."""
+    hooks.call(hooks.on_fired, spec, row)
 
 
 def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) -> list[tuple[dict[str, Any], list[str]]]:
@@ -501,11 +362,12 @@ def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) ->
     are dead, and nobody saw how. Built before the take-over's transaction
     (a distributed job's first failure is recorded in its own).
     """
+    from .outbox import armed_spec
     from .webhook import parse_webhook_url
 
     out = []
     for row in rows:
-        spec = _spec(row)
+        spec = armed_spec(row)
         host = str(spec.get("host") or str(row.get("owner") or "").rpartition(":")[0] or "its host")
         text = f"its host {host} is gone (the machine or container stopped, or restarted under another name)"
         payloads = notice_payloads(box, spec, row, parse_webhook_url(urls[row["dest"]]), cause_text=text, died_at=None)
@@ -513,7 +375,7 @@ def moved_notices(box: Any, rows: list[dict[str, Any]], urls: dict[Any, str]) ->
     return out
 
 
-_fired_hooks: list[Any] = []  # called with (spec, row) when a death notice is fired (lost.py forgets the job)
+hooks.death_notices = moved_notices  # the outbox's take-over words them here (delivery imports this module first)
 
 
 def fire_orphans(box: Any) -> list[int]:
@@ -528,10 +390,9 @@ def fire_orphans(box: Any) -> list[int]:
 
 def _after_fork_in_child() -> None:
     """A forked child owns none of its parent's blocks (their rows name the parent)."""
-    global _exit_registered, _lock
+    global _lock
     _lock = threading.Lock()  # it may have been held by another thread at the fork
     _open.clear()
-    _exit_registered = False
 
 
 if hasattr(os, "register_at_fork"):

@@ -62,6 +62,7 @@ from . import config, hooks, hosts, pacing, rules
 from . import outbox as _outbox
 from . import webhook as webhook_module
 from .console import say
+from .deadman import exit_wait, fire_orphans  # imported first: it words the death notices a take-over queues
 from .errors import ConfigError, DeliveryFailed, DeliveryTimeout, MessageError, OutboxError
 from .message import build_payloads
 from .outbox import DROPPED, FAILED, SENT, Job, Outbox
@@ -97,22 +98,6 @@ def _say_once(topic: str, line: str) -> None:
         say(line)
 
 
-def _env_seconds(name: str, default: float) -> float:
-    """A number of seconds from the environment; a bad value is one line (once) and ``default``."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        _say_once(f"env {name}={raw}", f"{name}={raw[:40]!r} is not a number of seconds (e.g. {name}=3 or 0.5); "
-                                       f"using {default:g}")
-        return default
-    return value
-
-
 @dataclass
 class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`.
@@ -144,7 +129,7 @@ class Settings:
     def exit_timeout(self) -> float:
         if self._exit_timeout is not None:
             return self._exit_timeout
-        return _env_seconds(ENV_EXIT_TIMEOUT, 3.0)
+        return rules.env_seconds(ENV_EXIT_TIMEOUT, 3.0, least=0.0, most=rules.DAY)
 
     @exit_timeout.setter
     def exit_timeout(self, value: float) -> None:
@@ -154,7 +139,7 @@ class Settings:
         """``exit_timeout`` when set here or by a valid ``CHAT_MAGIC_EXIT_TIMEOUT``, else ``default``."""
         if self._exit_timeout is not None:
             return self._exit_timeout
-        return _env_seconds(ENV_EXIT_TIMEOUT, default)
+        return rules.env_seconds(ENV_EXIT_TIMEOUT, default, least=0.0, most=rules.DAY)
 
     def names(self) -> list[str]:
         """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
@@ -507,7 +492,11 @@ class Dispatcher:
                     self._held_reason = str(e)
                     return False
                 with self._lock:
-                    self._held.pop(0)
+                    done = self._held.pop(0)
+                if done.disarm is not None:  # a completion card: the exit waits for it too (deadman.exit_wait)
+                    from .deadman import mark_important
+
+                    mark_important(done.receipt)
             return True
         finally:
             (setattr(self, "_drainer", None), self._drain_lock.release())  # type: ignore[func-returns-value]  # one line: no interrupt between
@@ -1178,13 +1167,16 @@ def _late_mode() -> bool:
     return _exited or sys.is_finalizing()
 
 
-def _send_later(webhook: Webhook, payloads: list[dict[str, Any]], skip: int) -> Receipt:
+def _send_later(webhook: Webhook, payloads: list[dict[str, Any]], skip: int, figures: Any = None,
+                disarm: int | None = None) -> Receipt:
     """Keep a message sent from inside the outbox (a signal handler) in memory: no lock, no SQLite.
 
-    The outer call (when it leaves ``send``) or the worker queues it right after.
+    The outer call (when it leaves ``send``), the worker or the exit hook
+    queues it right after; a completion card keeps its ``disarm``, so the
+    block's death notice goes in the transaction that queues the card.
     """
     home = config.home()
-    held = _make_held(_dispatchers.get(str(hosts.outbox_path(home))), webhook, payloads, skip)
+    held = _make_held(_dispatchers.get(str(hosts.outbox_path(home))), webhook, payloads, skip, figures, disarm)
     _late.setdefault(str(hosts.outbox_path(home)), collections.deque()).append((home, held))
     return held.receipt
 
@@ -1227,8 +1219,6 @@ def _dispatcher_at(home: Any) -> Dispatcher:
             d = _dispatchers[path] = open_dispatcher(path)
             _drain_legacy(home)
             _take_over(d, home)
-    from .deadman import fire_orphans
-
     if fire_orphans(d.outbox):  # blocks of processes that died on this host unreported (no watcher)
         d.ensure_running()
     return d
@@ -1369,7 +1359,7 @@ def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None,
     payloads = build_payloads(text, cards=cards, thread_key=thread_key, truncate=truncate, fallback_text=fallback_text, webhook=webhook)
     lead = build_payloads(header, thread_key=thread_key, webhook=webhook) if header else []
     if _inside():  # a signal handler, run while this thread was in here: no lock may be waited for
-        return _send_later(webhook, lead + payloads, len(lead))
+        return _send_later(webhook, lead + payloads, len(lead), figures, disarm)
     try:
         _state.frame = sys._getframe()
         d = dispatcher()
@@ -1433,14 +1423,16 @@ def _at_exit() -> None:
         _import_requests()  # while imports still work: a __del__ late in shutdown may still deliver
     except Exception:
         pass
+    try:
+        _adopt_late(force=True)  # what a signal handler sent from inside the outbox, if the call it cut never returned
+    except Exception as e:
+        _say(f"a message sent from a signal handler could not be queued: {type(e).__name__}: {e}")
     for d in list(_dispatchers.values()):
         try:
             if not d.drain_held():
                 _say(f"{d.held_count()} message(s) could not be queued and are lost with this process: {d.held_reason}")
             mine = [i for i in d.outbox.unfinished_ids() if i in d.mine]
-            from .deadman import exit_wait
-
-            mine, longer = exit_wait(d, mine)  # completion notices waiting: up to 30 s (the policy is deadman's)
+            mine, longer = exit_wait(d, mine, settings)  # completion notices waiting: up to 30 s (the policy is deadman's)
             deadline = max(deadline, time.monotonic() + longer)
             left = deadline - time.monotonic()
             if mine and left > 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import math
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .console import say
+from .rules import seconds_arg
 from .webhook import redact
 
 __all__ = ["find_notebook", "format_message", "main"]
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the quickstart notebook in a fresh kernel against a local Google Chat emulator and print the thread that arrived.",
     )
     parser.add_argument("--notebook", type=Path, default=None, help="the notebook to run (default: notebooks/quickstart.ipynb)")
-    parser.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
+    parser.add_argument("--timeout", type=seconds_arg(above=True), default=120, metavar="S",
+                        help="seconds allowed per cell (default 120; 90s, 5m, 1h work too)")
     args = parser.parse_args(argv)
 
     nb_path = args.notebook or find_notebook()
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         client = NotebookClient(
             nb,
             kernel_name=KERNEL,
-            timeout=args.timeout,  # an int: nbclient 0.10 with traitlets 5.7 refuses a float
+            timeout=math.ceil(args.timeout),  # an int: nbclient 0.10 with traitlets 5.7 refuses a float
             allow_errors=False,
             config=cfg,
             resources={"metadata": {"path": str(nb_path.parent)}},

@@ -903,23 +903,11 @@ _told: set[str] = set()  # permanent store problems said on stderr once per proc
 def patience() -> float:
     """Seconds a notice waits for a store that does not answer (``CHAT_MAGIC_IMAGE_PATIENCE``: 120, 90s, 5m; default 2 min).
 
-    Read when needed; a bad value is one line (once) and the default.
+    Read when needed; a bad value (or over 24 h) is one line (once) and the default.
     """
-    raw = os.environ.get(ENV_PATIENCE, "").strip()
-    if not raw:
-        return PATIENCE
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", raw)
-    if m:
-        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-        if seconds <= 24 * 3600:
-            return seconds
-    key = f"env {ENV_PATIENCE}={raw}"
-    if key not in _told:
-        _told.add(key)
-        from .console import say
+    from .rules import env_seconds
 
-        say(f"{ENV_PATIENCE}={raw[:40]!r} is not a duration (e.g. 120, 90s or 5m, at most 24h); using {PATIENCE:g} s")
-    return PATIENCE
+    return env_seconds(ENV_PATIENCE, PATIENCE, least=0.0, most=24 * 3600.0)
 
 
 def fill(d: Dispatcher, job: Job) -> bool:

@@ -71,25 +71,23 @@ def thread_key(ident: str) -> str:
     return f"chat-magic-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:6]}"
 
 
-def first_failure(job: str, who: str, summary: str, box: Any = None) -> tuple[str, str] | None:
+def first_failure(job: str, who: str, summary: str, box: Any) -> tuple[str, str] | None:
     """Record this rank's failure for ``job``; None if it is the first, else ``(rank, summary)`` of the first.
 
-    Never raises: if no record can be kept, every failure counts as the first.
+    Recorded in Redis when configured, else in the outbox ``box`` (or what
+    ``box()`` returns, asked only then). Never raises: if no record can be
+    kept, every failure counts as the first.
     """
     first = _first_in_redis(job, who, summary)
     if first is not None:
         return None if first == (who, summary) else first
     try:
-        if box is None:
-            from .delivery import dispatcher
-
-            box = dispatcher().outbox
-        row = box.first_job_failure(job, who, summary[:500])
+        if callable(box):
+            box = box()
+        first = box.first_job_failure(job, who, summary[:500])
     except Exception:
         return None
-    if row is None or (row[0], row[1]) == (who, summary[:500]):
-        return None
-    return str(row[0]), str(row[1])
+    return None if first is None or first == (who, summary[:500]) else first
 
 
 def _first_in_redis(job: str, who: str, summary: str) -> tuple[str, str] | None:

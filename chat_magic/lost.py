@@ -14,7 +14,7 @@ open block also writes to Redis:
   expires after three beats missed.
 
 Closing the block deletes both; so does posting its death or termination
-notice on the host. ``chat-magic watch [--lost-after 120]``, a long-running
+notice on the host (those records are :mod:`chat_magic.heartbeat`'s). ``chat-magic watch [--lost-after 120]``, a long-running
 command for any machine that reaches Redis (a login node, a small pod), posts
 
     📡 lost contact with *gpu-node-17* running *label* 4 min ago
@@ -30,143 +30,12 @@ or config file (the named spaces), so no secret ever goes through Redis.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from typing import Any
 
-from . import deadman
+from .heartbeat import KEEP, PREFIX, redis_client
 
-__all__ = ["PREFIX", "beat_every", "check", "main", "on_arm", "on_close", "on_fired"]
-
-PREFIX = "chat_magic:"
-KEEP = 7 * 86400  # a record of a host that never came back is forgotten after a week
-
-
-def beat_every() -> float:
-    try:
-        return max(0.2, float(os.environ.get("CHAT_MAGIC_HEARTBEAT", "") or 15.0))
-    except ValueError:
-        return 15.0
-
-
-_clients: dict[str, Any] = {}
-
-
-def _client() -> Any:
-    """A redis-py client for the configured URL (one per process and URL), or None (no URL, no package)."""
-    from . import config
-
-    url = config.redis_url()
-    if not url:
-        return None
-    client = _clients.get(url)
-    if client is None:
-        try:
-            import redis
-
-            client = _clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
-                                                          decode_responses=True)
-        except Exception:
-            return None
-    return client
-
-
-def _name(owner: str, row_id: int) -> str:
-    return f"{owner}:{row_id}"
-
-
-_open: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (armed, record) of this process
-_lock = threading.Lock()
-_thread: threading.Thread | None = None
-_wake = threading.Event()
-
-
-def on_arm(armed: Any, spec: dict[str, Any]) -> None:
-    """An armed block: record it in Redis and keep its heartbeat going (if Redis is configured)."""
-    from . import config
-    from .outbox import _owner_id
-
-    if not config.redis_url():
-        return
-    host = str(spec.get("host") or "")
-    record = {"host": host, "label": armed.title, "to": spec.get("to") or "", "thread_key": spec.get("thread_key") or "",
-              "started": str(armed.started), "text": f"💀 {armed.title} on {host}", "progress": "", "beat": str(time.time())}
-    name = _name(_owner_id(), armed.id)
-    armed.extra["lost"] = name
-    with _lock:
-        _open[name] = (armed, record)
-    _ensure_thread()
-    _wake.set()  # the first beat now, from the heartbeat thread: the block never waits for Redis
-
-
-def on_close(armed: Any) -> None:
-    name = armed.extra.get("lost")
-    if not name:
-        return
-    with _lock:
-        _open.pop(name, None)
-    _forget(name)
-
-
-def on_fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
-    """A death or termination notice was posted on the host: the watch has nothing to add."""
-    from . import config
-
-    if config.redis_url() and row.get("owner"):
-        _forget(_name(str(row["owner"]), int(row["id"])))
-
-
-def _forget(name: str) -> None:
-    client = _client()
-    if client is None:
-        return
-    try:
-        client.delete(PREFIX + "open:" + name, PREFIX + "beat:" + name)
-    except Exception:
-        pass
-
-
-def _beat_once(names: list[str] | None = None) -> None:
-    client = _client()
-    if client is None:
-        return
-    every = beat_every()
-    with _lock:
-        items = [(n, _open[n]) for n in (names or list(_open)) if n in _open]
-    try:
-        pipe = client.pipeline(transaction=False)
-        now = str(time.time())
-        for name, (armed, record) in items:
-            record.update(beat=now, progress=armed.last_progress[:300])
-            pipe.hset(PREFIX + "open:" + name, mapping=record)
-            pipe.expire(PREFIX + "open:" + name, KEEP)
-            pipe.set(PREFIX + "beat:" + name, now, ex=max(1, round(3 * every)))
-        pipe.execute()
-    except Exception:
-        pass  # Redis away: the next beat tries again (the watch says "lost" only after --lost-after)
-
-
-def _ensure_thread() -> None:
-    global _thread
-    if _thread is None or not _thread.is_alive():
-        _thread = threading.Thread(target=_run, name="chat_magic-heartbeat", daemon=True)
-        _thread.start()
-
-
-def _run() -> None:
-    while True:
-        _wake.wait(beat_every())
-        _wake.clear()
-        with _lock:
-            if not _open:
-                return
-        _beat_once()
-
-
-deadman._arm_hooks.append(on_arm)
-deadman._close_hooks.append(on_close)
-deadman._fired_hooks.append(on_fired)
+__all__ = ["check", "main"]
 
 
 # -- chat-magic watch --------------------------------------------------------------
@@ -221,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     from .console import say
     from .errors import ChatMagicError
     from .pacing import redact_url
+    from .rules import seconds_arg
 
     p = argparse.ArgumentParser(prog="chat-magic watch",
                                 description="Post into a job's thread when its host stops sending heartbeats to Redis.")
-    p.add_argument("--lost-after", type=float, default=120.0, metavar="S",
+    p.add_argument("--lost-after", type=seconds_arg(above=True), default=120.0, metavar="S",
                    help="seconds without a heartbeat before a host counts as lost (default 120)")
-    p.add_argument("--every", type=float, default=5.0, metavar="S", help="seconds between two looks (default 5)")
+    p.add_argument("--every", type=seconds_arg(above=True, most=3600.0), default=5.0, metavar="S", help="seconds between two looks (default 5)")
     p.add_argument("--once", action="store_true", help="look once and exit (cron)")
     args = p.parse_args(argv)
     if not args.lost_after > 0 or not args.every > 0:
@@ -239,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         say("no Redis configured: set CHAT_MAGIC_REDIS_URL (redis://host:6379/0) or redis_url in the config file",
             prefix="chat-magic watch")
         return 2
-    client = _client()
+    client = redis_client()
     if client is None:
         say('the redis package is missing: pip install "chat-magic[redis]"', prefix="chat-magic watch")
         return 2

@@ -596,13 +596,13 @@ class ChatMagics(Magics):
     def _arm(self, title: str, webhook: Webhook, stall_after: float | None = None, capture: Any = None) -> Any:
         """The cell's death notice, written before it runs (deadman.py); None if it cannot be. Never raises."""
         try:
-            from . import deadman
+            from . import arming
             from .notify import origin_details
 
             session = self._session()
-            return deadman.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
-                               to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
-                               probe=_output_probe(capture) if capture is not None else None)
+            return arming.arm(webhook, session.thread_key, title=title, details=origin_details(session), cards=self.cards,
+                              to=(self._auto or {}).get("to") or self.to.strip() or None, stall_after=stall_after,
+                              probe=_output_probe(capture) if capture is not None else None)
         except Exception as e:
             _warn(f"could not arm the death notice of {title!r}: {type(e).__name__}: {e}")
             return None
@@ -807,14 +807,14 @@ class ChatMagics(Magics):
     @_plain_help
     @magic_arguments("chat_autonotify")
     @_destination_args
-    @argument("--threshold", type=float, metavar="SECONDS",
+    @argument("--threshold", type=rules.seconds_arg(most=7 * rules.DAY), metavar="SECONDS",
               help="announce cells that run at least this long (default: ChatMagics.autonotify_threshold, 60).")
     @argument("--on-error", action="store_true", help="announce only cells that fail (an interrupt is not a failure).")
     @argument("--run-all", action="store_true",
               help="one summary per run of back-to-back cells (Run All) instead of a notice per cell; with --threshold, both.")
-    @argument("--quiet", type=float, metavar="SECONDS",
+    @argument("--quiet", type=rules.seconds_arg(), metavar="SECONDS",
               help="--run-all: idle seconds that end a run (default: ChatMagics.runall_quiet, 3).")
-    @argument("--stall-after", type=float, metavar="SECONDS",
+    @argument("--stall-after", type=rules.seconds_arg(above=True, most=7 * rules.DAY), metavar="SECONDS",
               help="post a line when a running cell prints nothing for this long, and when it moves again.")
     @argument("state", nargs="?", choices=["on", "off"], default="on", help="'off' stops auto-notify.")
     @line_magic("chat_autonotify")  # type: ignore[arg-type]  # IPython types the decorated method as Never

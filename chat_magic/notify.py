@@ -128,11 +128,11 @@ class _Run:
 
     def arm(self, stall_after: float | None = None) -> None:
         """Write this run's death notice to the outbox before the work starts (deadman.py). Never raises."""
-        from . import deadman
+        from . import arming
 
         if self.owner.webhook is not None and self.armed is None:
-            self.armed = deadman.arm(self.owner.webhook, self.owner.thread_key or self.session.thread_key, title=self.title,
-                                     details=self.details(), cards=self.owner.cards, to=self.owner.to, stall_after=stall_after)
+            self.armed = arming.arm(self.owner.webhook, self.owner.thread_key or self.session.thread_key, title=self.title,
+                                    details=self.details(), cards=self.owner.cards, to=self.owner.to, stall_after=stall_after)
 
     def disarm(self) -> None:
         """The run closed: its death notice is not needed (after the completion notice is queued)."""
@@ -367,7 +367,9 @@ class notify_when_done:
         job = jobs.identity()
         if not job or not run.rank.distributed:
             return False
-        first = jobs.first_failure(job, jobs.describe_rank(run.rank), report.error)
+        from .delivery import dispatcher
+
+        first = jobs.first_failure(job, jobs.describe_rank(run.rank), report.error, box=lambda: dispatcher().outbox)
         if first is None or not jobs.consequential(exc):
             return False
         armed = run.armed
@@ -564,12 +566,10 @@ class notify_when_done:
 
 
 def _stall_seconds(value: Any) -> float | None:
-    """``stall_after=``: seconds > 0 or None; anything else is a one-line ConfigError now."""
+    """``stall_after=``: a duration over 0 (600, "10m"; :func:`chat_magic.rules.seconds`) or None; else a one-line ConfigError now."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"stall_after={value!r}: give seconds > 0 (e.g. stall_after=600), or None")
-    return float(value)
+    return rules.seconds(value, option="stall_after", above=True, most=7 * rules.DAY)
 
 
 def _find_run(owner: notify_when_done) -> _Run | None:

@@ -63,6 +63,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import hooks
 from .console import say
 from .errors import OutboxError
 from .hosts import ACTIVE_WINDOW, current_host, hold_live, legacy_path, let_go, live_path
@@ -77,6 +78,7 @@ __all__ = [
     "ARMED", "DROPPED", "FAILED", "KEEP_SENT", "LOST", "MAX_HOLD", "MERGED", "PENDING", "SENDING", "SENT", "STATES",
     "TERMINAL", "Job", "Outbox", "PacingTable", "Row", "SqlitePacer", "State", "heal_gate", "in_use", "inside", "keep_sent",
     "legacy_to_drain", "private_files", "private_folder", "unfinished",
+    "armed_spec", "hold_for_fork", "owner_alive", "owner_id",  # the dead-man modules' doors
 ]
 
 log = logging.getLogger("chat_magic")
@@ -243,6 +245,28 @@ def _owner_alive(owner: str | None) -> bool:
 def _live_here(owner: str | None) -> bool:
     """Whether an armed row's owner is a live process of this very host (a file it closed early): not dead."""
     return bool(owner) and str(owner).rpartition(":")[0] == current_host() and _owner_alive(owner)
+
+
+# -- doors for the dead-man modules (deadman.py, termination.py, heartbeat.py, watcher.py) --
+
+
+def owner_id() -> str:
+    """This process as a row's ``owner`` names it (``host:pid/start``): who armed a death notice, who claimed a row."""
+    return _owner_id()
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process a row's ``owner`` names may still run (gone, a zombie or a reused pid: dead)."""
+    return _owner_alive(owner)
+
+
+def armed_spec(row: dict[str, Any]) -> dict[str, Any]:
+    """What an armed row says to post if its owner dies (its ``armed`` column, JSON); {} when unreadable."""
+    try:
+        spec = json.loads(row.get("armed") or "{}")
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 @dataclass
@@ -957,25 +981,6 @@ class Outbox:
     def unfinished_ids(self) -> list[int]:
         return [r[0] for r in self._db().execute(f"SELECT id FROM message WHERE {_WAITING} ORDER BY id")]
 
-    # -- asked by other modules (the watcher, jobs): their SQL lives here ----------------
-
-    @_guarded("read")
-    def important_waiting(self) -> list[int]:
-        """Completion, failure and death notices still to deliver (the watcher delivers them before it exits)."""
-        return [r[0] for r in self._db().execute(f"SELECT id FROM message WHERE important=1 AND {_WAITING} ORDER BY id")]
-
-    @_guarded("write to")
-    def first_job_failure(self, job: str, rank: str, summary: str) -> tuple[str, str] | None:
-        """Record ``rank``'s failure of ``job`` unless one is recorded already; return the first recorded, (rank, summary).
-
-        Records older than a week go first: a job name used again later starts afresh.
-        """
-        with self._write() as db:
-            db.execute("DELETE FROM job_failure WHERE at < ?", (time.time() - 7 * 86400,))
-            db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)", (job, rank, summary, time.time()))
-            row = db.execute("SELECT rank, summary FROM job_failure WHERE job=?", (job,)).fetchone()
-        return (str(row[0]), str(row[1])) if row is not None else None
-
     @_guarded("write to")
     def release_mine(self, keep: Iterable[int] = ()) -> int:
         """Put back rows this process claimed but no longer sends (a claim cut short by an interrupt).
@@ -1078,6 +1083,98 @@ class Outbox:
             _forget_blobs(db)
             return n
 
+    # -- death notices: armed rows (deadman.py, termination.py) --------------------------
+    # Each under the gate, like every statement here: a fork in the middle of an ungated one
+    # could leave the child's connection "database is locked".
+
+    @_guarded("write to")
+    def arm(self, webhook: Webhook, thread_key: str | None, fallback: str, spec: str, *, now: float, peak: int) -> int:
+        """Write a block's death notice as an ``armed`` row of this process (never claimed, merged or counted); its id.
+
+        ``fallback`` is the JSON body posted if nothing better can be built,
+        ``spec`` (JSON) what :func:`chat_magic.deadman.death_message` builds it
+        from. A caller waits at most ``caller_timeout`` for another process's lock.
+        """
+        with self._write(self.caller_timeout) as db:
+            dest = self._dest_id(db, webhook)
+            return int(db.execute(
+                "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at, created_at,"
+                " updated_at, owner, armed, beat, peak) VALUES (?,?,?,?,?,0,?,?,?,?,?,?,?,?)",
+                (_request_id(), dest, webhook.space_key, thread_key, fallback, ARMED, now, now, now, _owner_id(), spec, now, peak),
+            ).lastrowid or 0)
+
+    @_guarded("write to")
+    def record_progress(self, row_id: int, progress: str | None, *, beat: float, peak: int) -> None:
+        """An armed block's sign of life: its last progress line, when, and its peak memory (kept if higher)."""
+        with self._write(self.caller_timeout) as db:
+            db.execute("UPDATE message SET progress=?, beat=?, peak=MAX(COALESCE(peak, 0), ?) WHERE id=? AND state=?",
+                       (progress, beat, peak, row_id, ARMED))
+
+    @_guarded("write to")
+    def disarm(self, row_id: int, *, wait: float | None = None) -> None:
+        """Delete an armed row (its block closed); one fired meanwhile is a pending message now and stays."""
+        with self._write(wait) as db:
+            db.execute("DELETE FROM message WHERE id=? AND state=?", (row_id, ARMED))
+
+    @_guarded("read")
+    def armed_rows(self) -> list[dict[str, Any]]:
+        """Every armed row, oldest first (whoever owns it)."""
+        return [dict(r) for r in self._db().execute("SELECT * FROM message WHERE state=? ORDER BY id", (ARMED,))]
+
+    @_guarded("read")
+    def armed_target(self, row_id: int) -> tuple[Webhook, str | None] | None:
+        """Where an armed row's notices go: its destination and thread key (None: no such row)."""
+        row = self._db().execute("SELECT dest, thread_key FROM message WHERE id=?", (row_id,)).fetchone()
+        return None if row is None else (self.webhook(row[0]), row[1])
+
+    @_guarded("write to")
+    def fire_armed(self, row: dict[str, Any], bodies: list[str]) -> list[int] | None:
+        """Turn an armed row into its death notice (``bodies``, pending, important) in one transaction; their ids.
+
+        None when the row is no longer armed (another process fired it, or its
+        block closed, meanwhile): a death notice is queued exactly once.
+        """
+        now = time.time()
+        with self._write() as db:
+            if db.execute("DELETE FROM message WHERE id=? AND state=?", (row["id"], ARMED)).rowcount != 1:
+                return None
+            return [int(db.execute(
+                "INSERT INTO message (request_id, dest, space_key, thread_key, payload, mergeable, state, next_at,"
+                " created_at, updated_at, important) VALUES (?,?,?,?,?,0,?,?,?,?,1)",
+                (_request_id(), row["dest"], row["space_key"], row["thread_key"], body, PENDING, now, now, now),
+            ).lastrowid or 0) for body in bodies]
+
+    @_guarded("write to")
+    def mark_important(self, ids: Iterable[int]) -> None:
+        """Flag messages as completion, failure or death notices: the exit waits for them, the watcher delivers them."""
+        with self._write() as db:
+            db.executemany("UPDATE message SET important=1 WHERE id=?", [(i,) for i in ids])
+
+    @_guarded("write to")
+    def first_job_failure(self, job: str, rank: str, summary: str) -> tuple[str, str] | None:
+        """Record a rank's failure of a distributed ``job`` unless one is recorded; the first's ``(rank, summary)``.
+
+        Records older than a week are forgotten on the way (jobs.py: the first
+        failure is the card, later ones of the job a line).
+        """
+        now = time.time()
+        with self._write() as db:
+            db.execute("DELETE FROM job_failure WHERE at < ?", (now - 7 * 86400,))
+            db.execute("INSERT OR IGNORE INTO job_failure (job, rank, summary, at) VALUES (?,?,?,?)", (job, rank, summary, now))
+            row = db.execute("SELECT rank, summary FROM job_failure WHERE job=?", (job,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    @_guarded("read")
+    def important_waiting(self, ids: list[int] | None = None) -> list[int]:
+        """Which of ``ids`` (at most 900; None: all, as the watcher asks) are important notices still waiting to be delivered."""
+        if ids is None:
+            return [r[0] for r in self._db().execute(f"SELECT id FROM message WHERE important=1 AND {_WAITING} ORDER BY id")]
+        if not ids:
+            return []
+        return [r[0] for r in self._db().execute(
+            f"SELECT id FROM message WHERE important=1 AND state IN (?,?) AND id IN ({','.join('?' * len(ids))})",
+            (PENDING, SENDING, *ids))]
+
     # -- another host's file ----------------------------------------------------
 
     def take_over(self, other: Path) -> int:
@@ -1131,9 +1228,9 @@ class Outbox:
         if not rows and not armed:
             return 0
         urls = _readable_destinations(src)
-        from . import deadman
-
-        deaths = deadman.moved_notices(self, armed, urls)  # their owners died with their host
+        if armed and hooks.death_notices is None:  # never deleted there unreported: left for a process that has the wording
+            raise OutboxError("chat_magic.deadman is not loaded: it words the death notices of that host's blocks")
+        deaths = hooks.death_notices(self, armed, urls) if hooks.death_notices and armed else []  # died with their host
         fired: list[tuple[dict[str, Any], int]] = []
         moved: dict[int, int] = {}
         with self._write() as db:
@@ -1160,7 +1257,7 @@ class Outbox:
         with _plain_tx(src):
             src.executemany("DELETE FROM message WHERE id=?", [(i,) for i in moved])
         for row, _ in fired:
-            deadman.fired(deadman._spec(row), row)
+            hooks.call(hooks.on_fired, armed_spec(row), row)  # heartbeat.py forgets the block in Redis
         left = sum(1 for r in rows if r["state"] in (PENDING, MERGED))
         what = [f"{left} message(s) left"] if left or not fired else []
         what += [f"the death notice of {len(fired)} job(s) still running"] if fired else []
@@ -1975,6 +2072,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
+def hold_for_fork() -> None:
+    """Prepare a fork already under way as this module's own hook does, unless it did (``chat_magic.__init__``).
+
+    This module imported while a fork waited in the package's hook: its own
+    ``before`` hook is not in that fork's list.
+    """
+    if not _fork_held:
+        _before_fork()
+
+
 @contextmanager
 def _file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
     """An exclusive lock across processes (``flock``) for the duration of a recovery.
@@ -2043,6 +2150,38 @@ def _ahead(t: float, now: float, longest: float) -> float:
     would stall the space for as long as the step (an hour for -3600 s).
     """
     return now if t > now + longest else t
+
+
+_PEEKED = ("id", "state", "space_key", "thread_key", "attempts", "created_at", "next_at", "merged_into", "name", "thread_name",
+           "error_code", "error_status", "error")  # what a listing shows of a row (Row's fields but the preview)
+
+
+def peek(path: str | os.PathLike[str], states: Iterable[str], limit: int = 1000) -> tuple[dict[str, int], list[Row]]:
+    """Counts by state, and the rows in ``states``, of an outbox file another host owns: read only.
+
+    For ``chat-magic outbox list --all-hosts``. Opening an :class:`Outbox`
+    would hold the file's ``.live`` lock (other hosts would take it for in
+    use), write its schema, checkpoint and delete its log, and move a damaged
+    file aside to salvage it: a listing must do none of that. With a
+    ``-wal`` beside it (a process has it open, or one died) the file is read
+    ``mode=ro``; without one ``immutable=1``, since ``mode=ro`` would create
+    the ``-wal`` and ``-shm`` (and no process has the file open then). Raises
+    :class:`sqlite3.Error` for a damaged, locked or foreign file.
+    """
+    path = Path(path)
+    options = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    db = _connect_file(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=1.0)
+    try:
+        db.row_factory = sqlite3.Row
+        counts = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM message GROUP BY state")}
+        has = {r[1] for r in db.execute("PRAGMA table_info(message)")}  # an older file lacks later columns: None
+        shown = ", ".join(c if c in has else f"NULL AS {c}" for c in _PEEKED)
+        wanted = list(states)
+        rows = db.execute(f"SELECT {shown}, substr(payload, 1, 200) AS preview FROM message"
+                          f" WHERE state IN ({','.join('?' * len(wanted))}) ORDER BY id LIMIT ?", [*wanted, limit])
+        return counts, [Row(**dict(r)) for r in rows]
+    finally:
+        db.close()
 
 
 def keep_sent() -> int:

@@ -328,18 +328,10 @@ def _pttls(client: Any, space_keys: list[str]) -> list[int]:
 
 
 def _slow_after(say: Callable[[str], None]) -> float:
-    """``CHAT_MAGIC_REDIS_SLOW`` (seconds) or :data:`SLOW_AFTER`; a bad value is one line and the default."""
-    raw = os.environ.get(ENV_SLOW, "").strip()
-    if not raw:
-        return SLOW_AFTER
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:
-        say(f"chat_magic: {ENV_SLOW}={raw[:40]!r} is not a number of seconds (e.g. {ENV_SLOW}=0.15); using {SLOW_AFTER:g}")
-        return SLOW_AFTER
-    return value
+    """``CHAT_MAGIC_REDIS_SLOW`` (a duration over 0, at most 60 s) or :data:`SLOW_AFTER`; a bad value is one line and the default."""
+    from .rules import env_seconds
+
+    return env_seconds(ENV_SLOW, SLOW_AFTER, least=0.0, above=True, most=60.0, say=say)
 
 
 def _dropped(e: BaseException) -> bool:

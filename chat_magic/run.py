@@ -44,7 +44,7 @@ from . import ranks as _ranks
 from .console import say
 from .errors import ChatMagicError
 from .report import signal_name
-from .rules import MENTION_HELP
+from .rules import MENTION_HELP, seconds_arg
 
 __all__ = ["build_parser", "main"]
 
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post on every ending (default) or only on failure (a child killed by SIGINT is not one)")
     p.add_argument("--mention", metavar="WHO", help=f"who to mention in the notice: {MENTION_HELP}")
     p.add_argument("--no-cards", dest="cards", action="store_false", help="post plain text instead of a card")
-    p.add_argument("--wait", metavar="S", type=float, default=10.0, help="seconds to wait for delivery before exiting (default 10)")
+    p.add_argument("--wait", metavar="S", type=seconds_arg(), default=10.0, help="seconds to wait for delivery before exiting (default 10)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
     return p
 
@@ -285,10 +285,10 @@ class _Job:
 
     def arm(self) -> Any:
         """The death notice, in the outbox before the command starts: reported if chat-magic run itself is killed."""
-        from . import deadman
+        from . import arming
 
-        self.armed = deadman.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
-                                 cards=self.args.cards, to=self.args.to)
+        self.armed = arming.arm(self.webhook, self.session.thread_key, title=self.title, details=dict(self.details),
+                                cards=self.args.cards, to=self.args.to)
         return self.armed
 
     def post_start(self) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 from . import config
 from .console import say
 from .errors import ChatMagicError, ConfigError, DeliveryError, DeliveryTimeout, WebhookURLError
+from .rules import seconds_arg
 from .webhook import Webhook, parse_webhook_url, redact
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name", metavar="NAME")
     a.add_argument("--default", action="store_true", help="make NAME the default space")
     a.add_argument("--test", action="store_true", help="post a hello first and wait for it; save only if it arrived")
-    a.add_argument("--timeout", type=float, default=TEST_TIMEOUT, metavar="S", help="--test: how long to wait (default 30)")
+    a.add_argument("--timeout", type=seconds_arg(), default=TEST_TIMEOUT, metavar="S", help="--test: how long to wait (default 30)")
     sub.add_parser("list", help="show the named spaces (never a key or token)")
     r = sub.add_parser("remove", help="forget a named space")
     r.add_argument("name", metavar="NAME")

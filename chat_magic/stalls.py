@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import deadman
+from . import hooks
 
 __all__ = ["watch"]
 
@@ -46,7 +46,7 @@ _wake = threading.Condition(_lock)
 _thread: threading.Thread | None = None
 
 
-def watch(armed: Any, spec: dict[str, Any]) -> None:
+def watch(armed: hooks.Block, spec: dict[str, Any]) -> None:
     """Start watching an armed block if it asked for it (``stall_after``)."""
     after = spec.get("stall_after")
     if not after:
@@ -63,7 +63,7 @@ def watch(armed: Any, spec: dict[str, Any]) -> None:
         _wake.notify_all()
 
 
-def _progress(armed: Any, now: float) -> None:
+def _progress(armed: hooks.Block, now: float) -> None:
     w = _watches.get(id(armed))
     if w is None:
         return
@@ -74,7 +74,7 @@ def _progress(armed: Any, now: float) -> None:
                  + (" ({last})" if armed.last_progress else ""))
 
 
-def _closed(armed: Any) -> None:
+def _closed(armed: hooks.Block) -> None:
     with _wake:
         _watches.pop(id(armed), None)
         _wake.notify_all()
@@ -135,6 +135,6 @@ def _minutes(seconds: float) -> str:
     return format_duration(max(0.0, seconds))
 
 
-deadman._arm_hooks.append(watch)
-deadman._progress_hooks.append(_progress)
-deadman._close_hooks.append(_closed)
+hooks.on_arm.append(watch)
+hooks.on_progress.append(_progress)
+hooks.on_close.append(_closed)

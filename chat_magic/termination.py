@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from . import hooks
 from .console import say as _warn
 
 __all__ = ["describe", "install", "signals", "uninstall"]
@@ -131,7 +132,7 @@ def _close_blocks(sig: int) -> None:
     """The process ends: every open block gets its termination card (important), then a bounded wait."""
     from . import deadman
     from .delivery import dispatcher
-    from .outbox import _owner_id
+    from .outbox import owner_id
 
     mine = deadman.open_notices()
     if not mine:
@@ -139,12 +140,11 @@ def _close_blocks(sig: int) -> None:
     text = describe(sig)
     ids: list[int] = []
     for box in {str(a.outbox.path): a.outbox for a in mine}.values():
-        ids += deadman.fire_dead(box, owner=_owner_id(), cause_text=text, died_at=time.time(), icon="🛑",
+        ids += deadman.fire_dead(box, owner=owner_id(), cause_text=text, died_at=time.time(), icon="🛑",
                                  verb="was terminated", peak=deadman.peak_memory())
     for a in mine:
         a.closed = True
-        with deadman._lock:
-            deadman._open.pop((str(a.outbox.path), a.id), None)
+        deadman.forget(a)
     if ids:
         d = dispatcher()
         d.mine.update(ids)
@@ -162,9 +162,16 @@ def _warn_blocks(sig: int) -> None:
 
     text = describe(sig)
     for a in deadman.open_notices():
-        row = a.outbox._db().execute("SELECT dest, thread_key FROM message WHERE id=?", (a.id,)).fetchone()
-        if row is None:
+        target = a.outbox.armed_target(a.id)
+        if target is None:
             continue
-        receipt = send(f"⚠️ *{neutralize(a.title)}* received {neutralize(text)}", to=a.outbox.webhook(row[0]),
-                       thread_key=row[1], keep_on_fault=True)
+        receipt = send(f"⚠️ *{neutralize(a.title)}* received {neutralize(text)}", to=target[0], thread_key=target[1],
+                       keep_on_fault=True)
         deadman.mark_important(receipt)
+
+
+def _closed(block: hooks.Block) -> None:
+    uninstall()  # after the last block closes: the program's own handlers back
+
+
+hooks.on_close.append(_closed)

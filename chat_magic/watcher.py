@@ -69,10 +69,10 @@ def ensure(path: os.PathLike[str] | str) -> bool:
 def _spawn() -> Any:
     import subprocess
 
-    from .outbox import _owner_id
+    from .outbox import owner_id
 
     return subprocess.Popen(
-        [sys.executable, "-m", "chat_magic.watcher", "--owner", _owner_id(), "--pid", str(os.getpid())],
+        [sys.executable, "-m", "chat_magic.watcher", "--owner", owner_id(), "--pid", str(os.getpid())],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=_log(),
         start_new_session=True, close_fds=True, cwd="/",
     )

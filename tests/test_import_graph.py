@@ -77,22 +77,10 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-# Known debt, pinned so that nothing new joins it: the dead-man modules (never-silent, merged at
-# 21:39) import deadman and deadman imports them back, lazily, to install their hooks; the
-# outbox's take-over fires death notices through deadman. The fix is one registry below them all
-# (each module registers itself at import; deadman imports none of them). Until then a cycle is
-# tolerated only if it runs through deadman and stays among these modules.
-KNOWN_KNOT = {"chat_magic." + m for m in ("deadman", "delivery", "outbox", "jobs", "lost", "stalls", "termination", "watcher")}
-
-
-def _tolerated(cycle: list[str]) -> bool:
-    return "chat_magic.deadman" in cycle and set(cycle) <= KNOWN_KNOT
-
-
 def test_no_import_cycle():
     graph = {name: imports_of(name) for name in MODULES}
     assert "chat_magic.cells" in graph["chat_magic.runall"]  # the graph is read, not empty
-    assert [c for c in cycles(graph) if not _tolerated(c)] == []
+    assert cycles(graph) == []
 
 
 # a class and the helper class it owns, in the same module: the helper is part of it
@@ -100,16 +88,6 @@ FRIENDS = {("delivery.py", "d"), ("outbox.py", "box")}  # _Lane, the sender thre
 # threading.RLock's own methods: the only way to ask whether this thread holds a lock, and to give
 # back every hold an interrupt left behind (edges-tx: the outbox's gate and lease lock)
 RLOCK_INTERNALS = {"_is_owned", "_release_save", "_acquire_restore"}
-# Known debt, pinned (never-silent, merged at 21:39): the dead-man modules reach into the outbox
-# (_Tx, owner and request ids: public doors belong in outbox.py, which edges-tx is changing now)
-# and into deadman's hook lists (a registry of hooks, see KNOWN_CYCLES).
-KNOWN_PRIVATE = {
-    "deadman.py from .outbox import _owner_id", "deadman.py from .outbox import _request_id", "deadman.py from .outbox import _Tx",
-    "deadman.py from .outbox import _owner_alive", "lost.py from .outbox import _owner_id", "termination.py from .outbox import _owner_id",
-    "watcher.py from .outbox import _owner_id", "lost.py deadman._arm_hooks", "lost.py deadman._close_hooks",
-    "lost.py deadman._fired_hooks", "stalls.py deadman._arm_hooks", "stalls.py deadman._progress_hooks",
-    "stalls.py deadman._close_hooks", "termination.py deadman._lock", "termination.py deadman._open", "outbox.py deadman._spec",
-}
 
 
 def test_nothing_underscored_crosses_a_module():
@@ -132,7 +110,7 @@ def test_nothing_underscored_crosses_a_module():
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("chat_magic")):
                 reached += [f"{path.name} from .{node.module} import {a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__") and node.module]
-    assert sorted(set(reached) - KNOWN_PRIVATE) == []
+    assert sorted(set(reached)) == []
 
 
 def test_the_readme_layout_names_every_module():

@@ -107,8 +107,6 @@ def test_every_statement_of_a_send_a_notice_the_watcher_and_the_hosts_check_hold
     assert [sql for sql, held in seen if not held] == []
 
 
-# Being moved into outbox.py by another branch (core-deadman) at the time of writing: empty this after the merge.
-SQL_PENDING = {"deadman.py", "termination.py"}
 SQL_WORDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "PRAGMA", "BEGIN", "COMMIT", "ROLLBACK", "CREATE", "ALTER", "WITH")
 
 
@@ -129,7 +127,7 @@ def test_all_sql_is_in_the_outbox_and_every_connection_it_opens_is_gated():
     package = Path(chat_magic.__file__).parent
     elsewhere = sorted({p.name for p in package.rglob("*.py") if p.name != "outbox.py"
                         and _sql_calls(ast.parse(p.read_text(encoding="utf-8")))})
-    assert set(elsewhere) <= SQL_PENDING, f"SQL outside outbox.py: {elsewhere}"
+    assert elsewhere == [], "SQL outside outbox.py"
     assert _sql_calls(ast.parse((package / "outbox.py").read_text(encoding="utf-8")))  # the finder finds SQL
     connects = [(p.name, node) for p in package.rglob("*.py") for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
                 if isinstance(node, ast.Call) and ast.unparse(node.func) == "sqlite3.connect"]

@@ -123,7 +123,7 @@ def test_off_stops_the_tracker_and_bad_options_are_one_line(ip, space, capsys):
     assert "auto-notify is off" in capsys.readouterr().out
     assert tracker(ip) is None
     assert t._pre_run_cell not in ip.events.callbacks["pre_run_cell"]
-    for line, words in (("--run-all --quiet -1", "--quiet takes seconds >= 0"), ("--quiet 2", "--quiet goes with --run-all")):
+    for line, words in (("--run-all --quiet -1", "--quiet: '-1' is not a duration"), ("--quiet 2", "--quiet goes with --run-all")):
         result = ip.run_cell(f"%chat_autonotify {line}")
         assert words in str(result.error_in_exec)
         assert "\n" not in str(result.error_in_exec)

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import ranks as _ranks
+from .. import rules as _rules
 from ..console import say as _warn
 from ..errors import ConfigError
 from ..metrics import MAX, MIN, as_number, format_value, point
@@ -147,13 +148,11 @@ class TrainingWatch:
             raise ConfigError(f"on={on!r}: use 'epoch' (start, progress, end), 'end' (the final card) or 'error' (failures only)")
         _whole(every_n_epochs, "every_n_epochs")
         _whole(every_n_steps, "every_n_steps")
-        if isinstance(progress_every, bool) or not isinstance(progress_every, (int, float)) or not progress_every >= 0:
-            raise ConfigError(f"progress_every={progress_every!r}: give seconds >= 0 (0: every line at once)")
         self.keep = metric_filter(metrics)
         self.on = on
         self.every = every_n_epochs
         self.every_steps = every_n_steps
-        self.progress_every = float(progress_every)
+        self.progress_every = _rules.seconds(progress_every, option="progress_every", most=7 * _rules.DAY)  # 0: every line
         self.label = label
         self.notifier = notify_when_done(label or "training", to=to, thread_key=thread_key, mention=mention,
                                          on="error" if on == "error" else "always", cards=cards, ranks=ranks,
