@@ -823,9 +823,12 @@ def test_notices_are_kept_in_memory_while_the_outbox_cannot_be_written(space, ip
         else:
             disk.fill()
         try:
+            handler = signal.getsignal(signal.SIGTERM)
             ip.run_cell("%%chat --title kept-cell\nprint('cell output')")
             with chat_magic.notify_when_done("kept-block"):
                 pass
+            # no block could be armed: the program's SIGTERM handler is back (chat_magic's stayed installed for good)
+            assert signal.getsignal(signal.SIGTERM) is handler
             err = capfd.readouterr().err
             lines = [ln for ln in err.splitlines() if ln.startswith("chat_magic:")]
             assert len(lines) == 1 and "kept in memory" in lines[0], err
