@@ -65,9 +65,11 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
     except (OutboxError, sqlite3.Error, OSError) as e:
         # a storage fault (locked, disk full): the notice that follows says it, once, and is kept in memory
         log.warning("chat_magic: could not arm the death notice of %r: %s", title, e)
+        termination.uninstall()  # no block of this one to close on SIGTERM: the program's handlers back if none is open
         return None
     except Exception as e:
         _warn(f"could not arm the death notice of {title!r} (if the process dies it goes unreported): {e}")
+        termination.uninstall()
         return None
     armed = deadman.Armed(row_id, box, title, started=now)
     deadman.register(armed)

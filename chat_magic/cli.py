@@ -340,18 +340,18 @@ def _unreadable(e: BaseException) -> str:
 
 def _flush_host_file(f: HostFile, timeout: float) -> bool:
     """Deliver what waits in one host's file; False when some of it is still there."""
-    from . import delivery, hosts
-    from .outbox import FAILED, PENDING, SENDING, SENT
+    from . import delivery
+    from .outbox import FAILED, PENDING, SENDING, SENT, in_use, unfinished
 
     running = delivery.dispatcher() if f.mine else delivery.running_dispatcher(f.path)  # the old single file: drained already
     mine = running is not None
     if running is not None:
         d = running
     else:
-        if not hosts.unfinished(f.path):
+        if not unfinished(f.path):
             print(f"{f.label}: nothing waiting")
             return True
-        busy = hosts.in_use(f.path)
+        busy = in_use(f.path)
         if busy:
             _err(f"{f.label}: left alone, its outbox looks in use: {busy}; run this again once that host's jobs are over")
             return False

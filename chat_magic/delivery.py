@@ -1281,7 +1281,7 @@ def open_dispatcher(path: str | os.PathLike[str]) -> Dispatcher:
 
 def _drain_legacy(home: os.PathLike[str]) -> None:
     """Deliver what waits in the old single ``outbox.sqlite3`` (before per-host files); nothing new goes there."""
-    old = hosts.legacy_to_drain(home)
+    old = _outbox.legacy_to_drain(home)
     if old is not None and str(old) not in _dispatchers:
         _dispatchers[str(old)] = open_dispatcher(old)
         _dispatchers[str(old)].ensure_running()

@@ -13,6 +13,10 @@ its hostname after Python started.
 Before per-host files there was one ``outbox.sqlite3``; a process that finds
 one with waiting messages still drains it (see ``delivery.dispatcher``).
 
+This module names files and holds their liveness locks; it reads no file's
+content (what waits in one, whether it looks in use: ``outbox.unfinished``,
+``outbox.in_use``, where all SQL lives).
+
 ``CHAT_MAGIC_HOST_ID`` names the file instead of the hostname (a node name
 that outlives containers). Every process using a file holds a shared
 ``flock`` on ``<file>.live``: that is what "a live host" means. A file whose
@@ -29,14 +33,13 @@ import errno
 import os
 import re
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "HostFile", "claim_orphan", "current_host", "file_label", "hold_live", "host_id", "in_use", "legacy_path",
-    "legacy_to_drain", "let_go", "live_path", "orphans", "outbox_files", "outbox_path", "unfinished"
+    "HostFile", "claim_orphan", "current_host", "file_label", "hold_live", "host_id", "legacy_path", "let_go", "live_path",
+    "orphans", "outbox_files", "outbox_path",
 ]
 
 LEGACY_NAME = "outbox.sqlite3"
@@ -103,55 +106,6 @@ def outbox_files(home: Path) -> list[HostFile]:
     return found
 
 
-def unfinished(path: Path) -> int:
-    """How many messages wait in the outbox file ``path`` (0 if absent or unreadable)."""
-    if not path.is_file():
-        return 0
-    try:
-        conn = sqlite3.connect(str(path), timeout=1.0)
-        try:
-            row = conn.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-    return int(row[0]) if row else 0
-
-
-def legacy_to_drain(home: str | os.PathLike[str]) -> Path | None:
-    """The old single outbox file when it still holds waiting messages, else None."""
-    old = legacy_path(Path(home))
-    return old if unfinished(old) else None
-
-
-def in_use(path: Path, now: float | None = None) -> str | None:
-    """Why another host's outbox file looks in use (a live lease, a recent write), or None.
-
-    A heuristic: no process can tell from here whether another machine is
-    alive, but a message under a lease, or a write-ahead log written in the
-    last two minutes, means some process there is working on the file.
-    """
-    now = time.time() if now is None else now
-    for p in (path, Path(f"{path}-wal")):  # first: opening the file below may checkpoint and touch it
-        try:
-            age = now - p.stat().st_mtime
-        except OSError:
-            continue
-        if age < ACTIVE_WINDOW:
-            return f"it was written {max(0.0, age):.0f} s ago"
-    try:
-        conn = sqlite3.connect(str(path), timeout=1.0)
-        try:
-            lease = conn.execute("SELECT max(lease_until) FROM message WHERE state = 'sending'").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error as e:
-        return f"cannot read it ({e})"
-    if lease and now < lease <= now + 330.0:  # further ahead: written before the clock stepped back
-        return f"a message is being sent from it (lease for {lease - now:.0f} s more)"
-    return None
-
-
 # -- liveness: which files a process still uses -------------------------------------
 
 
@@ -205,8 +159,8 @@ def claim_orphan(path: Path) -> int | None:
     Liveness is the lock, not a guess: a live process holds ``<file>.live``
     shared (:func:`hold_live`). A file with no ``.live`` beside it was last
     used by a chat_magic without these locks, which may still be running:
-    it counts as orphaned only once nothing wrote it for
-    :data:`ACTIVE_WINDOW` seconds. On NFS, Linux forwards ``flock`` to the
+    the caller looks first (``outbox.in_use``, which reads the file; this
+    module opens none). On NFS, Linux forwards ``flock`` to the
     server as a POSIX lock, so other nodes see it; on a mount with
     ``nolock`` or ``local_lock=flock`` they do not, and a node's live file
     could be taken: give each node a home of its own there.
@@ -214,9 +168,6 @@ def claim_orphan(path: Path) -> int | None:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no takeover
-        return None
-    known = live_path(path).exists()
-    if not known and in_use(path) is not None:
         return None
     try:
         fd = _open_live(path)

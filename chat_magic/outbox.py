@@ -36,6 +36,10 @@ back when idle), and opens in the same time whatever its size (no integrity
 scan on open). Times shared between processes are wall-clock times; one
 implausibly far ahead (the clock stepped back) is not waited for (:func:`_ahead`).
 
+All SQL of the package lives here, and every statement of the process,
+whoever issues it, holds one gate (:class:`_GatedConnection`): a fork waits
+for it, so no child inherits a statement half-way ("database is locked").
+
 Nothing here knows about IPython or HTTP.
 """
 
@@ -62,7 +66,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import hooks
 from .console import say
 from .errors import OutboxError
-from .hosts import current_host, hold_live, let_go
+from .hosts import ACTIVE_WINDOW, current_host, hold_live, legacy_path, let_go, live_path
 from .message import MAX_BYTES, MAX_TEXT, SEPARATOR, merge_texts
 from .pacing import RedisSlot, SqlitePacer  # SqlitePacer: still importable here (its old home)
 from .webhook import redact
@@ -72,8 +76,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ARMED", "DROPPED", "FAILED", "KEEP_SENT", "LOST", "MAX_HOLD", "MERGED", "PENDING", "SENDING", "SENT", "STATES",
-    "TERMINAL", "Job", "Outbox", "Row", "SqlitePacer", "State", "heal_gate", "inside", "keep_sent", "private_files",
-    "private_folder",
+    "TERMINAL", "Job", "Outbox", "PacingTable", "Row", "SqlitePacer", "State", "heal_gate", "in_use", "inside", "keep_sent",
+    "legacy_to_drain", "private_files", "private_folder", "unfinished",
     "armed_spec", "hold_for_fork", "owner_alive", "owner_id",  # the dead-man modules' doors
 ]
 
@@ -188,7 +192,8 @@ KEEP_SENT_FOR = 3600.0  # and every one delivered in the last hour, whatever the
 WAL_LIMIT = 4 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
 KEEP_FORGOTTEN = 10_000  # runs of ids remembered as pruned after delivery or dropped (table ``forgotten``)
 DROPPED, LOST = "dropped", "lost"  # why a message is no longer in the outbox (besides SENT: pruned after delivery)
-_HEADS = "SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE state IN ('pending','sending') GROUP BY space_key)"
+_WAITING = f"state IN ('{PENDING}','{SENDING}')"  # a message still to deliver (SQL)
+_HEADS = f"SELECT id FROM message WHERE id IN (SELECT MIN(id) FROM message WHERE {_WAITING} GROUP BY space_key)"
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
     """(state, start time) of a process from ``/proc``, or None where there is no such file."""
@@ -353,7 +358,7 @@ class Outbox:
         _gate.restore(depth)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0,
-                 pacer: SqlitePacer | None = None) -> None:
+                 pacer: SqlitePacer | None = None, cluster: RedisSlot | None = None) -> None:
         self.busy_timeout = busy_timeout
         self.caller_timeout = caller_timeout
         self.pacer = pacer or SqlitePacer()
@@ -369,7 +374,7 @@ class Outbox:
         self._webhooks: dict[int, Webhook] = {}
         self._dests: dict[str, int] = {}  # webhook digest -> destination id, once committed
         self.owner = _owner_id()
-        self.cluster: RedisSlot | None = None  # the pacing slot shared by every host (pacing.py), if any
+        self.cluster = cluster  # the pacing slot shared by every host (pacing.py), if any
         self.problem: str | None = None  # why the configured file could not be used
         self.path = Path(path)
         self.configured = self.path  # the file asked for; ``path`` differs when a temporary outbox stands in
@@ -432,7 +437,7 @@ class Outbox:
         if conn is not None:
             _close_quietly(conn)
         # check_same_thread off: the fork hook closes every thread's connection (under the gate, so none is in use)
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        conn = _connect_file(str(self.path), timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         self._local.conn, self._local.gen = conn, self._gen
         me = threading.current_thread()
         for old in [c for t, c in self._conns if c is not conn and (t is me or _ended(t))]:
@@ -446,6 +451,8 @@ class Outbox:
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, to the file now at ``path``; never to one a recovery is still salvaging into.
+
+        Every statement on it holds the gate (:class:`_GatedConnection`), whoever issues it.
 
         A recovery in another thread of this process holds the gate (and
         :attr:`_recovering`) throughout; one in another process holds the lock
@@ -584,7 +591,7 @@ class Outbox:
 
     def _free_at(self, db: sqlite3.Connection, space_key: str, now: float) -> float:
         """When the space's pacing slot opens; a slot implausibly far ahead (the clock stepped back) is open."""
-        return _ahead(self.pacer.free_at(db, space_key), now, MAX_HOLD)
+        return _ahead(self.pacer.free_at(PacingTable(db), space_key), now, MAX_HOLD)
 
     def _leased(self, head: sqlite3.Row, now: float) -> bool:
         """Whether a row being sent is still under its sender's lease (a live sender, a believable lease)."""
@@ -594,12 +601,30 @@ class Outbox:
     def claim(self, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Job | None:
         """Take the next message that may be sent now, merging short ones behind it.
 
-        With a cluster slot (Redis), the space's slot is taken there first (no
-        network call under the write lock), then here.
+        The outbox asks its pacers and claims by itself; no pacer calls back.
+        With a cluster slot (Redis), the spaces open on this host are offered
+        to it in one round trip however many are busy
+        (:meth:`RedisSlot.take_first`), before the write lock is taken (no
+        network call under it); the one it lets through is then claimed here.
+        A slot taken for a space left with nothing to claim (another process
+        of this host took it) is released at once. A Redis that does not
+        answer: this host paces alone.
         """
-        if self.cluster is not None:
-            return self.cluster.claim(self, now, interval=interval, lease=lease, exclude=exclude)
-        return self.claim_local(now, interval=interval, lease=lease, exclude=exclude)
+        if self.cluster is None:
+            return self.claim_local(now, interval=interval, lease=lease, exclude=exclude)
+        spaces = [space for space, wait in self.ready_spaces(now, exclude=exclude).items() if wait <= 0]
+        while spaces:
+            got = self.cluster.take_first(spaces, interval)
+            if got is None:
+                return self.claim_local(now, interval=interval, lease=lease, exclude=exclude)
+            if got < 0:
+                return None
+            job = self.claim_local(now, interval=interval, lease=lease, space_key=spaces[got])
+            if job is not None:
+                return job
+            self.cluster.release(spaces[got])
+            spaces = spaces[got + 1:]
+        return None
 
     @_guarded("write to")
     def claim_local(self, now: float, *, interval: float, lease: float, exclude: Iterable[str] = (),
@@ -649,7 +674,7 @@ class Outbox:
             "UPDATE message SET state=?, payload=?, own_payload=?, attempts=attempts+1, owner=?, lease_until=?, updated_at=? WHERE id=?",
             (SENDING, payload, own, self.owner, now + lease, now, head["id"]),
         )
-        self.pacer.take(db, head["space_key"], now + interval)
+        self.pacer.take(PacingTable(db), head["space_key"], now + interval)
         return Job(
             id=head["id"], request_id=head["request_id"], dest=head["dest"], space_key=head["space_key"],
             thread_key=head["thread_key"], payload=payload, attempts=head["attempts"] + 1,
@@ -671,7 +696,7 @@ class Outbox:
         merged: list[int] = []
         for r in db.execute(
             "SELECT id, dest, thread_key, payload, mergeable, attempts FROM message"
-            " WHERE state = 'pending' AND space_key = ? AND id > ? ORDER BY id LIMIT 2000",
+            f" WHERE state = '{PENDING}' AND space_key = ? AND id > ? ORDER BY id LIMIT 2000",
             (head["space_key"], head["id"]),
         ):
             if r["dest"] != head["dest"] or r["thread_key"] != head["thread_key"]:
@@ -725,7 +750,7 @@ class Outbox:
                 " error_code=NULL, error_status=NULL, error=NULL, updated_at=? WHERE id=?",
                 (SENT, name, thread_name, now, job.id),
             )
-            self.pacer.hold(db, job.space_key, space_free_at)
+            self.pacer.hold(PacingTable(db), job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
         self._acked += 1
         if self._acked % PRUNE_EVERY == 1:
@@ -741,7 +766,7 @@ class Outbox:
                 " WHERE id=? AND state=?",
                 (PENDING, now + delay, code, status, error, now, job.id, SENDING),
             )
-            self.pacer.hold(db, job.space_key, space_free_at)
+            self.pacer.hold(PacingTable(db), job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
 
     @_guarded("write to")
@@ -753,7 +778,7 @@ class Outbox:
                 "UPDATE message SET state=?, owner=NULL, lease_until=NULL, error_code=?, error_status=?, error=?, updated_at=? WHERE id=?",
                 (FAILED, code, status, error, now, job.id),
             )
-            self.pacer.hold(db, job.space_key, space_free_at)
+            self.pacer.hold(PacingTable(db), job.space_key, space_free_at)
         self._hold_cluster(job.space_key, space_free_at)
 
     # -- leases: renewed while a request is in flight ----------------------------
@@ -954,7 +979,7 @@ class Outbox:
 
     @_guarded("read")
     def unfinished_ids(self) -> list[int]:
-        return [r[0] for r in self._db().execute("SELECT id FROM message WHERE state IN ('pending','sending') ORDER BY id")]
+        return [r[0] for r in self._db().execute(f"SELECT id FROM message WHERE {_WAITING} ORDER BY id")]
 
     @_guarded("write to")
     def release_mine(self, keep: Iterable[int] = ()) -> int:
@@ -986,9 +1011,9 @@ class Outbox:
         return None
 
     def _count_configured(self, options: str) -> int:
-        db = sqlite3.connect(f"file:{self.configured}?{options}", uri=True, timeout=1.0)
+        db = _connect_file(f"file:{self.configured}?{options}", timeout=1.0, uri=True)
         try:
-            return int(db.execute("SELECT count(*) FROM message WHERE state IN ('pending','sending')").fetchone()[0])
+            return int(db.execute(f"SELECT count(*) FROM message WHERE {_WAITING}").fetchone()[0])
         finally:
             db.close()
 
@@ -1140,8 +1165,10 @@ class Outbox:
         return None if row is None else (str(row[0]), str(row[1]))
 
     @_guarded("read")
-    def important_waiting(self, ids: list[int]) -> list[int]:
-        """Which of ``ids`` (at most 900) are important notices still waiting to be delivered."""
+    def important_waiting(self, ids: list[int] | None = None) -> list[int]:
+        """Which of ``ids`` (at most 900; None: all, as the watcher asks) are important notices still waiting to be delivered."""
+        if ids is None:
+            return [r[0] for r in self._db().execute(f"SELECT id FROM message WHERE important=1 AND {_WAITING} ORDER BY id")]
         if not ids:
             return []
         return [r[0] for r in self._db().execute(
@@ -1163,12 +1190,14 @@ class Outbox:
         """
         from .hosts import claim_orphan
 
+        if not live_path(other).exists() and in_use(other) is not None:
+            return 0  # last used by a chat_magic without liveness locks, which may still be running
         fd = claim_orphan(other)
         if fd is None:
             return 0
         try:
             private_files(other)
-            src = sqlite3.connect(str(other), timeout=self.busy_timeout, isolation_level=None)
+            src = _connect_file(str(other), timeout=self.busy_timeout, isolation_level=None)
             try:
                 return self._copy_from(src)
             finally:
@@ -1329,7 +1358,7 @@ class Outbox:
     def _healthy(self) -> bool:
         """Whether the file at ``path`` (perhaps replaced by another process) opens and checks fine."""
         try:
-            db = sqlite3.connect(str(self.path), timeout=self.busy_timeout)
+            db = _connect_file(str(self.path), timeout=self.busy_timeout)
             try:
                 cols = {r[1] for r in db.execute("PRAGMA table_info(message)")}
                 return "dest" in cols and db.execute("PRAGMA quick_check(1)").fetchone()[0] == "ok"
@@ -1346,7 +1375,7 @@ class Outbox:
         kept = waiting = 0
         wanted: set[str] = set()  # image bytes that salvaged messages still need
         try:
-            src = sqlite3.connect(str(source), timeout=1.0)
+            src = _connect_file(str(source), timeout=1.0)
         except sqlite3.Error:
             return 0, 0
         try:
@@ -1671,6 +1700,235 @@ def _call_gated(box: Outbox, method: Callable[..., T], gate: bool, args: Any, kw
         _gate.leave()
 
 
+# -- the gated connection: every statement of the process holds the gate -----------------
+
+
+class _Rows:
+    """What one gated statement did: its rows, read to the end under the gate, handed out from memory.
+
+    No statement stays half-way (a lock in SQLite's per-file bookkeeping)
+    once the gate is let go, so a fork, which waits for the gate, never makes
+    a child that believes its process holds a lock. A read that fails
+    half-way (a damaged page) hands out the rows read before the failure,
+    then raises it, as a plain cursor does (salvage reads row by row).
+    """
+
+    __slots__ = ("_error", "_rows", "description", "lastrowid", "rowcount")
+
+    def __init__(self, cur: sqlite3.Cursor, rows: list[Any], error: sqlite3.Error | None) -> None:
+        self._rows, self._error = iter(rows), error
+        self.rowcount, self.lastrowid, self.description = cur.rowcount, cur.lastrowid, cur.description
+
+    def __iter__(self) -> _Rows:
+        return self
+
+    def __next__(self) -> Any:
+        for row in self._rows:
+            return row
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        raise StopIteration
+
+    def fetchone(self) -> Any:
+        return next(self, None)
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        return [row for _, row in zip(range(size), self)]
+
+    def fetchall(self) -> list[Any]:
+        return list(self)
+
+
+def _ran(conn: sqlite3.Connection, step: Callable[[Any, str, Any], sqlite3.Cursor], sql: str, args: Any) -> _Rows:
+    """Run one statement to its end under the gate (taken here unless this thread holds it: a transaction, an outbox call)."""
+    outermost = not _gate.held()
+    if outermost:
+        _gate.enter(_wait_of(conn))
+    try:
+        cur = step(conn, sql, args)
+        rows: list[Any] = []
+        error = None
+        try:
+            row = sqlite3.Cursor.fetchone(cur)
+            while row is not None:
+                rows.append(row)
+                row = sqlite3.Cursor.fetchone(cur)
+        except sqlite3.DatabaseError as e:
+            error = e
+        if outermost and conn.in_transaction:
+            _refuse_open_transaction(conn)
+        return _Rows(cur, rows, error)
+    finally:
+        if outermost:
+            _gate.leave()
+
+
+class _Statement(sqlite3.Cursor):
+    """A cursor of a gated connection (``cursor()``, seldom used): each statement runs as :func:`_ran` runs it."""
+
+    _done: _Rows | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.execute(self, s, a), sql, parameters)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.executemany(self, s, a), sql, seq_of_parameters)
+        return self
+
+    def executescript(self, script: str, /) -> _Statement:  # type: ignore[override]
+        self._done = _ran(self.connection, lambda _, s, a: sqlite3.Cursor.executescript(self, s), script, None)
+        return self
+
+    def __next__(self) -> Any:
+        if self._done is None:
+            raise StopIteration
+        return next(self._done)
+
+    def fetchone(self) -> Any:
+        return next(self, None)
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        return [row for _, row in zip(range(self.arraysize if size is None else size), self)]
+
+    def fetchall(self) -> list[Any]:
+        return list(self)
+
+
+class _GatedConnection(sqlite3.Connection):
+    """A connection whose every statement, commit, rollback and close holds the process's gate.
+
+    The only kind this package opens (:func:`_connect_file`): an ungated
+    statement cannot be written by accident, whichever module issues it
+    through :meth:`Outbox._db`. A transaction left open when the gate is let
+    go (``BEGIN`` outside :meth:`Outbox._write`) is rolled back and refused.
+    """
+
+    wait = 10.0  # how long a statement waits for the gate (set to the connection's busy timeout)
+
+    def cursor(self, factory: Any = None) -> Any:
+        return sqlite3.Connection.cursor(self, factory or _Statement)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return _ran(self, sqlite3.Connection.execute, sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        return _ran(self, sqlite3.Connection.executemany, sql, parameters)
+
+    def executescript(self, script: str, /) -> Any:
+        return _ran(self, lambda conn, sql, _: sqlite3.Connection.executescript(conn, sql), script, None)
+
+    def commit(self) -> None:
+        self._gated(super().commit)
+
+    def rollback(self) -> None:
+        self._gated(super().rollback)
+
+    def close(self) -> None:
+        self._gated(super().close)  # the last connection's close checkpoints the log: locks, like a statement
+
+    def _gated(self, call: Callable[[], None]) -> None:
+        _gate.enter(self.wait)
+        try:
+            call()
+        finally:
+            _gate.leave()
+
+
+def _wait_of(conn: sqlite3.Connection) -> float:
+    return float(getattr(conn, "wait", 10.0))
+
+
+def _refuse_open_transaction(conn: sqlite3.Connection) -> None:
+    """A transaction would outlive the gate (a fork then leaves the child "database is locked"): roll it back, refuse it."""
+    sqlite3.Connection.execute(conn, "ROLLBACK")
+    raise sqlite3.ProgrammingError("an outbox transaction must hold the gate (Outbox._write): rolled back")
+
+
+def _connect_file(target: str, *, timeout: float, **options: Any) -> sqlite3.Connection:
+    """A gated connection to an SQLite file (:class:`_GatedConnection`): the only way this package opens one."""
+    conn = sqlite3.connect(target, timeout=timeout, factory=_GatedConnection, **options)
+    conn.wait = timeout  # type: ignore[attr-defined]
+    return conn
+
+
+class PacingTable:
+    """The ``pacing`` table, as the local pacer (:class:`chat_magic.pacing.SqlitePacer`) sees it.
+
+    Read and written inside the claim's or the outcome's own transaction
+    (``db``): the pacer decides, the outbox keeps the SQL.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def slot(self, space_key: str) -> float | None:
+        """When the space's slot opens (a wall-clock time), or None when it was never taken."""
+        row = self.db.execute("SELECT next_slot FROM pacing WHERE space_key = ?", (space_key,)).fetchone()
+        return float(row[0]) if row else None
+
+    def set_slot(self, space_key: str, until: float) -> None:
+        self.db.execute("INSERT INTO pacing (space_key, next_slot) VALUES (?, ?)"
+                        " ON CONFLICT(space_key) DO UPDATE SET next_slot = excluded.next_slot", (space_key, until))
+
+    def extend_slot(self, space_key: str, until: float) -> None:
+        """Keep a taken slot closed until ``until``, never opening it earlier."""
+        self.db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
+
+
+# -- another outbox file, looked at without using it (hosts.py names the files) ------------
+
+
+def unfinished(path: Path) -> int:
+    """How many messages wait in the outbox file ``path`` (0 if absent or unreadable)."""
+    if not path.is_file():
+        return 0
+    try:
+        conn = _connect_file(str(path), timeout=1.0)
+        try:
+            row = conn.execute(f"SELECT count(*) FROM message WHERE {_WAITING}").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def legacy_to_drain(home: str | os.PathLike[str]) -> Path | None:
+    """The old single outbox file (before per-host files) when it still holds waiting messages, else None."""
+    old = legacy_path(Path(home))
+    return old if unfinished(old) else None
+
+
+def in_use(path: Path, now: float | None = None) -> str | None:
+    """Why another host's outbox file looks in use (a live lease, a recent write), or None.
+
+    A heuristic: no process can tell from here whether another machine is
+    alive, but a message under a lease, or a write-ahead log written in the
+    last two minutes, means some process there is working on the file.
+    """
+    now = time.time() if now is None else now
+    for p in (path, Path(f"{path}-wal")):  # first: opening the file below may checkpoint and touch it
+        try:
+            age = now - p.stat().st_mtime
+        except OSError:
+            continue
+        if age < ACTIVE_WINDOW:
+            return f"it was written {max(0.0, age):.0f} s ago"
+    try:
+        conn = _connect_file(str(path), timeout=1.0)
+        try:
+            lease = conn.execute(f"SELECT max(lease_until) FROM message WHERE state = '{SENDING}'").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return f"cannot read it ({e})"
+    if lease and now < lease <= now + MAX_HOLD:  # further ahead: written before the clock stepped back
+        return f"a message is being sent from it (lease for {lease - now:.0f} s more)"
+    return None
+
+
 _TRY_BUSY_MS = 50  # one try at the write lock; between tries the gate lets this process's other threads in
 
 
@@ -1747,7 +2005,8 @@ class _Tx:
 
 @contextmanager
 def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction on a connection of another file (another host's outbox): no gate, no retries."""
+    """A write transaction on a connection of another file (another host's outbox): under the gate, no retries."""
+    _gate.enter(getattr(db, "wait", 10.0))
     try:
         db.execute("BEGIN IMMEDIATE")
         yield db
@@ -1755,6 +2014,8 @@ def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     except BaseException:
         _rollback(db)
         raise
+    finally:
+        _gate.leave()
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -1780,10 +2041,10 @@ def _before_fork() -> None:
     _fork_held = True
     me = threading.current_thread()
     for box in list(_outboxes):
-        # Only this thread's connection is closed here. Another thread may be inside a statement
-        # that does not hold the gate (a checkpoint, a deadman query): closing its connection
-        # under it crashed the process (SIGSEGV, 1 fork in 6 in the fork test). The child never
-        # uses nor closes what it inherits (see _after_fork_in_child).
+        # Only this thread's connection is closed here. Another thread keeps its own between two
+        # statements (each holds the gate, _GatedConnection): closed under it, its next one would
+        # fail (and, when statements ran ungated, the process crashed: SIGSEGV, 1 fork in 6). The
+        # child never uses nor closes what it inherits (see _after_fork_in_child).
         box._close_thread(me)
 
 
@@ -1909,7 +2170,7 @@ def peek(path: str | os.PathLike[str], states: Iterable[str], limit: int = 1000)
     """
     path = Path(path)
     options = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=1.0)
+    db = _connect_file(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=1.0)
     try:
         db.row_factory = sqlite3.Row
         counts = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM message GROUP BY state")}

@@ -3,9 +3,9 @@
 Google Chat counts a webhook's quota per space: about one write per second,
 shared by everything that posts there. Two slots pace the requests:
 
-- **The local slot** (always): the ``pacing`` table in the host's outbox file,
-  taken in the same SQLite transaction as the claim (``Outbox.claim_local``),
-  so every process of one host shares it.
+- **The local slot** (always, :class:`SqlitePacer`): the ``pacing`` table in
+  the host's outbox file, taken in the same SQLite transaction as the claim
+  (``Outbox.claim_local``), so every process of one host shares it.
 - **The cluster slot** (opt-in, :class:`RedisSlot`): one Redis key per space,
   taken before the claim, so every process on every host shares it. The local
   slot stays in force underneath, and is what a host falls back to alone when
@@ -29,6 +29,11 @@ asks Redis again every :data:`RETRY_EVERY` seconds, without a line when it
 is back: nothing is lost or sent twice either way, since claims, leases and
 ``requestId``\\ s live in the outbox.
 
+Both are handed to the outbox, which asks them and claims by itself: no
+pacer calls the outbox, and this module imports nothing of it (the table
+the local slot is kept in is a :class:`SlotTable`, which ``outbox.py`` provides,
+with the SQL).
+
 Round trips are what a distant Redis costs, so a claim across any number of
 busy spaces is *one* round trip (one script tries each space's slot in
 order and takes the first open one), and so is asking how long each space
@@ -46,16 +51,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import config
 from .console import say as _console_say
 
-if TYPE_CHECKING:
-    import sqlite3
-
-__all__ = ["Claimer", "RedisSlot", "SqlitePacer", "after_fork_in_child", "cluster_slot", "redact_url", "reset", "scrub"]
+__all__ = ["RedisSlot", "SlotTable", "SqlitePacer", "after_fork_in_child", "cluster_slot", "redact_url", "reset", "scrub"]
 
 log = logging.getLogger("chat_magic")
 
@@ -223,29 +225,6 @@ class RedisSlot:
         out.update({space: max(0.0, int(ttl) / 1000.0) for space, ttl in zip(open_here, ttls)})
         return out
 
-    def claim(self, outbox: Claimer, now: float, *, interval: float, lease: float, exclude: Iterable[str] = ()) -> Any:
-        """Claim the next message whose space both slots let through now.
-
-        The Redis slot is taken *before* the SQLite transaction, so the outbox's
-        write lock is never held across a network call; a slot taken for a
-        space with nothing left to claim (another process of this host took it)
-        is released at once. Every space is tried in one round trip
-        (:meth:`take_first`), however many are busy.
-        """
-        spaces = [space for space, wait in outbox.ready_spaces(now, exclude=exclude).items() if wait <= 0]
-        while spaces:
-            got = self.take_first(spaces, interval)
-            if got is None:  # Redis does not answer (or too slowly): this host paces alone
-                return outbox.claim_local(now, interval=interval, lease=lease, exclude=exclude)
-            if got < 0:
-                return None
-            job = outbox.claim_local(now, interval=interval, lease=lease, space_key=spaces[got])
-            if job is not None:
-                return job
-            self.release(spaces[got])
-            spaces = spaces[got + 1:]
-        return None
-
     # -- availability ------------------------------------------------------------
 
     def _tokens(self) -> dict[str, str]:
@@ -374,43 +353,40 @@ def _stderr_line(line: str) -> None:
 
 # -- the local slot, in the host's outbox file ----------------------------------------
 
+class SlotTable(Protocol):
+    """Where the local slots are kept: the outbox file's ``pacing`` table, in the caller's transaction.
+
+    ``chat_magic.outbox.PacingTable`` is the one (the outbox keeps every SQL statement).
+    """
+
+    def slot(self, space_key: str) -> float | None: ...
+
+    def set_slot(self, space_key: str, until: float) -> None: ...
+
+    def extend_slot(self, space_key: str, until: float) -> None: ...
+
+
 class SqlitePacer:
     """Each space's pacing slot, kept in the outbox file: shared by every process on this machine.
 
     The one place that decides when a space may be posted to again.
-    :meth:`Outbox.claim` asks :meth:`free_at` and calls :meth:`take` in the
-    claim's own transaction; the worker calls :meth:`hold` after an answer.
-    Another pacer (shared across machines) implements the same three methods.
+    :meth:`Outbox.claim_local` asks :meth:`free_at` and calls :meth:`take` in
+    the claim's own transaction; the outcome of a request calls :meth:`hold`.
     """
 
-    def free_at(self, db: sqlite3.Connection, space_key: str) -> float:
-        row = db.execute("SELECT next_slot FROM pacing WHERE space_key = ?", (space_key,)).fetchone()
-        return row[0] if row else 0.0
+    def free_at(self, table: SlotTable, space_key: str) -> float:
+        """When the space may be posted to (a wall-clock time; 0.0: never taken, open)."""
+        until = table.slot(space_key)
+        return 0.0 if until is None else until
 
-    def take(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        db.execute(
-            "INSERT INTO pacing (space_key, next_slot) VALUES (?, ?)"
-            " ON CONFLICT(space_key) DO UPDATE SET next_slot = excluded.next_slot",
-            (space_key, until),
-        )
+    def take(self, table: SlotTable, space_key: str, until: float) -> None:
+        """A request goes now: the next may go at ``until``."""
+        table.set_slot(space_key, until)
 
-    def hold(self, db: sqlite3.Connection, space_key: str, until: float) -> None:
-        """Keep the slot closed until ``until`` (never opens it earlier)."""
+    def hold(self, table: SlotTable, space_key: str, until: float) -> None:
+        """Keep the slot closed until ``until`` (never opens it earlier; 0: nothing to hold)."""
         if until:
-            db.execute("UPDATE pacing SET next_slot = MAX(next_slot, ?) WHERE space_key = ?", (until, space_key))
-
-
-class Claimer(Protocol):
-    """What :meth:`RedisSlot.claim` asks of an outbox (:class:`chat_magic.outbox.Outbox` is one).
-
-    Named here so that pacing imports nothing from the outbox: the outbox
-    imports both pacers and is handed the one to use.
-    """
-
-    def ready_spaces(self, now: float, *, exclude: Iterable[str] = ()) -> dict[str, float]: ...
-
-    def claim_local(self, now: float, *, interval: float, lease: float, exclude: Iterable[str] = (),
-                    space_key: str | None = None) -> Any: ...
+            table.extend_slot(space_key, until)
 
 
 # -- the process's cluster slot, made from the configured URL ----------------------

@@ -251,8 +251,7 @@ def report(owner: str, paths: list[str], death: dict) -> int:
                                     died_at=death["died_at"], peak=death["peak"])
             ids += deadman.fire_dead(box)  # any other dead process's, while at it
             fired += len(ids)
-            waiting = [r[0] for r in box._db().execute(
-                "SELECT id FROM message WHERE important=1 AND state IN ('pending','sending')")]
+            waiting = box.important_waiting()
             box.close()
             if waiting:
                 _deliver(path, sorted(set(ids) | set(waiting)))

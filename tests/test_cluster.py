@@ -28,7 +28,7 @@ from cluster_support import (
 from conftest import assert_no_secret
 
 import chat_magic
-from chat_magic import delivery, hosts, pacing
+from chat_magic import delivery, hosts, outbox, pacing
 from chat_magic.outbox import SENT, Outbox
 from chat_magic.webhook import parse_webhook_url
 
@@ -138,7 +138,7 @@ def test_flush_all_hosts_delivers_a_gone_host_and_leaves_a_busy_one_alone(space,
     assert space.texts() == ["left behind by gone-node"]
     assert "gone-node: 0 waiting, 0 failed, 1 delivered" in out.stdout
     assert out.stderr.count("\n") == 1 and "busy-node: left alone" in out.stderr and "jobs are over" in out.stderr
-    assert hosts.unfinished(busy) == 1
+    assert outbox.unfinished(busy) == 1
     assert_no_secret(out.stdout, out.stderr)
 
 

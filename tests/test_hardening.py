@@ -762,9 +762,12 @@ def test_notices_are_kept_in_memory_while_the_outbox_cannot_be_written(space, ip
         else:
             disk.fill()
         try:
+            handler = signal.getsignal(signal.SIGTERM)
             ip.run_cell("%%chat --title kept-cell\nprint('cell output')")
             with chat_magic.notify_when_done("kept-block"):
                 pass
+            # no block could be armed: the program's SIGTERM handler is back (chat_magic's stayed installed for good)
+            assert signal.getsignal(signal.SIGTERM) is handler
             err = capfd.readouterr().err
             lines = [ln for ln in err.splitlines() if ln.startswith("chat_magic:")]
             assert len(lines) == 1 and "kept in memory" in lines[0], err
@@ -839,30 +842,32 @@ def _damage_pages_holding(path: Path, markers: list[str], page: int = 4096) -> b
     return b"".join(data[p * page:(p + 1) * page] for p in pages)
 
 
-def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_home, capfd, monkeypatch):
-    """Garbage over a checkpointed outbox holding 20 waiting messages, while the process uses it."""
-    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
-    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
-    filler = "·" * 600
-    space.emu.set_down(True)
-    try:
-        receipts = [chat_magic.send(f"waiting {i:02d} {filler}", thread_key=f"t{i:02d}") for i in range(20)]
-        wait_until(lambda: receipts[0].error is not None, 10, "a first, failed attempt")
-    finally:
-        space.emu.set_down(False)
-    box = delivery.dispatcher().outbox.path
+def _damage_and_read(box: Path, receipts: list, capfd) -> tuple[list[str], str, set[int]]:
+    """Garbage over the pages of messages 7 and 13; the receipts' statuses read, and what was said meanwhile."""
     _checkpoint(box)
-    damaged_markers = [f"waiting {i:02d} " for i in (7, 13)]
-    gone = _damage_pages_holding(box, damaged_markers)
+    gone = _damage_pages_holding(box, [f"waiting {i:02d} " for i in (7, 13)])
     lost = {i for i in range(20) if f"waiting {i:02d} ".encode() in gone}
     db = sqlite3.connect(box, timeout=10)  # another process writes: every connection drops its cached pages
     db.execute("UPDATE pacing SET next_slot = next_slot")
     db.commit()
     db.close()
     capfd.readouterr()
-
     statuses = [r.status for r in receipts]  # was: a raw sqlite3.DatabaseError
-    err = capfd.readouterr().err
+    return statuses, capfd.readouterr().err, lost
+
+
+def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_home, capfd, monkeypatch):
+    """Garbage over a checkpointed outbox holding 20 waiting messages, while the process uses it."""
+    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    filler = "·" * 600
+    space.emu.set_down(True)  # down until the statuses are read: a retry at once (a reset connection) stays failed
+    try:
+        receipts = [chat_magic.send(f"waiting {i:02d} {filler}", thread_key=f"t{i:02d}") for i in range(20)]
+        wait_until(lambda: receipts[0].error is not None, 10, "a first, failed attempt")
+        statuses, err, lost = _damage_and_read(box := delivery.dispatcher().outbox.path, receipts, capfd)
+    finally:
+        space.emu.set_down(False)
     assert "moved aside" in err and "salvaged" in err and err.count("\n") == 1, err
     aside = [p for p in outbox_home.iterdir() if p.name.startswith(outbox_path(outbox_home).name + ".corrupt-") and not p.name.endswith("-wal")]
     assert len(aside) == 1

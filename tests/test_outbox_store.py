@@ -24,7 +24,7 @@ from cluster_support import events_in, unshare_works
 from conftest import KEY, TOKEN, assert_no_secret, wait_until
 
 import chat_magic
-from chat_magic import delivery, hosts
+from chat_magic import delivery, hosts, outbox
 from chat_magic.hosts import outbox_path
 from chat_magic.outbox import MERGED, PENDING, SENDING, SENT, Outbox
 from chat_magic.webhook import parse_webhook_url
@@ -371,7 +371,7 @@ def test_a_new_hostname_delivers_what_the_previous_one_left_first_and_leaves_a_l
         assert a.returncode == 0, err
     finally:
         space.emu.set_down(False)
-    assert hosts.unfinished(outbox_path(outbox_home, "pod-a")) >= 1  # perhaps merged into one
+    assert outbox.unfinished(outbox_path(outbox_home, "pod-a")) >= 1  # perhaps merged into one
     # pod-c is alive on another node, its outbox open with a message waiting
     c = as_host("pod-c", "-c", LIVE_HOST, space.url, env=env, stdin=subprocess.PIPE)
     try:
@@ -381,9 +381,9 @@ def test_a_new_hostname_delivers_what_the_previous_one_left_first_and_leaves_a_l
         out, err = b.communicate(timeout=90)
         assert b.returncode == 0, out + err
         assert events_in(space.messages()) == ["pod-a 0", "pod-a 1", "pod-a 2", "pod-b after the restart"]
-        assert hosts.unfinished(outbox_path(outbox_home, "pod-a")) == 0
+        assert outbox.unfinished(outbox_path(outbox_home, "pod-a")) == 0
         assert "left in outbox-pod-a.sqlite3" in err and err.count("\n") == 1, err
-        assert hosts.unfinished(outbox_path(outbox_home, "pod-c")) == 1, "a live host's file is left alone"
+        assert outbox.unfinished(outbox_path(outbox_home, "pod-c")) == 1, "a live host's file is left alone"
         assert "pod-c" not in " ".join(space.texts())
     finally:
         c.communicate(timeout=30)  # pod-c ends

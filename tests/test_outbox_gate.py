@@ -1,0 +1,150 @@
+"""Every SQLite statement of the process holds the outbox's gate (issue 20: connections in the core).
+
+A fork waits for the gate. A statement run without it (``box._db().execute``
+from another module, the way deadman, the watcher and hosts.py issued theirs)
+could be half-way when another thread forks: the child then inherits SQLite's
+per-file lock bookkeeping saying its process holds the write lock, which no
+process holds, and every write of the child fails with "database is locked".
+
+Real forks, real SQLite files, no mocks.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import chat_magic
+from chat_magic.outbox import Outbox
+from chat_magic.webhook import parse_webhook_url
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+HOOK = parse_webhook_url("https://chat.googleapis.com/v1/spaces/GATE/messages?key=k&token=t")
+# about a second of work inside one UPDATE: SQLite holds the write lock throughout
+SLOW_UPDATE = ("UPDATE message SET progress = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+               " WHERE x < ?) SELECT count(*) FROM c) WHERE id = ?")
+
+
+def _body(text: str) -> str:
+    return json.dumps({"text": text})
+
+
+def _child_sends(box: Outbox, report: int) -> None:
+    """In the forked child: queue one message (a caller's send) and report how it went; never returns."""
+    try:
+        box.enqueue(HOOK, None, [(_body("from the child"), False)], patient=True)
+        os.write(report, b"ok")
+    except BaseException as e:  # noqa: BLE001 - whatever it is, the parent reads it
+        os.write(report, f"{type(e).__name__}: {e}"[:500].encode())
+    finally:
+        os._exit(0)
+
+
+@needs_fork
+def test_a_fork_while_another_thread_runs_a_long_statement_leaves_the_child_a_working_outbox(tmp_path: Path):
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=3.0, caller_timeout=3.0)
+    [row] = box.enqueue(HOOK, None, [(_body("in the parent"), False)])
+    n = 3_000_000
+    started, done = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        db = box._db()
+        started.set()
+        db.execute(SLOW_UPDATE, (n, row))  # the way deadman, the watcher and hosts.py issued theirs
+        done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    started.wait(10)
+    time.sleep(0.05)  # inside the statement now (it runs about a second)
+    assert not done.is_set(), "the statement is long enough to fork in its middle"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _child_sends(box, w)
+    os.close(w)
+    t.join(30)
+    _, status = os.waitpid(pid, 0)
+    said = os.read(r, 1000).decode()
+    os.close(r)
+    assert status == 0 and said == "ok", f"the child could not use the outbox: {said!r}"
+    assert len(box.rows()) == 2  # the child's message is in the file
+
+
+def test_every_statement_of_a_send_a_notice_the_watcher_and_the_hosts_check_holds_the_gate(fast_space, monkeypatch):
+    """Each SQLite statement chat_magic runs, seen by SQLite itself (a trace callback on every connection)."""
+    from chat_magic import config, delivery, hosts, outbox, watcher
+
+    monkeypatch.setenv("CHAT_MAGIC_WATCHER", "off")  # the watcher's own query is run below, in this process
+    seen: list[tuple[str, bool]] = []
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: seen.append((sql, outbox.inside())))
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    with chat_magic.notify_when_done("gate audit") as n:  # arms a death notice, records progress (deadman.py)
+        n.log(loss=0.5)
+        chat_magic.send("inside the block").wait(15)
+    assert delivery.flush(30)
+    path = hosts.outbox_path(config.home())
+    unfinished = getattr(outbox, "unfinished", None) or getattr(hosts, "unfinished")  # noqa: B009 - its old home
+    assert unfinished(path) == 0
+    watcher.report("gone-host:1/1", [str(path)], {"exit_status": None, "oom_kills": 0, "died_at": time.time(), "peak": 0})
+    statements = {sql for sql, _ in seen}
+    assert any("important=1" in s for s in statements) and any("armed" in s for s in statements)  # all three were seen
+    assert any(s.startswith("UPDATE message SET state=") and "payload=" in s for s in statements), sorted(statements)  # the claim
+    assert [sql for sql, held in seen if not held] == []
+
+
+SQL_WORDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "PRAGMA", "BEGIN", "COMMIT", "ROLLBACK", "CREATE", "ALTER", "WITH")
+
+
+def _sql_calls(tree: ast.AST) -> list[ast.Call]:
+    """Calls ``x.execute("SELECT ...")`` (and executemany, executescript) whose text is SQL."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                and node.func.attr in ("execute", "executemany", "executescript"):
+            first = node.args[0]
+            text = first.value if isinstance(first, ast.Constant) else ast.unparse(first).lstrip("f'\"")
+            if isinstance(text, str) and text.lstrip().upper().startswith(SQL_WORDS):
+                found.append(node)
+    return found
+
+
+def test_all_sql_is_in_the_outbox_and_every_connection_it_opens_is_gated():
+    package = Path(chat_magic.__file__).parent
+    elsewhere = sorted({p.name for p in package.rglob("*.py") if p.name != "outbox.py"
+                        and _sql_calls(ast.parse(p.read_text(encoding="utf-8")))})
+    assert elsewhere == [], "SQL outside outbox.py"
+    assert _sql_calls(ast.parse((package / "outbox.py").read_text(encoding="utf-8")))  # the finder finds SQL
+    connects = [(p.name, node) for p in package.rglob("*.py") for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "sqlite3.connect"]
+    assert [(name, ast.unparse(node)) for name, node in connects
+            if name != "outbox.py" or not any(k.arg == "factory" and ast.unparse(k.value) == "_GatedConnection"
+                                               for k in node.keywords)] == []
+
+
+def test_a_transaction_begun_outside_the_outboxs_own_writes_is_rolled_back_and_refused(tmp_path: Path):
+    """``BEGIN`` on the outbox's connection from outside ``Outbox._write`` would hold the write lock past the gate."""
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=1.0, caller_timeout=1.0)
+    db = box._db()
+    with pytest.raises(sqlite3.ProgrammingError, match="must hold the gate"):
+        db.execute("BEGIN IMMEDIATE")
+    assert not db.in_transaction
+    other = sqlite3.connect(str(box.path), isolation_level=None, timeout=0.1)  # another process would find the lock free
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+    assert box.enqueue(HOOK, None, [(_body("after"), False)])
