@@ -41,6 +41,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scenarios' child scripts: one copy, the tests'
+
+from scenarios import FORKS, SIGNALLED, ctrl_c_storm  # noqa: E402
 
 from chat_magic.emulator import Emulator  # noqa: E402
 
@@ -81,110 +84,6 @@ while not os.path.exists(stop):
     db.execute("COMMIT")
     time.sleep(random.uniform(0.005, 0.03))
 print(slow)
-"""
-
-STORM = r"""
-import json, signal, sys
-import chat_magic
-url, run, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-chat_magic.send(f"ev-{run}-warm", to=url, thread_key="chaos-storm")
-print("ready", flush=True)
-it = iter(range(n))
-while True:
-    try:
-        for i in it:
-            try:
-                chat_magic.send(f"ev-{run}-{i:05d}", to=url, thread_key="chaos-storm")
-                print(f"ok ev-{run}-{i:05d}", flush=True)
-            except KeyboardInterrupt:
-                pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        break
-    except KeyboardInterrupt:
-        continue
-print("done", flush=True)
-sys.exit(0 if chat_magic.flush(120) else 4)
-"""
-
-SIGNALLED = r"""
-import json, signal, sys
-import chat_magic
-url, out = sys.argv[1], sys.argv[2]
-handled = []
-
-def handler(signum, frame):
-    handled.append(len(handled))
-    chat_magic.send(f"sig-{len(handled) - 1:05d}", to=url, thread_key="chaos-sig")
-
-signal.signal(signal.SIGALRM, handler)
-signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.01)
-for i in range(60):
-    chat_magic.send(f"ev-{i:05d}", to=url, thread_key="chaos-main")
-signal.setitimer(signal.ITIMER_REAL, 0, 0)
-json.dump(len(handled), open(out, "w"))
-sys.exit(0 if chat_magic.flush(120) else 4)
-"""
-
-FORKS = r"""
-import json, multiprocessing as mp, os, sys, threading, time
-import chat_magic
-url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-stop = threading.Event()
-parent_sent = []
-
-def parent(k):
-    j = 0
-    while not stop.is_set():
-        chat_magic.send(f"ev-{k}-{j:05d}", to=url, thread_key=f"chaos-p{k}")
-        parent_sent.append(f"ev-{k}-{j:05d}")
-        j += 1
-        time.sleep(0.005)
-
-def child(i):
-    try:
-        chat_magic.send(f"child-{i:05d}", to=url, thread_key="chaos-children")
-    except BaseException as e:
-        sys.stderr.write(f"child {i}: {type(e).__name__}: {e}\n")
-        os._exit(3)
-    os._exit(0)
-
-threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
-for t in threads:
-    t.start()
-hung, failed = [], []
-for i in range(n):
-    if i % 2:
-        p = mp.get_context("fork").Process(target=child, args=(i,))
-        p.start()
-        p.join(20)
-        if p.is_alive():
-            hung.append(i)
-            p.kill()
-            p.join()
-        elif p.exitcode:
-            failed.append(i)
-        continue
-    pid = os.fork()
-    if pid == 0:
-        child(i)
-    deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            if os.waitstatus_to_exitcode(status):
-                failed.append(i)
-            break
-        if time.monotonic() > deadline:
-            hung.append(i)
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            break
-        time.sleep(0.002)
-stop.set()
-for t in threads:
-    t.join()
-json.dump({"hung": hung, "failed": failed, "parent": parent_sent}, open(out, "w"))
-sys.exit(0 if chat_magic.flush(180) else 4)
 """
 
 
@@ -234,8 +133,6 @@ def _report(name: str, sent: int, delivered: int, lost: int, dups: int, reordere
 
 def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
     """Storms of real SIGINTs; a process stopped by one (outside its try) is a program stopped by Ctrl-C."""
-    import threading
-
     emu = Emulator(key=KEY, token=TOKEN, qps=None, strict=True).start()
     url = emu.webhook_url(space="CHAOSC", key=KEY, token=TOKEN)
     hung = presses = kept_out = stopped = 0
@@ -245,34 +142,18 @@ def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
     env = _edge_env(home)
     locker, stop = _with_locker(home, env)
     for run in range(runs):
-        proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        proc.stdout.readline()
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout))  # type: ignore[misc]
-        reader.start()
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
-            os.kill(proc.pid, signal.SIGINT)
-            presses += 1
-            time.sleep(rnd.uniform(0.0005, 0.008))
-        try:
-            proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            hung += 1
-        reader.join(10)
-        stopped += proc.returncode != 0
-        confirmed |= set(re.findall(r"ev-\d+-\d{5}", "".join(lines)))
+        pressed, returned, code, _ = ctrl_c_storm(url, run, env, rnd)
+        presses += pressed
+        hung += code is None
+        stopped += bool(code)
+        confirmed |= returned
     kept_out += _stop_locker(locker, stop)
     flushed = subprocess.run([sys.executable, "-m", "chat_magic.cli", "outbox", "flush", "--timeout", "120"], env=env,
                              capture_output=True, text=True)
-    got = [t for t in _texts(emu, "CHAOSC").get("chaos-storm", []) if not t.endswith("warm")]
+    got = [t for t in _texts(emu, "CHAOSC").get("storm", []) if not t.endswith("warm")]
     emu.stop()
     lost = len(confirmed - set(got))
-    reordered = sum(_reordered({"t": [t for t in got if t.startswith(f"ev-{r}-")]}, ("t",)) for r in range(runs))
+    reordered = sum(_reordered({"t": [t for t in got if t.startswith(f"storm-{r}-")]}, ("t",)) for r in range(runs))
     return _report("ctrl-c", len(confirmed), len(set(got)), lost, len(got) - len(set(got)), reordered, hung,
                    f"{runs} storms, {presses} Ctrl-C presses ({stopped} process(es) stopped by one), another process "
                    f"kept out > 2 s {kept_out} time(s), final flush exit {flushed.returncode}; {time.monotonic() - t0:.0f} s")
@@ -294,14 +175,14 @@ def signals(runs: int = 12) -> bool:
             hung += 1
         handled = json.loads(out.read_text()) if out.exists() else 0
         handled_total += handled
-        want = {f"ev-{i:05d}" for i in range(60)} | {f"sig-{k:05d}" for k in range(handled)}
+        want = {f"main-{i:04d}" for i in range(60)} | {f"sig-{k:04d}" for k in range(handled)}
         threads = _texts(emu, space)
         got = [t for k in threads for t in threads[k]]
         sent += len(want)
         delivered += len(set(got) & want)
         lost += len(want - set(got))
         dups += len(got) - len(set(got))
-        reordered += _reordered(threads, ("chaos-main",))
+        reordered += _reordered(threads, ("main",))
     emu.stop()
     return _report("signals", sent, delivered, lost, dups, reordered, hung,
                    f"{runs} processes, {handled_total} sends from a SIGALRM handler; {time.monotonic() - t0:.0f} s")
@@ -322,10 +203,10 @@ def forks(n: int = 150) -> bool:
     result = json.loads(out.read_text()) if out.exists() else {"hung": [], "failed": [], "parent": []}
     threads = _texts(emu, "CHAOSF")
     got = [t for k in threads for t in threads[k]]
-    want = {f"child-{i:05d}" for i in range(n)} | set(result["parent"])
+    want = {f"child-{i:04d}" for i in range(n)} | set(result["parent"]) | {"parent-start"}
     emu.stop()
     return _report("forks", len(want), len(set(got) & want), len(want - set(got)), len(got) - len(set(got)),
-                   _reordered(threads, ("chaos-p0", "chaos-p1", "chaos-p2")), len(result["hung"]) + hung_parent,
+                   _reordered(threads, ("p0", "p1", "p2")), len(result["hung"]) + hung_parent,
                    f"{n} forks ({len(result['failed'])} failed) while 3 parent threads sent; "
                    f"{time.monotonic() - t0:.0f} s")
 

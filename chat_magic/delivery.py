@@ -88,6 +88,7 @@ def _say(line: str) -> None:
 
 REPLY_CAP = 64 * 1024  # bytes of a reply read at most: an answer is small, a proxy's page or a flood is not read whole
 ENV_EXIT_TIMEOUT = "CHAT_MAGIC_EXIT_TIMEOUT"
+ENV_INTERVAL = "CHAT_MAGIC_INTERVAL"
 _said: set[str] = set()  # one-line notices already given in this process (each is said once)
 
 
@@ -98,20 +99,43 @@ def _say_once(topic: str, line: str) -> None:
         say(line)
 
 
+class _SetOrEnv:
+    """A setting read, until it is set, from an environment variable when used (never at import), at most ``at_most``.
+
+    Its value lives in the dataclass field of its name with a leading ``_`` (None: not set).
+    """
+
+    def __init__(self, env: str, default: float, at_most: float = float("inf")) -> None:
+        self.env, self.default, self.at_most = env, default, at_most
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> float:
+        value = None if obj is None else getattr(obj, self.slot)
+        return value if value is not None else min(self.at_most, rules.env_seconds(self.env, self.default, least=0.0, most=rules.DAY))
+
+    def __set__(self, obj: Any, value: float) -> None:
+        setattr(obj, self.slot, float(value))
+
+
 @dataclass
 class Settings:
     """Delivery knobs; change them with :func:`chat_magic.configure`.
 
     ``exit_timeout`` (how long the exit waits for this process's messages)
-    comes from ``CHAT_MAGIC_EXIT_TIMEOUT`` unless set here; it is read when
-    needed, never at import, and a bad value is one line and the default.
+    comes from ``CHAT_MAGIC_EXIT_TIMEOUT`` unless set here, and ``interval``
+    from ``CHAT_MAGIC_INTERVAL`` (for a server with another quota, such as
+    ``chat-magic emulator --qps 0``; the test suite's processes use it); both
+    are read when needed, never at import, and a bad value is one line and
+    the default.
     """
 
-    interval: float = 1.1  # seconds between two requests to one space (quota: 1/s)
+    _interval: float | None = None  # None: CHAT_MAGIC_INTERVAL, else 1.1 s between two requests to one space (quota: 1/s)
     # and at least this long after the last answer: the server counts a request when it
     # arrives, somewhere between our send and its answer, so pacing from the answer is safe
     # whatever the latency or the scheduling of several processes
-    gap_after_answer: float = 1.02
+    _gap_after_answer: float | None = None  # None: 1.02 s, or CHAT_MAGIC_INTERVAL when that is shorter
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     backoff_base: float = 1.0
@@ -120,6 +144,8 @@ class Settings:
     idle_poll: float = 2.0  # how often an idle worker looks for other processes' rows
     lease_seconds: float = 0.0  # a claim's lease; 0: connect + read timeout + 10 s. Renewed while the request lasts
     _exit_timeout: float | None = None  # None: CHAT_MAGIC_EXIT_TIMEOUT, else 3 s
+    interval = _SetOrEnv(ENV_INTERVAL, 1.1)
+    gap_after_answer = _SetOrEnv(ENV_INTERVAL, 1.1, at_most=1.02)
 
     @property
     def lease(self) -> float:
@@ -142,8 +168,8 @@ class Settings:
         return rules.env_seconds(ENV_EXIT_TIMEOUT, default, least=0.0, most=rules.DAY)
 
     def names(self) -> list[str]:
-        """The settings a user may change: the fields without a leading ``_``, and ``exit_timeout``."""
-        return sorted({f.name for f in fields(self) if not f.name.startswith("_")} | {"exit_timeout"})
+        """The settings a user may change: every field (one with a leading ``_`` through its property)."""
+        return sorted(f.name.lstrip("_") for f in fields(self))
 
     def change(self, **values: Any) -> None:
         """Set each of ``values``, all checked first: a one-line ConfigError names the setting and its form.

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,30 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+
+
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """For a fixture: a redis-server on a free loopback port until the fixture ends; skips without it or the redis extra.
+
+    A port another process (another pytest-xdist worker) took between the pick and the start
+    is passed over: up to 3 ports are tried.
+    """
+    import pytest
+
+    server = RedisServer(workdir)
+    if not server.binary:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    pytest.importorskip("redis", reason='the redis extra is not installed: pip install -e ".[test,redis]"')
+    for attempt in range(3):
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            server.port = free_port()
+    yield server
+    server.stop()
 
 
 def unshare_works() -> str | None:

@@ -1,7 +1,7 @@
 """Shared fixtures: a real emulator over real HTTP on loopback, a private outbox per test.
 
 How the suite runs (README, "Run the tests"):
-- ``python -m pytest`` runs everything not marked ``slow`` (a few minutes on 2 cores);
+- ``python -m pytest`` runs everything not marked ``slow`` (about 2 minutes on 2 cores);
   ``python -m pytest -m slow`` runs the rest; ``.ci/run`` runs both, so every test runs once.
 - Markers: ``slow`` (clusters and ``unshare``, the real quota over long runs, the training
   frameworks, the browser, long sweeps: anything over a few seconds), ``browser`` (also
@@ -11,8 +11,12 @@ How the suite runs (README, "Run the tests"):
   quota and this process's delivery ``interval`` and ``gap_after_answer`` at
   :data:`TEST_INTERVAL`, so no test waits a second per message for nothing. A test about
   pacing says so: ``@pytest.mark.pacing`` (or the ``paced_space`` fixture) gives the real
-  quota (1 request/s per space) and the user's interval (1.1 s). Subprocesses and kernels a
-  test starts pace as users do (they do not see this process's settings).
+  quota (1 request/s per space) and the user's interval (1.1 s). The interval reaches this
+  process and the subprocesses and kernels a test starts through ``CHAT_MAGIC_INTERVAL``
+  (set for the session, removed in a ``pacing`` test), so children are pacing-free too.
+- In parallel: ``python -m pytest`` runs on 4 pytest-xdist workers, a file on one (pyproject's addopts), each
+  with its own emulators, temporary folders and ``IPYTHONDIR``; a test keeps to its own
+  ports (ask the OS for a free one), folders (``tmp_path``) and environment (``monkeypatch``).
 - Isolation: the whole session (this process, the kernels and subprocesses it starts, which
   inherit the environment) has its IPython history in a temporary ``IPYTHONDIR`` and its
   temporary folders under a private ``TMPDIR``; both are deleted at the end. Nothing is
@@ -33,7 +37,7 @@ Fixtures:
 - ``fast_space``: the same on a second emulator that never has a quota, and this
   process's pacing off (kept for the tests written before pacing-free was the default).
 - ``outbox_home``, ``shell``/``ip`` (a real IPython shell, chat_magic loaded),
-  ``fast_backoff``, ``debug_logs``.
+  ``fast_backoff``, ``debug_logs``, ``replies`` (a scripted loopback server, ``tests/replies.py``).
 - ``validate_message(payload)``: checks a payload with the official proto.
 - ``wait_until(predicate)``: poll until true, or fail saying what was awaited.
 """
@@ -61,7 +65,9 @@ from chat_magic.emulator import Emulator
 # go into one private folder, deleted at the end. pytest's own tmp_path stays where it was (kept
 # for a look after a failure, as pytest keeps it).
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="cm-pytest-"))
+# in the first temporary folder, also in a pytest-xdist worker (whose TMPDIR is the controller's private one):
+# a deeper path is too long for the Unix sockets of Ray and Jupyter (107 bytes at most)
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="cm-pytest-", dir=os.environ["PYTEST_DEBUG_TEMPROOT"]))
 (SESSION_DIR / "ipython").mkdir()
 (SESSION_DIR / "tmp").mkdir()
 os.environ["IPYTHONDIR"] = str(SESSION_DIR / "ipython")
@@ -79,6 +85,8 @@ except ImportError:
     pass
 
 TEST_INTERVAL = 0.01  # this process's pacing interval in tests not marked `pacing` (the user's: 1.1 s)
+# ... and that of the kernels and subprocesses they start, which inherit the environment (a `pacing` test removes it)
+os.environ["CHAT_MAGIC_INTERVAL"] = str(TEST_INTERVAL)
 
 KEY = "emu-key-" + "k" * 24  # long enough that a leak is unmistakable
 TOKEN = "emu-token-" + "t" * 24
@@ -162,26 +170,31 @@ def _about_pacing(request) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _pacing(request):
-    """Pacing-free unless the test is about pacing: no quota in ``emulator``, a tiny interval here.
+def _pacing(request, monkeypatch):
+    """Pacing-free unless the test is about pacing: no quota in ``emulator``, a tiny interval here and in children.
 
-    A test marked ``pacing`` (or using ``paced_space``) gets the real quota and the
-    user's settings. Either way the settings are the user's again afterwards.
+    The interval comes from ``CHAT_MAGIC_INTERVAL`` (set above for the whole session, so the
+    kernels and subprocesses a test starts are pacing-free too). A test marked ``pacing`` (or
+    using ``paced_space``) runs without it: the real quota and the user's settings, here and in
+    its children. Either way this process's settings are as before afterwards.
     """
-    if _about_pacing(request):
-        yield
-        return
     from chat_magic import delivery
 
+    saved = dict(vars(delivery.settings))
+    if _about_pacing(request):
+        monkeypatch.delenv("CHAT_MAGIC_INTERVAL", raising=False)
+        try:
+            yield
+        finally:
+            vars(delivery.settings).update(saved)
+        return
     emu = request.getfixturevalue("emulator") if "emulator" in request.fixturenames else None
-    saved = (delivery.settings.interval, delivery.settings.gap_after_answer)
-    delivery.settings.interval = delivery.settings.gap_after_answer = TEST_INTERVAL
     if emu is not None:
         emu.qps = None
     try:
         yield
     finally:
-        delivery.settings.interval, delivery.settings.gap_after_answer = saved
+        vars(delivery.settings).update(saved)
         if emu is not None:
             emu.qps = 1.0
 
@@ -268,6 +281,22 @@ def fast_space(fast_emulator, outbox_home, monkeypatch):
         yield from _space(fast_emulator, monkeypatch)
     finally:
         delivery.settings.interval, delivery.settings.gap_after_answer = saved
+
+
+@pytest.fixture
+def replies():
+    """``replies(script)``: a :class:`replies.Replies` loopback server answering from ``script``; all closed afterwards."""
+    from replies import Replies
+
+    made: list[Replies] = []
+
+    def make(script):
+        made.append(Replies(script))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import time
 
 import pytest
 from cluster_support import (
-    RedisServer,
     events_in,
     expected_events,
     host_env,
+    running_redis,
     start_host,
     tally,
     unshare_works,
@@ -41,13 +41,7 @@ DOWN_LINE = "does not answer"
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """Debian's redis-server on a free loopback port for the session (skips without it)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    if not server.binary:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-    pytest.importorskip("redis", reason='the redis extra is not installed: pip install -e ".[test,redis]"')
-    server.start()
-    yield server
-    server.stop()
+    yield from running_redis(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture

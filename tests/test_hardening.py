@@ -30,12 +30,12 @@ import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
+from helpers_outbox import queued_by_another_process
 
 import chat_magic
 from chat_magic import delivery
@@ -69,67 +69,6 @@ def one_line(text: str) -> None:
 def cli(*args: str, env: dict, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "chat_magic.cli", *args], env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
-
-
-class Scripted:
-    """A loopback HTTP server that answers webhook POSTs from a script, then 200.
-
-    For replies the emulator does not make (``Retry-After``, 404, 413,
-    redirects). Records the arrival time and body of every request.
-    """
-
-    def __init__(self, script: list[tuple[int, dict, str]]):
-        self.script = list(script)
-        self.hits: list[tuple[float, str, str]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # request lines carry the key and token
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8")
-                outer.hits.append((time.monotonic(), self.path, body))
-                if outer.script:
-                    status, headers, reply = outer.script.pop(0)
-                else:
-                    n = len(outer.hits)
-                    status, headers = 200, {"Content-Type": "application/json"}
-                    reply = json.dumps({"name": f"spaces/STUB/messages/m{n}", "thread": {"name": "spaces/STUB/threads/t"}})
-                data = reply.encode("utf-8")
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, space: str = "STUB") -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1/spaces/{space}/messages?key={KEY}&token={TOKEN}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def scripted():
-    servers: list[Scripted] = []
-
-    def make(script):
-        s = Scripted(script)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 def _json(code: int, status: str, message: str) -> str:
@@ -190,10 +129,10 @@ def test_429_storm_is_paced_and_delivered_once(space):
 
 
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
-def test_retry_after_is_honoured_over_real_http(outbox_home, scripted, form):
+def test_retry_after_is_honoured_over_real_http(outbox_home, replies, form):
     """The emulator sends no Retry-After (neither does Google, as far as reported); a scripted server does."""
     value = "2" if form == "seconds" else formatdate(time.time() + 3.5, usegmt=True)  # whole seconds: 2.5-3.5 s ahead
-    stub = scripted([(429, {"Retry-After": value, "Content-Type": "application/json"}, _json(429, "RESOURCE_EXHAUSTED", "quota"))])
+    stub = replies([(429, {"Retry-After": value, "Content-Type": "application/json"}, _json(429, "RESOURCE_EXHAUSTED", "quota"))])
     r = chat_magic.send("after retry-after", to=stub.url())
     r.wait(20)
     (t1, _, body1), (t2, _, body2) = stub.hits
@@ -433,12 +372,12 @@ FINAL_REPLIES = [
 ]
 
 
-def test_other_final_replies_fail_once_without_retry(outbox_home, scripted, debug_logs):
+def test_other_final_replies_fail_once_without_retry(outbox_home, replies, debug_logs):
     """The emulator 404s only paths chat_magic refuses to post to, so scripted servers play the deleted webhook & co.
 
     (A redirect is retried, not final: tests/test_http_edges.py.)
     """
-    stubs = [scripted([(status, headers, body)]) for status, headers, body, _ in FINAL_REPLIES]
+    stubs = [replies([(status, headers, body)]) for status, headers, body, _ in FINAL_REPLIES]
     receipts = [chat_magic.send("to a gone webhook", to=stub.url()) for stub in stubs]
     for (status, _, _, words), r in zip(FINAL_REPLIES, receipts):
         with pytest.raises(DeliveryFailed) as e:
@@ -947,25 +886,10 @@ def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_
     assert f"{20 - len(lost)} message(s) salvaged" in err
 
 
-QUEUER = textwrap.dedent("""
-    import sys, chat_magic
-    from chat_magic import delivery
-    delivery.settings.exit_timeout = 0
-    delivery.settings.backoff_base = delivery.settings.backoff_cap = 600
-    for i in range(int(sys.argv[1])):
-        chat_magic.send(f"queued {i:02d} " + "·" * 600, thread_key=f"q{i:02d}")
-    sys.exit(0)
-""")
-
-
 @pytest.mark.slow
 def test_damaged_outbox_found_by_the_next_process(space, outbox_home):
     """A CLI flush opens a damaged file: moved aside, salvaged, delivered, said on stderr; no raw DatabaseError."""
-    space.emu.set_down(True)
-    try:
-        subprocess.run([sys.executable, "-c", QUEUER, "12"], env=dict(os.environ), check=True, timeout=60)
-    finally:
-        space.emu.set_down(False)
+    queued_by_another_process(space, 12, pad=600)
     box = outbox_path(outbox_home)
     _checkpoint(box)
     _damage_pages_holding(box, ["queued 05 "])
@@ -979,11 +903,7 @@ def test_damaged_outbox_found_by_the_next_process(space, outbox_home):
 
 def test_temporary_outbox_is_loud_and_flush_reports_what_waits_in_the_real_one(space, outbox_home, tmp_path, capfd):
     """The configured outbox holds 3 waiting messages but sits on a read-only filesystem."""
-    space.emu.set_down(True)
-    try:
-        subprocess.run([sys.executable, "-c", QUEUER, "3"], env=dict(os.environ), check=True, timeout=60)
-    finally:
-        space.emu.set_down(False)
+    queued_by_another_process(space, 3, pad=600)
     _checkpoint(outbox_path(outbox_home))
     _mount(outbox_home, "--bind", str(outbox_home))
     try:

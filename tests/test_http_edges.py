@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
@@ -19,10 +18,9 @@ import struct
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import KEY, TOKEN, assert_no_secret, validate_message, wait_until
+from conftest import KEY, TOKEN, assert_no_secret, wait_until
 
 import chat_magic
 from chat_magic import delivery
@@ -33,74 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 BIG = 200 * 1024 * 1024
 
 
-class Replies:
-    """A loopback webhook server answering from a script, then as Google does (a JSON message).
-
-    Each scripted reply is ``(status, headers, body)``; ``body`` may be an int:
-    that many bytes of filler, written until the client hangs up. Every
-    request body is checked with the official proto.
-    """
-
-    def __init__(self, script: list[tuple[int, dict, bytes | int]]):
-        self.script = list(script)
-        self.hits: list[str] = []
-        self.written: list[int] = []  # bytes of each big body written before the client closed
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # request lines carry the key and token
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8")
-                validate_message(body)
-                outer.hits.append(body)
-                if outer.script:
-                    status, headers, reply = outer.script.pop(0)
-                else:
-                    n = len(outer.hits)
-                    status, headers = 200, {"Content-Type": "application/json"}
-                    reply = json.dumps({"name": f"spaces/STUB/messages/m{n}", "thread": {"name": "spaces/STUB/threads/t"}}).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(reply if isinstance(reply, int) else len(reply)))
-                self.end_headers()
-                if isinstance(reply, int):
-                    self._flood(reply)
-                else:
-                    self.wfile.write(reply)
-
-            def _flood(self, size: int) -> None:
-                chunk, sent = b"<p>" + b"x" * (64 * 1024 - 3), 0
-                try:
-                    while sent < size:
-                        self.wfile.write(chunk)
-                        sent += len(chunk)
-                except OSError:
-                    pass
-                finally:
-                    outer.written.append(sent)
-                    self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    def url(self, space: str = "STUB") -> str:
-        return f"http://127.0.0.1:{self.port}/v1/spaces/{space}/messages?key={KEY}&token={TOKEN}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def quick(outbox_home):
     """This process's pacing off and short backoffs: what is tested is what an answer means, not timing."""
@@ -109,19 +39,6 @@ def quick(outbox_home):
     s.interval, s.gap_after_answer, s.backoff_base, s.backoff_cap = 0.0, 0.0, 0.1, 0.4
     yield outbox_home
     s.interval, s.gap_after_answer, s.backoff_base, s.backoff_cap = saved
-
-
-@pytest.fixture
-def replies():
-    made: list[Replies] = []
-
-    def make(script):
-        made.append(Replies(script))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 HTML = {"Content-Type": "text/html; charset=utf-8"}

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scenarios import FORKS, SIGNALLED, ctrl_c_storm
 
 import chat_magic
 from chat_magic import config, delivery
@@ -331,30 +330,6 @@ def _stored_texts(home: Path) -> list[str]:
         db.close()
 
 
-STORM = r"""
-import signal, sys
-import chat_magic
-url, run, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-chat_magic.send(f"storm-{run}-warm", to=url, thread_key="storm")  # loaded and opened: the storm is about sending
-print("ready", flush=True)
-it = iter(range(n))
-while True:
-    try:
-        for i in it:
-            try:
-                chat_magic.send(f"storm-{run}-{i:04d}", to=url, thread_key="storm")
-                print(f"ok storm-{run}-{i:04d}", flush=True)
-            except KeyboardInterrupt:
-                pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        break
-    except KeyboardInterrupt:
-        continue
-print("done", flush=True)
-sys.exit(0 if chat_magic.flush(120) else 4)
-"""
-
-
 def _storm_run(url: str, run: int, home: Path, rnd: random.Random) -> tuple[int, set[str], str]:
     """One process sending 300 events under a Ctrl-C storm; (presses, events whose send returned, stderr).
 
@@ -362,29 +337,13 @@ def _storm_run(url: str, run: int, home: Path, rnd: random.Random) -> tuple[int,
     its ``try`` (a KeyboardInterrupt traceback): what it queued must still be
     delivered, once.
     """
-    proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout))  # type: ignore[arg-type]
-    reader.start()
-    presses = 0
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and "done\n" not in lines and time.monotonic() < deadline:
-        os.kill(proc.pid, signal.SIGINT)
-        presses += 1
-        time.sleep(rnd.uniform(0.0005, 0.008))
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    presses, returned, code, stderr = ctrl_c_storm(url, run, _env(home), rnd)
+    if code is None:
         pytest.fail("the process hung under the Ctrl-C storm")
-    reader.join(10)
-    if proc.returncode:  # stopped by a Ctrl-C outside its try (or during its exit), as a program is
-        assert "KeyboardInterrupt" in stderr, f"exit {proc.returncode}: {stderr[-1500:]}"
+    if code:  # stopped by a Ctrl-C outside its try (or during its exit), as a program is
+        assert "KeyboardInterrupt" in stderr, f"exit {code}: {stderr[-1500:]}"
         stderr = stderr.replace("Traceback", "").replace("Exception ignored", "")
-    # a print cut by Ctrl-C runs into the next one: take every whole name
-    return presses, set(re.findall(r"storm-\d+-\d{4}", "".join(lines))), stderr
+    return presses, returned, stderr
 
 
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
@@ -417,27 +376,6 @@ def test_a_sigint_storm_against_a_sending_process_jams_nothing(fast_space, tmp_p
         assert mine == sorted(mine), "in order"
 
 
-SIGNALLED = r"""
-import json, signal, sys
-import chat_magic
-url, out = sys.argv[1], sys.argv[2]
-handled = []
-
-def handler(signum, frame):
-    k = len(handled)
-    handled.append(k)
-    chat_magic.send(f"sig-{k:04d}", to=url, thread_key="sig")
-
-signal.signal(signal.SIGALRM, handler)
-signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.01)  # from before the first send: its setup is hit too
-for i in range(60):
-    chat_magic.send(f"main-{i:04d}", to=url, thread_key="main")
-signal.setitimer(signal.ITIMER_REAL, 0, 0)
-json.dump(len(handled), open(out, "w"))
-sys.exit(0 if chat_magic.flush(120) else 4)
-"""
-
-
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_signal_handler_that_sends_while_send_runs_never_deadlocks(fast_space, tmp_path):
     for run in range(12):
@@ -454,72 +392,6 @@ def test_a_signal_handler_that_sends_while_send_runs_never_deadlocks(fast_space,
         assert len(got) == len(set(got)) and set(got) == want, f"run {run}: lost {sorted(want - set(got))[:5]}"
         mains = [t for t in got if t.startswith("main-")]
         assert mains == sorted(mains), "the main thread's messages in order"
-
-
-FORKS = r"""
-import json, multiprocessing as mp, os, sys, threading, time
-import chat_magic
-url, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-stop = threading.Event()
-parent_sent = []
-
-def parent(k):
-    j = 0
-    while not stop.is_set():
-        chat_magic.send(f"parent-{k}-{j:04d}", to=url, thread_key=f"p{k}")
-        parent_sent.append(f"parent-{k}-{j:04d}")
-        j += 1
-        time.sleep(0.005)
-
-def child(i):
-    try:
-        chat_magic.send(f"child-{i:04d}", to=url, thread_key="children")
-    except BaseException as e:
-        sys.stderr.write(f"child {i}: {type(e).__name__}: {e}\n")
-        sys.stderr.flush()
-        os._exit(3)
-    os._exit(0)
-
-chat_magic.send("parent-start", to=url, thread_key="p")  # loaded first (a fork while threads load it: see the report)
-threads = [threading.Thread(target=parent, args=(k,)) for k in range(3)]
-for t in threads:
-    t.start()
-ctx = mp.get_context("fork")
-hung, failed = [], []
-for i in range(n):
-    if i % 2:
-        p = ctx.Process(target=child, args=(i,))
-        p.start()
-        p.join(20)
-        if p.is_alive():
-            hung.append(i)
-            p.kill()
-            p.join()
-        elif p.exitcode:
-            failed.append(i)
-        continue
-    pid = os.fork()
-    if pid == 0:
-        child(i)
-    deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            if os.waitstatus_to_exitcode(status):
-                failed.append(i)
-            break
-        if time.monotonic() > deadline:
-            hung.append(i)
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            break
-        time.sleep(0.002)
-stop.set()
-for t in threads:
-    t.join()
-json.dump({"hung": hung, "failed": failed, "parent": parent_sent}, open(out, "w"))
-sys.exit(0 if chat_magic.flush(180) else 4)
-"""
 
 
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)

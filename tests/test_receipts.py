@@ -18,6 +18,7 @@ import time
 
 import pytest
 from conftest import KEY, TOKEN, wait_until
+from helpers_outbox import queued_by_another_process
 
 import chat_magic
 from chat_magic import delivery
@@ -186,15 +187,6 @@ def test_a_receipt_read_during_a_recovery_never_calls_its_message_lost(fast_spac
     assert [m["text"] for m in fast_space.messages()] == ["waits through a recovery"], "delivered once"
 
 
-QUEUER = """
-import sys, chat_magic
-from chat_magic import delivery
-delivery.settings.exit_timeout = 0
-for i in range(int(sys.argv[1])):
-    chat_magic.send(f"queued {i:02d}", thread_key=f"q{i:02d}")
-"""
-
-
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
 def test_a_flush_is_not_done_while_the_worker_still_salvages(space, outbox_home):
     """What made ``test_damaged_outbox_found_by_the_next_process`` fail now and then, made certain.
@@ -204,11 +196,7 @@ def test_a_flush_is_not_done_while_the_worker_still_salvages(space, outbox_home)
     held none of them, so ``flush`` was done at once (exit 0) with nothing
     delivered. A large file makes the salvage long enough to be caught every time.
     """
-    space.emu.set_down(True)
-    try:
-        subprocess.run([sys.executable, "-c", QUEUER, "3"], env=dict(os.environ), check=True, timeout=60)
-    finally:
-        space.emu.set_down(False)
+    queued_by_another_process(space, 3)
     path = outbox_path(outbox_home)
     _fill(path, 20_000)
     _damage_a_filler_page(path)

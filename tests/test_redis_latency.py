@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from cluster_support import RedisServer
+from cluster_support import running_redis
 from conftest import KEY, TOKEN, wait_until
 
 import chat_magic
@@ -96,13 +96,7 @@ class LatencyProxy:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-latency"))
-    if not server.binary:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-    pytest.importorskip("redis", reason='the redis extra is not installed: pip install -e ".[test,redis]"')
-    server.start()
-    yield server
-    server.stop()
+    yield from running_redis(tmp_path_factory.mktemp("redis-latency"))
 
 
 @pytest.fixture
