@@ -44,6 +44,7 @@ from __future__ import annotations
 import atexit
 import collections
 import errno
+import functools
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from . import config, hooks, hosts, pacing, rules
 from . import outbox as _outbox
@@ -371,12 +372,32 @@ class _Lane:
 
 
 class _Wake(threading.Event):
-    """An Event that a signal handler may set while this thread is inside ``set`` (its lock is reentrant)."""
+    """An Event that a signal handler may set while this thread is inside ``set`` (its lock is reentrant).
+
+    A Ctrl-C can land after ``Condition.__enter__`` took the lock and before
+    the ``with`` block began: no ``__exit__`` runs, and every lane then waited
+    for the lock for good (a storm of Ctrl-C jammed 1 process in ~30). ``set``
+    gives back what an interrupt left held, and :func:`_heal_locks` (on the way
+    out of ``send``) does too.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         # the Event's own condition (guards its flag), reentrant: set() may run inside set(); a leaf
         self._cond = threading.Condition(threading.RLock())
+
+    @property
+    def lock(self) -> Any:
+        """The reentrant lock of the Event's condition (healed like the other locks of ``send``)."""
+        return self._cond._lock  # type: ignore[attr-defined]
+
+    def set(self) -> None:
+        outer = self.lock._is_owned()  # a signal handler's set() inside this thread's set(): the outer one gives back
+        try:
+            super().set()
+        finally:
+            if not outer and self.lock._is_owned():
+                self.lock._release_save()  # cut between taking the lock and the with block: never kept
 
 
 class _Inline:
@@ -388,6 +409,24 @@ class _Inline:
         if self.session is None:
             self.session = _new_session()
         return self.session
+
+
+_T = TypeVar("_T")
+
+
+def _healing(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A waiting method of the dispatcher: a Ctrl-C in it leaves no lock of ``send``'s held (see :func:`_heal_locks`)."""
+
+    @functools.wraps(method)
+    def healed(*args: Any, **kwargs: Any) -> _T:
+        before = _owned_locks()
+        try:
+            return method(*args, **kwargs)
+        except BaseException:
+            _heal_locks(before)
+            raise
+
+    return healed
 
 
 @dataclass
@@ -538,8 +577,13 @@ class Dispatcher:
                 self._thread = threading.Thread(target=self._run, name="chat_magic-delivery", daemon=True)
                 self._thread.start()
 
+    @_healing
     def wait_for(self, ids: list[int], timeout: float | None) -> bool:
-        """Wait until every id is sent or failed (or gone from the outbox); return whether they all are."""
+        """Wait until every id is sent or failed (or gone from the outbox); return whether they all are.
+
+        A Ctrl-C while waiting (the usual way out of a long ``wait()``) leaves
+        no lock held: a lane reporting an outcome would wait for it for good.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.ensure_running()
         while True:
@@ -552,6 +596,7 @@ class Dispatcher:
             with self._changed:
                 self._changed.wait(0.25 if left is None else min(0.25, left))
 
+    @_healing
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until nothing this outbox holds (or this process holds in memory) is waiting.
 
@@ -1169,7 +1214,8 @@ def _inside() -> bool:
 def _locks() -> list[Any]:
     """The reentrant locks on the way of ``send``."""
     ds = list(_dispatchers.values())
-    return [config.settings_lock(), webhook_module.known_lock(), _dlock] + [d._lock for d in ds] + [d._changed._lock for d in ds]  # type: ignore[attr-defined]
+    return ([config.settings_lock(), webhook_module.known_lock(), _dlock] + [d._lock for d in ds]
+            + [d._changed._lock for d in ds] + [d._wake.lock for d in ds])  # type: ignore[attr-defined]
 
 
 def _owned_locks() -> set[int]:

@@ -118,18 +118,21 @@ class Injected(KeyboardInterrupt):
     """The interrupt the sweep raises (a KeyboardInterrupt: what Ctrl-C raises)."""
 
 
-def interrupt_at(n: int, fn, files: set[str] | None, skip: tuple[str, ...] = ()) -> tuple[bool, object]:
+def interrupt_at(n: int, fn, files: set[str] | None, skip: tuple[str, ...] = (), events: tuple[str, ...] = ("line",)) -> tuple[bool, object]:
     """Run ``fn`` raising :class:`Injected` at its ``n``-th line event; return (raised, result or exception).
 
     Line events count in frames whose file is in ``files`` (None: chat_magic's
     package) and whose function is not in ``skip`` (the catchers themselves).
+    ``events=("return",)``: at a function's return instead, after its last
+    line ran (a lock's ``__enter__`` that took the lock: what a real Ctrl-C
+    can do before the ``with`` block begins).
     """
     count = 0
     fired = False
 
     def local(frame, event, arg):
         nonlocal count, fired
-        if event == "line" and not fired:
+        if event in events and not fired:
             count += 1
             if count == n:
                 fired = True
@@ -159,7 +162,7 @@ def assert_clean(d: delivery.Dispatcher) -> None:
     assert conn is None or not conn.in_transaction, "a transaction was left open"
     gate = getattr(outbox_module, "_gate", None)
     assert gate is None or not gate._lock._is_owned(), "the outbox gate is held"
-    for lock in ([gate._lock] if gate else []) + [d._lock, d._drain_lock, d._changed, delivery._dlock, config._lock]:
+    for lock in ([gate._lock] if gate else []) + [d._lock, d._drain_lock, d._changed, d._wake._cond, delivery._dlock, config._lock]:
         got: list[bool] = []
         t = threading.Thread(target=lambda lk=lock, got=got: got.append(lk.acquire(timeout=5) and (lk.release() or True)))
         t.start()
@@ -248,6 +251,38 @@ def _turn(d: delivery.Dispatcher):
 
 def _sent(space, text: str) -> bool:
     return text in items(space.messages())
+
+
+THREADING = {threading.__file__}
+
+
+@pytest.mark.parametrize("call", ["send", "wait"])
+def test_an_interrupt_as_any_lock_is_taken_in_send_or_wait_leaves_nothing_held(fast_space, call):
+    """At the return of every ``threading`` function ``send()`` or ``Receipt.wait()`` calls (a lock's ``__enter__``).
+
+    A Ctrl-C landing after ``Condition.__enter__`` took the worker's wake-up
+    lock, before the ``with`` block began, kept it held for good: every lane
+    then waited on it, and a storm of Ctrl-C jammed a process in about 30
+    (``flush`` ended with 259 messages still queued).
+    """
+    d = delivery.dispatcher()
+    chat_magic.send("warm up", thread_key="locks").wait(15)
+    n, after = 0, []
+    while True:
+        n += 1
+        cut, nxt = _sender_names(n)
+        if call == "send":
+            fired, _ = interrupt_at(n, lambda cut=cut: chat_magic.send(cut, thread_key="locks"), THREADING, events=("return",))
+        else:
+            r = chat_magic.send(cut, thread_key="locks")
+            fired, _ = interrupt_at(n, lambda r=r: r.wait(15), THREADING, events=("return",))
+        assert_clean(d)
+        chat_magic.send(nxt, thread_key="locks").wait(30)  # the lanes still deliver
+        after.append(nxt)
+        if not fired:
+            break
+    assert n > 3, "the sweep went through the locks send() and wait() take"
+    check_delivery(fast_space, d, after)
 
 
 @pytest.mark.slow  # over 3 s, or a framework: the slow run (see conftest)
