@@ -3,18 +3,9 @@
 A process cannot report its own host's disappearance (a preempted VM, a
 Colab runtime disconnected, a node that lost power): its watcher goes with
 it. With ``CHAT_MAGIC_REDIS_URL`` (or ``redis_url`` in the config), every
-open block also writes to Redis:
-
-- ``chat_magic:open:<host>:<pid>/<start>:<id>``: a hash with its host, label,
-  the text of its armed death notice, the destination's *name* (a space name
-  from the config, or ``""`` for the default: never a URL, key or token),
-  its thread key, when it started, its last progress line and last beat;
-- ``chat_magic:beat:<same>``: a heartbeat, refreshed every
-  ``CHAT_MAGIC_HEARTBEAT`` seconds (default 15) by a daemon thread, that
-  expires after three beats missed.
-
-Closing the block deletes both; so does posting its death or termination
-notice on the host (those records are :mod:`chat_magic.heartbeat`'s). ``chat-magic watch [--lost-after 120]``, a long-running
+open block keeps a record and a heartbeat in Redis (their keys and fields:
+:mod:`chat_magic.heartbeat`), deleted when it closes or its notice is posted.
+``chat-magic watch [--lost-after 120]``, a long-running
 command for any machine that reaches Redis (a login node, a small pod), posts
 
     📡 lost contact with *gpu-node-17* running *label* 4 min ago

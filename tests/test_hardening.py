@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import KEY, TOKEN, assert_no_secret, validate_message
-from helpers_outbox import queued_by_another_process
+from helpers_outbox import OLD_MESSAGE_TABLE, queued_by_another_process
 
 import chat_magic
 from chat_magic import delivery
@@ -1062,14 +1062,7 @@ def test_a_zombie_sender_is_recognised_at_once(space, outbox_home):
         p.wait(10)
 
 
-OLD_SCHEMA = """
-CREATE TABLE message (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
-    space_key TEXT NOT NULL, thread_key TEXT, payload TEXT NOT NULL, mergeable INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, owner TEXT, lease_until REAL, merged_into INTEGER, name TEXT, thread_name TEXT,
-    error_code INTEGER, error_status TEXT, error TEXT);
-CREATE TABLE pacing (space_key TEXT PRIMARY KEY, next_slot REAL NOT NULL);
-"""
+OLD_SCHEMA = OLD_MESSAGE_TABLE + "CREATE TABLE pacing (space_key TEXT PRIMARY KEY, next_slot REAL NOT NULL);\n"
 
 
 def test_an_outbox_of_the_older_format_is_carried_over(space, outbox_home, capfd):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from conftest import KEY, TOKEN, assert_no_secret
+from helpers_outbox import OLD_MESSAGE_TABLE
 
 POD_B = """
 import sys
@@ -101,13 +102,7 @@ def test_listing_all_hosts_reads_other_hosts_files_and_changes_nothing(fast_spac
 
 
 
-OLD_SCHEMA = """
-CREATE TABLE message (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
-    space_key TEXT NOT NULL, thread_key TEXT, payload TEXT NOT NULL, mergeable INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, owner TEXT, lease_until REAL, merged_into INTEGER, name TEXT, thread_name TEXT,
-    error_code INTEGER, error_status TEXT, error TEXT);
-"""
+OLD_SCHEMA = OLD_MESSAGE_TABLE
 
 
 def test_listing_shows_an_old_single_file_of_the_older_format_without_carrying_it_over(fast_space, outbox_home):
