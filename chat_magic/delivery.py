@@ -79,6 +79,9 @@ log.addHandler(logging.NullHandler())  # a library: no "last resort" lines on st
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_LANES = 32  # spaces with a request in flight at once, per process
+# a retry waits at most this long (Retry-After and backoff_cap alike): another process reading a retry
+# time further ahead takes it for a wall clock that stepped back (outbox.MAX_HOLD) and retries at once
+LONGEST_RETRY = 300.0
 LANE_IDLE = 30.0  # seconds a space's sender thread waits for more work before it ends
 
 
@@ -184,6 +187,8 @@ class Settings:
                 raise ConfigError(f"unknown setting {name!r}: choose from {', '.join(known)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"{name}={value!r}: give a number of seconds >= 0, such as {name}={getattr(self, name):g}")
+            if name in ("backoff_base", "backoff_cap") and value > LONGEST_RETRY:
+                raise ConfigError(f"{name}={value!r}: a retry waits at most {LONGEST_RETRY:g} seconds; give {name}={LONGEST_RETRY:g} or less")
         for name, value in values.items():
             setattr(self, name, float(value))
 
@@ -203,7 +208,7 @@ def backoff(attempts: int, retry_after: float | None = None) -> float:
     delay = min(settings.backoff_cap, settings.backoff_base * 2 ** max(0, attempts - 1))
     delay = delay / 2 + random.uniform(0, delay / 2)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, 300.0))
+        delay = max(delay, min(retry_after, LONGEST_RETRY))
     return delay
 
 
@@ -384,12 +389,8 @@ class _Wake(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         # the Event's own condition (guards its flag), reentrant: set() may run inside set(); a leaf
-        self._cond = threading.Condition(threading.RLock())
-
-    @property
-    def lock(self) -> Any:
-        """The reentrant lock of the Event's condition (healed like the other locks of ``send``)."""
-        return self._cond._lock  # type: ignore[attr-defined]
+        self.lock: Any = threading.RLock()  # healed like the other locks of ``send``
+        self._cond = threading.Condition(self.lock)
 
     def set(self) -> None:
         outer = self.lock._is_owned()  # a signal handler's set() inside this thread's set(): the outer one gives back

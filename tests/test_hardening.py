@@ -858,8 +858,8 @@ def _damage_and_read(box: Path, receipts: list, capfd) -> tuple[list[str], str, 
 
 def test_damaged_outbox_is_moved_aside_and_readable_rows_salvaged(space, outbox_home, capfd, monkeypatch):
     """Garbage over a checkpointed outbox holding 20 waiting messages, while the process uses it."""
-    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
-    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_base", 300.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 300.0)
     filler = "·" * 600
     space.emu.set_down(True)  # down until the statuses are read: a retry at once (a reset connection) stays failed
     try:
@@ -927,8 +927,8 @@ def test_temporary_outbox_is_loud_and_flush_reports_what_waits_in_the_real_one(s
 
 def test_wait_after_outbox_drop_is_a_clear_error(outbox_home, monkeypatch):
     monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", f"http://127.0.0.1:1/v1/spaces/D/messages?key={KEY}&token={TOKEN}")
-    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
-    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_base", 300.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 300.0)
     r = chat_magic.send("to be dropped")
     wait_until(lambda: r.error is not None, 10, "a failed attempt")
     out = cli("outbox", "drop", str(r.ids[0]), env=dict(os.environ))

@@ -216,6 +216,21 @@ def test_a_bad_setting_is_one_config_error_naming_it(saved_settings, value):
     assert saved_settings.interval == before and saved_settings.read_timeout != 3  # all checked before any is set
 
 
+@pytest.mark.parametrize("name", ["backoff_base", "backoff_cap"])
+def test_a_retry_longer_than_another_process_believes_is_refused(saved_settings, name, tmp_path):
+    """A retry time past 300 s reads as a wall clock that stepped back in another process: retried there at once."""
+    from chat_magic import delivery, outbox
+
+    assert delivery.LONGEST_RETRY + 30 <= outbox.MAX_HOLD  # what this process may wait, another believes
+    before = getattr(saved_settings, name)
+    with pytest.raises(ConfigError) as e:
+        chat_magic.configure(**{name: 600})
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{name}=600") and "at most 300 seconds" in str(e.value)
+    assert getattr(saved_settings, name) == before
+    chat_magic.configure(**{name: 300})
+    assert getattr(saved_settings, name) == 300.0
+
+
 def test_unknown_setting_lists_only_public_ones(saved_settings):
     for name in ("speed", "_exit_timeout", "lease"):
         with pytest.raises(ConfigError) as e:

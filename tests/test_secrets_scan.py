@@ -518,8 +518,8 @@ def test_a_cut_at_every_offset_across_key_and_token_leaves_no_fragment(outbox_ho
 
     url = f"http://127.0.0.1:1/v1/spaces/CUT/messages?key={KEY}&token={TOKEN}"
     monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", url)
-    monkeypatch.setattr(delivery.settings, "backoff_base", 600.0)
-    monkeypatch.setattr(delivery.settings, "backoff_cap", 600.0)
+    monkeypatch.setattr(delivery.settings, "backoff_base", 300.0)
+    monkeypatch.setattr(delivery.settings, "backoff_cap", 300.0)
     first = len(split_text("x" * 9000)[0])  # where a text without spaces or line ends is cut
     sent = 0
     for offset in _secret_span(url):
