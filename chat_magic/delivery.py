@@ -1497,6 +1497,13 @@ def _at_exit() -> None:
     except Exception:
         pass
     try:
+        # nothing of chat_magic runs on this thread now: whatever it holds, an interrupt left (the worker would
+        # wait on it, and this exit on the worker); a signal handler's exception can cut a heal short too
+        _heal_locks(set())
+        _outbox.heal_gate(outside=True)
+    except Exception:
+        pass
+    try:
         _adopt_late(force=True)  # what a signal handler sent from inside the outbox, if the call it cut never returned
     except Exception as e:
         _say(f"a message sent from a signal handler could not be queued: {type(e).__name__}: {e}")

@@ -1662,12 +1662,19 @@ class _Gate:
         self._local.depth = depth + 1
         return True
 
+    # The count never says more than the holds: it goes down before a release and up after an
+    # acquire, so an interrupt between the two leaves an extra hold (given back at depth 0), never
+    # a count above the holds (which no depth-0 check would ever see: the gate then stayed held for
+    # good, and a Ctrl-C storm left a worker waiting on it with hundreds of messages queued).
+
     def leave(self) -> None:
         if self._lock._is_owned():
-            self._local.depth, _ = max(0, self.depth() - 1), self._lock.release()
+            self._local.depth = max(0, self.depth() - 1)
+            self._lock.release()
 
     def restore(self, depth: int) -> None:
         """Hold the gate exactly ``depth`` times, as this thread did before a call an interrupt cut short."""
+        self._local.depth = 0
         if self._lock._is_owned():
             self._lock._release_save()
         if depth:
@@ -1683,9 +1690,9 @@ def inside() -> bool:
     return _gate.held()
 
 
-def heal_gate() -> None:
-    """Outside any outbox call (depth 0), give back a gate hold an interrupt left behind."""
-    if not _gate.depth():
+def heal_gate(*, outside: bool = False) -> None:
+    """Outside any outbox call (depth 0, or ``outside``: this thread is known to be), give back a gate hold an interrupt left."""
+    if outside or not _gate.depth():
         _gate.restore(0)
 
 

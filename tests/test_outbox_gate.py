@@ -15,6 +15,7 @@ import ast
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import chat_magic
+from chat_magic import outbox as outbox_module
 from chat_magic.outbox import Outbox
 from chat_magic.webhook import parse_webhook_url
 
@@ -148,3 +150,67 @@ def test_a_transaction_begun_outside_the_outboxs_own_writes_is_rolled_back_and_r
     other.execute("ROLLBACK")
     other.close()
     assert box.enqueue(HOOK, None, [(_body("after"), False)])
+
+
+def _cut_at_opcode(n: int, fn) -> bool:
+    """Run ``fn`` raising KeyboardInterrupt at its ``n``-th opcode inside the gate's methods; whether it was raised."""
+    count, fired = 0, False
+    gate_code = {f.__code__ for f in (outbox_module._Gate.enter, outbox_module._Gate.leave, outbox_module._Gate.restore,
+                                       outbox_module._Gate.depth)}
+
+    def local(frame, event, arg):
+        nonlocal count, fired
+        if event == "opcode" and not fired:
+            count += 1
+            if count == n:
+                fired = True
+                raise KeyboardInterrupt(f"opcode {n}")
+        return local
+
+    def global_(frame, event, arg):
+        if frame.f_code in gate_code and not fired:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    sys.settrace(global_)
+    try:
+        fn()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return fired
+
+
+
+def _holds(gate) -> int:
+    """How many times this thread holds the gate's lock (the RLock's own count)."""
+    if not gate._lock._is_owned():
+        return 0
+    state = gate._lock._release_save()
+    gate._lock._acquire_restore(state)
+    return state[0]
+
+
+@pytest.mark.parametrize("step", ["enter", "leave", "restore"])
+def test_an_interrupt_at_any_opcode_of_the_gate_never_counts_more_than_it_holds(step):
+    """The count may fall behind the holds (an extra hold is given back at depth 0), never run ahead of them.
+
+    ``leave`` released before it counted down: a Ctrl-C between the two left a
+    count above the holds, no depth-0 check healed a later leak, and a storm of
+    Ctrl-C left the gate held for good (a worker waited on it, 293 messages queued).
+    """
+    n = 0
+    while True:
+        n += 1
+        gate = outbox_module._Gate()
+        gate.enter(1)
+        gate.enter(1)
+        call = {"enter": lambda g=gate: g.enter(1), "leave": gate.leave, "restore": lambda g=gate: g.restore(1)}[step]
+        fired = _cut_at_opcode(n, call)
+        assert gate.depth() <= _holds(gate), (step, n, gate.depth(), _holds(gate))
+        gate.restore(0)
+        if not fired:
+            break
+    assert n > 5, "the sweep went through the gate's opcodes"
