@@ -118,14 +118,17 @@ class Injected(KeyboardInterrupt):
     """The interrupt the sweep raises (a KeyboardInterrupt: what Ctrl-C raises)."""
 
 
-def interrupt_at(n: int, fn, files: set[str] | None, skip: tuple[str, ...] = (), events: tuple[str, ...] = ("line",)) -> tuple[bool, object]:
+def interrupt_at(n: int, fn, files: set[str] | None, skip: tuple[str, ...] = (), events: tuple[str, ...] = ("line",),
+                 codes: set | None = None) -> tuple[bool, object]:
     """Run ``fn`` raising :class:`Injected` at its ``n``-th line event; return (raised, result or exception).
 
     Line events count in frames whose file is in ``files`` (None: chat_magic's
     package) and whose function is not in ``skip`` (the catchers themselves).
     ``events=("return",)``: at a function's return instead, after its last
     line ran (a lock's ``__enter__`` that took the lock: what a real Ctrl-C
-    can do before the ``with`` block begins).
+    can do before the ``with`` block begins). ``events=("opcode",)`` with
+    ``codes`` (functions' code objects, instead of ``files``): at any
+    instruction of those functions, even in the middle of a line.
     """
     count = 0
     fired = False
@@ -143,7 +146,11 @@ def interrupt_at(n: int, fn, files: set[str] | None, skip: tuple[str, ...] = (),
         if fired:
             return None
         name = frame.f_code.co_filename
-        wanted = name.startswith(PACKAGE) if files is None else name in files
+        if codes is not None:
+            wanted = frame.f_code in codes
+        else:
+            wanted = name.startswith(PACKAGE) if files is None else name in files
+        frame.f_trace_opcodes = "opcode" in events
         return local if wanted and frame.f_code.co_name not in skip else None
 
     sys.settrace(global_)

@@ -15,12 +15,12 @@ import ast
 import json
 import os
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from test_interrupts import interrupt_at
 
 import chat_magic
 from chat_magic import outbox as outbox_module
@@ -153,35 +153,10 @@ def test_a_transaction_begun_outside_the_outboxs_own_writes_is_rolled_back_and_r
 
 
 def _cut_at_opcode(n: int, fn) -> bool:
-    """Run ``fn`` raising KeyboardInterrupt at its ``n``-th opcode inside the gate's methods; whether it was raised."""
-    count, fired = 0, False
-    gate_code = {f.__code__ for f in (outbox_module._Gate.enter, outbox_module._Gate.leave, outbox_module._Gate.restore,
-                                       outbox_module._Gate.depth)}
-
-    def local(frame, event, arg):
-        nonlocal count, fired
-        if event == "opcode" and not fired:
-            count += 1
-            if count == n:
-                fired = True
-                raise KeyboardInterrupt(f"opcode {n}")
-        return local
-
-    def global_(frame, event, arg):
-        if frame.f_code in gate_code and not fired:
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    sys.settrace(global_)
-    try:
-        fn()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    return fired
-
+    """Run ``fn`` raising a KeyboardInterrupt at its ``n``-th instruction inside the gate's methods; whether it was raised."""
+    gate = outbox_module._Gate
+    codes = {f.__code__ for f in (gate.enter, gate.leave, gate.restore, gate.depth)}
+    return interrupt_at(n, fn, None, events=("opcode",), codes=codes)[0]
 
 
 def _holds(gate) -> int:
