@@ -226,8 +226,9 @@ def mark_important(receipt: Any) -> None:
     """Flag a queued completion/failure notice: the exit waits for it, the watcher delivers it. Never raises."""
     try:
         ids = list(getattr(receipt, "ids", ()) or ())
-        if ids:
-            receipt._d.outbox.mark_important(ids)
+        box = getattr(receipt, "outbox", None)
+        if ids and box is not None:
+            box.mark_important(ids)
     except Exception:
         pass
 

@@ -567,6 +567,10 @@ class Dispatcher:
         finally:
             (setattr(self, "_drainer", None), self._drain_lock.release())  # type: ignore[func-returns-value]  # one line: no interrupt between
 
+    def wake(self) -> None:
+        """Wake the worker now (something was queued, or another process's rows are due)."""
+        self._wake.set()
+
     def ensure_running(self) -> None:
         if _late_mode():
             return  # after chat_magic's exit hook: no new thread (it might never run); send() delivers inline
@@ -1066,6 +1070,11 @@ class Receipt:
         if status == "sent" or DROPPED in gone.values():
             self._final = outcome
         return outcome
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox holding this message (None while it is kept in memory before any dispatcher took it)."""
+        return self._d.outbox if self._d is not None else None
 
     @property
     def status(self) -> str:

@@ -148,7 +148,7 @@ def _close_blocks(sig: int) -> None:
     if ids:
         d = dispatcher()
         d.mine.update(ids)
-        d._wake.set()
+        d.wake()
         d.ensure_running()
         if not d.wait_for(ids, WAIT):
             _warn(f"{text}: the notice is queued; the watcher or the next chat_magic process delivers it")
