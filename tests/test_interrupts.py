@@ -99,6 +99,15 @@ class Locker:
         turns, slow, worst = self.report.read_text().split()
         return int(turns), int(slow), float(worst)
 
+    def stop(self) -> None:
+        """Whatever happened (a failed test too): the process ends (it ran for good after a failed storm test)."""
+        self.stop_file.touch()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
 
 @pytest.fixture
 def locker(fast_space, outbox_home, tmp_path):
@@ -106,9 +115,7 @@ def locker(fast_space, outbox_home, tmp_path):
     chat_magic.send("warm up", thread_key="sweep").wait(15)
     lk = Locker(outbox_path(config.home()), tmp_path)
     yield lk
-    if lk.proc.poll() is None:
-        lk.stop_file.touch()
-        lk.proc.wait(60)
+    lk.stop()
 
 
 # -- injecting an interrupt at the Nth line event ------------------------------------------
@@ -396,13 +403,16 @@ def test_a_sigint_storm_against_a_sending_process_jams_nothing(fast_space, tmp_p
     subprocess.run([sys.executable, "-c", "from chat_magic import delivery; delivery.dispatcher()"],
                    env=_env(home), check=True, timeout=60)
     locker = Locker(outbox_path(home), tmp_path)
-    rnd = random.Random(16)
-    presses, confirmed, run = 0, set(), 0
-    while presses < 300 and run < 20:
-        pressed, ok, stderr = _storm_run(fast_space.url, run, home, rnd)
-        _no_trouble(stderr)
-        presses, confirmed, run = presses + pressed, confirmed | ok, run + 1
-    turns, slow, worst = locker.finish()
+    try:
+        rnd = random.Random(16)
+        presses, confirmed, run = 0, set(), 0
+        while presses < 300 and run < 20:
+            pressed, ok, stderr = _storm_run(fast_space.url, run, home, rnd)
+            _no_trouble(stderr)
+            presses, confirmed, run = presses + pressed, confirmed | ok, run + 1
+        turns, slow, worst = locker.finish()
+    finally:
+        locker.stop()
     assert presses >= 300, "the storm pressed Ctrl-C many times while processes sent"
     assert slow == 0, f"another process was kept out of the outbox {slow} time(s) (worst {worst} s)"
     after = _run_child(f"import chat_magic, sys; chat_magic.send('after the storm', to={fast_space.url!r}, thread_key='storm');"
