@@ -1388,6 +1388,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@_healing
 def send(
     text: str | None = None,
     *,
@@ -1416,13 +1417,9 @@ def send(
     magics, ``chat_magic.send``, ``chat-magic send --thread``, the composer,
     the progress lines): a blank or too long key is a one-line ConfigError.
     """
-    before = _owned_locks()
-    try:
-        return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
-                     keep_on_fault=keep_on_fault, header=header, image=image, figures=figures, disarm=disarm)
-    except BaseException:
-        _heal_locks(before)  # an interrupt, even on a line that releases (here, or resolving ``to``): leave no lock held
-        raise
+    # an interrupt, even on a line that releases (or resolving ``to``): @_healing leaves no lock held
+    return _send(text, to=to, thread_key=thread_key, cards=cards, fallback_text=fallback_text, truncate=truncate,
+                 keep_on_fault=keep_on_fault, header=header, image=image, figures=figures, disarm=disarm)
 
 
 def _send(text: str | None, *, to: str | Webhook | None, thread_key: str | None, cards: list[dict[str, Any]] | None,
