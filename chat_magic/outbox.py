@@ -1181,9 +1181,10 @@ class Outbox:
         """Move what waits in another host's file into this one, in order; return how many messages came.
 
         Only when no process uses that file (its liveness lock is free, see
-        :func:`hosts.claim_orphan`) and no lease in it still runs: a container
-        restarted with a new hostname delivers what the previous one left,
-        before anything it queues itself. Rows keep their ``requestId`` (the
+        :func:`hosts.claim_orphan`): a container restarted with a new
+        hostname delivers what the previous one left, before anything it
+        queues itself, at once (a row its dead sender left under a lease is
+        sent again). Rows keep their ``requestId`` (the
         copy is idempotent: a row already here is not copied twice); the ones
         copied are then deleted there. Never raises: a file that cannot be
         read is left alone (logged).
@@ -1216,9 +1217,9 @@ class Outbox:
         if "dest" not in {r[1] for r in src.execute("PRAGMA table_info(message)")}:
             return 0  # an older format: the old single-file path drains those
         have = {r[1] for r in src.execute("PRAGMA table_info(message)")}
-        lease = src.execute(f"SELECT max(lease_until) FROM message WHERE state='{SENDING}'").fetchone()[0]
-        if lease and now < lease <= now + self.lease_cap:
-            return 0  # a request from there may still be in flight: next time
+        # A row under a lease is not waited for: the liveness lock this process holds says no process uses the
+        # file, so its sender is gone and nothing can still be sending it. Its request may have reached the space:
+        # sent again under the same requestId, as any retry after a lost reply.
         waiting = f"state IN ('{PENDING}','{SENDING}','{FAILED}')"
         rows = [dict(r) for r in src.execute(
             f"SELECT * FROM message WHERE {waiting} OR (state='{MERGED}' AND merged_into IN (SELECT id FROM message WHERE {waiting}))"

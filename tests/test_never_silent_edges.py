@@ -128,7 +128,7 @@ def _as_host(name: str, *argv: str, env: dict, whole: bool = False) -> subproces
     """``argv`` run by Python under the hostname ``name`` (``whole``: in a PID namespace too, to kill it whole)."""
     ns = ["--uts", "--pid", "--fork", "--mount-proc"] if whole else ["--uts"]
     cmd = ["unshare", *ns, "sh", "-c", 'hostname "$1" && shift && exec "$@"', "sh", name, sys.executable, *argv]
-    return subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.mark.slow
@@ -165,6 +165,65 @@ def test_a_container_restarted_under_a_new_hostname_reports_its_predecessors_dea
     assert again.returncode == 0, out + err
     assert len(deaths(fast_space)) == 1
     assert_no_secret(out, err, death)
+
+
+
+IN_FLIGHT_JOB = """
+    import sys, time, chat_magic
+    with chat_magic.notify_when_done("nightly training") as n:
+        n.update("epoch 3: loss 0.250")
+        print("READY", flush=True)
+        sys.stdin.readline()
+        chat_magic.send("checkpoint saved")  # the emulator holds this request: the container dies with it in flight
+        time.sleep(300)
+"""
+
+
+def _sending(home: Path) -> int:
+    n = 0
+    for f in home.glob("outbox-*.sqlite3"):
+        db = sqlite3.connect(f"file:{f}?mode=ro", uri=True, timeout=10)
+        try:
+            n += db.execute("SELECT count(*) FROM message WHERE state='sending'").fetchone()[0]
+        finally:
+            db.close()
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(NO_HOSTS), reason=NO_HOSTS or "")
+def test_a_host_killed_with_a_request_in_flight_is_taken_over_at_once_not_after_its_lease(fast_space, tmp_path):
+    """The dead host's last request left its row under a lease. No process uses the file (its liveness lock is
+    free), so nothing can still be sending it: the next host's first process delivers the death notice and
+    that message (same ``requestId``: posted once) at once, not minutes later when the lease runs out."""
+    from test_jobs import _ns_init
+
+    home = tmp_path / "home"
+    env = script_env(fast_space, home)
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(IN_FLIGHT_JOB), encoding="utf-8")
+    pod_a = _as_host("pod-a", str(job), env=env, whole=True)
+    assert pod_a.stdout.readline().strip() == "READY", pod_a.stderr.read()
+    wait_until(lambda: [m for m in fast_space.messages() if "epoch 3" in (m.get("text") or "")], what="pod-a's progress line")
+    fast_space.emu.inject("stall", seconds=4)
+    pod_a.stdin.write("go\n")
+    pod_a.stdin.flush()
+    wait_until(lambda: _sending(home), what="pod-a's request in flight")
+    os.kill(_ns_init(pod_a.pid), signal.SIGKILL)
+    pod_a.wait(30)
+    assert _armed(home) == 1 and deaths(fast_space) == []
+    pod_b = _as_host("pod-b", "-m", "chat_magic.cli", "send", "pod-b is up", env=env)
+    out, err = pod_b.communicate(timeout=90)
+    assert pod_b.returncode == 0, out + err
+    # pod-b's process waited for what it adopted before it exited: both are in the space already
+    assert len(deaths(fast_space)) == 1, err
+    assert "1 message(s) left and the death notice of 1 job(s) still running in outbox-pod-a.sqlite3" in err, err
+    assert [m["text"] for m in fast_space.messages() if "checkpoint saved" in (m.get("text") or "")] == ["checkpoint saved"]
+    # the held request ends too (the emulator answers it after its stall): the space keeps one message per requestId
+    wait_until(lambda: any(r.get("fault") == "stall" for r in fast_space.requests()), timeout=30, what="the held request's end")
+    assert [m["text"] for m in fast_space.messages() if "checkpoint saved" in (m.get("text") or "")] == ["checkpoint saved"]
+    assert _armed(home) == 0 and _sending(home) == 0
+    assert_no_secret(out, err)
 
 
 # -- a card the outbox cannot take yet keeps its death notice armed until it is queued --------------------------
