@@ -20,6 +20,7 @@ here imports delivery.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -85,7 +86,9 @@ def on_arm(armed: hooks.Block, spec: dict[str, Any]) -> None:
     armed.extra["lost"] = name
     with _lock:
         _open[name] = (armed, record)
-    _ensure_thread()
+        thread = _new_thread()
+    if thread is not None:
+        thread.start()
     _wake.set()  # the first beat now, from the heartbeat thread: the block never waits for Redis
 
 
@@ -99,11 +102,32 @@ def on_close(armed: hooks.Block) -> None:
 
 
 def on_fired(spec: dict[str, Any], row: dict[str, Any]) -> None:
-    """A death or termination notice was posted on the host: the watch has nothing to add."""
+    """A death or termination notice was posted on the host: the watch has nothing to add.
+
+    In the process that owns the block (a termination card, a block still
+    open at exit) the block never closes (no :func:`on_close`): it stops
+    beating here, or the next beat would write its record again and the
+    watch, once the process is gone, would say it lost contact with a job
+    already reported ended.
+    """
     from . import config
 
-    if config.redis_url() and row.get("owner"):
-        _forget(_name(str(row["owner"]), int(row["id"])))
+    if not (config.redis_url() and row.get("owner")):
+        return
+    name = _name(str(row["owner"]), int(row["id"]))
+    with _lock:
+        held = _open.get(name)
+        if held is not None and _same_block(held[0], spec):
+            del _open[name]
+    _forget(name)
+
+
+def _same_block(armed: hooks.Block, spec: dict[str, Any]) -> bool:
+    """Whether the open ``armed`` is the block an armed row's ``spec`` was written for (not another outbox's row of that id)."""
+    try:
+        return float(spec.get("started") or 0.0) == float(armed.started) and str(spec.get("title") or "") == armed.title
+    except (TypeError, ValueError):
+        return False
 
 
 def _forget(name: str) -> None:
@@ -134,24 +158,50 @@ def _beat_once(names: list[str] | None = None) -> None:
         pipe.execute()
     except Exception:
         pass  # Redis away: the next beat tries again (the watch says "lost" only after --lost-after)
+    with _lock:
+        gone = [name for name, _ in items if name not in _open]
+    for name in gone:  # closed or fired while this beat was on its way: what it wrote goes too
+        _forget(name)
 
 
-def _ensure_thread() -> None:
+def _new_thread() -> threading.Thread | None:
+    """A heartbeat thread to start (the caller holds ``_lock``), or None: one runs and will see the new block.
+
+    Decided under the lock the thread takes to decide to end (:func:`_run`):
+    a thread that has decided to end has already said so, so a block opened
+    just then starts a new one instead of being left without a heartbeat.
+    """
     global _thread
-    if _thread is None or not _thread.is_alive():
-        _thread = threading.Thread(target=_run, name="chat_magic-heartbeat", daemon=True)
-        _thread.start()
+    if _thread is not None and _thread.is_alive():  # a forked child: its parent's thread is not alive here
+        return None
+    _thread = threading.Thread(target=_run, name="chat_magic-heartbeat", daemon=True)
+    return _thread
 
 
 def _run() -> None:
+    global _thread
     while True:
         _wake.wait(beat_every())
         _wake.clear()
         with _lock:
             if not _open:
+                if _thread is threading.current_thread():
+                    _thread = None  # the next block starts a new thread
                 return
         _beat_once()
 
+
+def _after_fork_in_child() -> None:
+    """A forked child beats for none of its parent's blocks (they die with the parent), with fresh locks."""
+    global _lock, _thread, _wake
+    _lock = threading.Lock()  # the parent's heartbeat thread may have held it at the fork
+    _wake = threading.Event()
+    _thread = None
+    _open.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 hooks.on_arm.append(on_arm)
 hooks.on_close.append(on_close)

@@ -13,7 +13,8 @@ The thread key comes from the launcher's job identity when there is one
 
 The failing rank's error is the failure notice. When several ranks fail, the
 first failure recorded for the job wins (in the host's outbox, and in Redis
-when ``CHAT_MAGIC_REDIS_URL`` is set, across hosts); a later failure whose
+when one is configured, across hosts: ``CHAT_MAGIC_REDIS_URL`` or ``redis_url``
+in the config file, as for pacing and the heartbeat); a later failure whose
 error is a distributed collective's consequence ("Connection closed by
 peer", NCCL/gloo errors, a timed-out collective) is one line naming the rank
 that failed first, not a second failure card.
@@ -71,37 +72,47 @@ def thread_key(ident: str) -> str:
     return f"chat-magic-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:6]}"
 
 
+KEPT = 500  # characters of a failure's summary that are recorded (and compared: what was kept is what comes back)
+
+
 def first_failure(job: str, who: str, summary: str, box: Any) -> tuple[str, str] | None:
     """Record this rank's failure for ``job``; None if it is the first, else ``(rank, summary)`` of the first.
 
     Recorded in Redis when configured, else in the outbox ``box`` (or what
     ``box()`` returns, asked only then). Never raises: if no record can be
-    kept, every failure counts as the first.
+    kept, every failure counts as the first. The summary is cut to
+    :data:`KEPT` characters here, once, before it is recorded or compared:
+    a long error (a collective's C++ backtrace) read back must still be
+    recognised as this rank's own.
     """
-    first = _first_in_redis(job, who, summary)
-    if first is not None:
-        return None if first == (who, summary) else first
-    try:
-        if callable(box):
-            box = box()
-        first = box.first_job_failure(job, who, summary[:500])
-    except Exception:
-        return None
-    return None if first is None or first == (who, summary[:500]) else first
+    mine = (who, summary[:KEPT])
+    first = _first_in_redis(job, *mine)
+    if first is None:
+        try:
+            if callable(box):
+                box = box()
+            first = box.first_job_failure(job, *mine)
+        except Exception:
+            return None
+    return None if first is None or first == mine else first
 
 
 def _first_in_redis(job: str, who: str, summary: str) -> tuple[str, str] | None:
-    url = os.environ.get("CHAT_MAGIC_REDIS_URL", "").strip()
-    if not url:
-        return None
+    """The job's first failure as Redis keeps it (this one if none was), or None: no Redis configured or reachable.
+
+    The Redis is the one pacing and the heartbeat use (:func:`chat_magic.heartbeat.redis_client`:
+    the variable, else the config file): every host of a job must find the same record.
+    """
     try:
         import json
 
-        import redis
+        from .heartbeat import redis_client
 
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis_client()
+        if client is None:
+            return None
         key = f"chat_magic:job-failure:{job}"
-        client.set(key, json.dumps([who, summary[:500]]), nx=True, ex=7 * 86400)
+        client.set(key, json.dumps([who, summary]), nx=True, ex=7 * 86400)
         got = client.get(key)
         return tuple(json.loads(got)) if got else None  # type: ignore[return-value]
     except Exception:

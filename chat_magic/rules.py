@@ -116,13 +116,31 @@ def seconds(value: object, *, option: str, least: float = 0.0, most: float = DAY
     if isinstance(value, str):
         m = _DURATION.fullmatch(value.strip())
         found = float(m.group(1)) * _UNITS[m.group(2)] if m else None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        found = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        found = _finite(value)
     if found is None or found < least or (above and found == least) or found > most:
-        shown = repr(value[:40] if isinstance(value, str) else value)
+        shown = _shown(value)
         named = f"{option}={shown}" if option else shown
         raise ConfigError(f"{named} is not a duration {_span(least, most, above)}: write {DURATION_FORMS}")
     return found
+
+
+def _finite(number: float) -> float | None:
+    """``number`` as a float, or None: infinite, not a number, or an int too large for a float (``10**400``)."""
+    try:
+        found = float(number)
+    except OverflowError:
+        return None
+    return found if math.isfinite(found) else None
+
+
+def _shown(value: object) -> str:
+    """A bad duration as its line shows it: a string's first 40 characters, an int too long to print as ``about 10**N``."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"about {'-' if value < 0 else ''}10**{math.floor(math.log10(abs(value)))}"
+    return repr(value)
 
 
 def seconds_arg(*, least: float = 0.0, most: float = DAY, above: bool = False) -> Callable[[str], float]:

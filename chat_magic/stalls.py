@@ -42,6 +42,8 @@ class _Watch:
 
 _watches: dict[int, _Watch] = {}  # id(armed) -> watch
 _lock = threading.Lock()
+# shares _lock: taken with the C-level ``with _lock:`` (a Ctrl-C cannot land between taking it and the block,
+# as it can inside the Python-level ``Condition.__enter__`` and leave it held: the next block close then hung)
 _wake = threading.Condition(_lock)
 _thread: threading.Thread | None = None
 
@@ -55,7 +57,7 @@ def watch(armed: hooks.Block, spec: dict[str, Any]) -> None:
     if w.probe is not None:
         w.seen = _value(w.probe)
     global _thread
-    with _wake:
+    with _lock:
         _watches[id(armed)] = w
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="chat_magic-stalls", daemon=True)
@@ -75,7 +77,7 @@ def _progress(armed: hooks.Block, now: float) -> None:
 
 
 def _closed(armed: hooks.Block) -> None:
-    with _wake:
+    with _lock:
         _watches.pop(id(armed), None)
         _wake.notify_all()
 
@@ -88,10 +90,13 @@ def _value(probe: Any) -> Any:
 
 
 def _run() -> None:
+    global _thread
     while True:
-        with _wake:
+        with _lock:
             if not _watches:
-                return  # started again by the next watched block
+                if _thread is threading.current_thread():
+                    _thread = None  # said under the lock watch() decides under: the next watched block starts a new one
+                return
             watches = list(_watches.values())
         now = time.monotonic()
         wait = 5.0
@@ -109,7 +114,7 @@ def _run() -> None:
                 _post(w, f"⏸ *{{title}}*: no progress for {_minutes(idle)}{last}")
             due = (w.last + w.after - now) if w.stalled_since is None else 5.0
             wait = min(wait, max(0.05, min(w.after / 4, due) if w.probe is not None else due))
-        with _wake:
+        with _lock:
             _wake.wait(min(wait, 5.0))
 
 
