@@ -149,6 +149,45 @@ def test_a_block_whose_notice_fired_in_its_live_process_writes_nothing_at_the_ne
         deadman.retry_disarms()
 
 
+def test_a_beat_on_its_way_as_the_block_closes_leaves_no_record(fast_space, redis_server, monkeypatch):
+    """The heartbeat thread is held just before it writes its beat while the block closes (and forgets its keys)."""
+    import linecache
+
+    from chat_magic import heartbeat
+
+    monkeypatch.setenv("CHAT_MAGIC_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("CHAT_MAGIC_HEARTBEAT", "0.2")
+    monkeypatch.setattr(heartbeat, "_open", {})
+    client = redis_server.client()
+    wait_until(lambda: heartbeat._wake.set() or heartbeat._thread is None or not heartbeat._thread.is_alive(),
+               what="no heartbeat thread left by an earlier test")
+    held, go = threading.Event(), threading.Event()
+
+    def local(frame, event, arg):
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and "pipe.execute()" in line and not held.is_set():
+            held.set()
+            go.wait(20)
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is heartbeat._beat_once.__code__ else None
+
+    threading.settrace(tracer)
+    try:
+        with chat_magic.notify_when_done("closed as it beats"):
+            assert held.wait(20), "the heartbeat thread came to write its beat"
+        threading.settrace(None)
+        assert client.keys("chat_magic:open:*") == []  # the close forgot it; the beat is still on its way
+        go.set()
+        wait_until(lambda: not heartbeat._thread or not heartbeat._thread.is_alive(), what="the heartbeat thread's end")
+        assert client.keys("chat_magic:open:*") == [] and client.keys("chat_magic:beat:*") == [], \
+            "the beat written after the close was forgotten too"
+    finally:
+        threading.settrace(None)
+        go.set()
+
+
 # -- 4. a block opened just as the heartbeat thread ends ------------------------------------------
 
 
@@ -248,7 +287,7 @@ def test_an_interrupt_as_the_stall_watch_takes_its_lock_at_a_block_close_never_j
         fired = _interrupt_in_stalls(n, lambda b=block: b.__exit__(None, None, None))
         done = threading.Event()
 
-        def next_block(n=n) -> None:
+        def next_block(n=n, done=done) -> None:
             with chat_magic.notify_when_done(f"after {n}", stall_after=600):
                 pass
             done.set()
@@ -283,3 +322,30 @@ def test_a_number_too_large_for_a_duration_is_the_one_line_config_error(value):
 def test_stall_after_ten_to_the_400_is_refused_in_one_line(fast_space):
     with pytest.raises(ConfigError, match=r"^stall_after=about 10\*\*400 is not a duration over 0s"):
         chat_magic.notify_when_done("x", stall_after=10**400)
+
+
+# -- a forked child beats for none of its parent's blocks ------------------------------------------
+
+
+def test_a_forked_child_keeps_no_heartbeat_of_its_parents_blocks(fast_space, redis_server, monkeypatch):
+    """A child that outlived a killed parent would keep the parent's block beating: the watch would never say it."""
+    import os
+
+    from chat_magic import heartbeat
+
+    monkeypatch.setenv("CHAT_MAGIC_REDIS_URL", redis_server.url)
+    with chat_magic.notify_when_done("parent's block"):
+        assert heartbeat._open
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it would beat, and whether it could take the lock
+            try:
+                ok = heartbeat._lock.acquire(timeout=5)
+                os.write(write, f"{len(heartbeat._open)} {ok}".encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        got = os.read(read, 100).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert got == "0 True", got
