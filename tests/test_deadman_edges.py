@@ -12,7 +12,6 @@ nobody to close it, nor fired next to the block's own card.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -338,9 +337,8 @@ def test_at_exit_closed_blocks_still_armed_get_one_deadline_and_one_line_not_ten
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        if locker is not None:
-            if locker.poll() is None:
-                locker.communicate("done\n", timeout=30)
+        if locker is not None and locker.poll() is None:
+            locker.communicate("done\n", timeout=30)
     assert proc.returncode == 0, err
     said = [x for x in err.splitlines() if "still armed" in x]
     assert len(said) == 1 and f"{n} closed blocks" in said[0], err  # one line for them all
@@ -350,4 +348,3 @@ def test_at_exit_closed_blocks_still_armed_get_one_deadline_and_one_line_not_ten
         assert db.execute("SELECT count(*) FROM message WHERE state='armed'").fetchone()[0] == n  # said, not lost
     finally:
         db.close()
-    assert os.path.exists(outbox_path(home))
