@@ -110,16 +110,25 @@ class Armed:
         The row is deleted, or put on the retry list, whatever the hooks do:
         a Ctrl-C in one of them (heartbeat's is a Redis call) or in the delete
         itself must not leave a row nobody holds (a false "💀 ... exited").
+        Every hook runs even if one is interrupted (a stall watch left behind
+        would post "no progress" for a closed block); the interrupt goes on after.
         """
         if self.closed or self.pid != os.getpid():
             return
         self.closed = True
+        interrupted: BaseException | None = None
         try:
             forget(self)
-            hooks.call(hooks.on_close, self)  # stalls, heartbeat; termination puts the signal handlers back after the last
+            for hook in list(hooks.on_close):  # heartbeat, stalls; termination puts the signal handlers back after the last
+                try:
+                    hooks.call([hook], self)
+                except BaseException as e:  # an interrupt (Exceptions are caught by hooks.call)
+                    interrupted = interrupted or e
         finally:
             if not self.replaced:  # else gone with the card's transaction (or, the card kept in memory, when it is queued)
                 disarm_row(self.outbox, self.id)
+        if interrupted is not None:
+            raise interrupted
 
 
 def disarm_row(box: Any, row_id: int, *, wait: float | None = None) -> None:
@@ -184,8 +193,8 @@ def retry_disarms_at_exit(budget: float = EXIT_RETRY) -> None:
         n = len(_undone)
         where = ", ".join(sorted({str(box.path) for box, _ in _undone}))
         why = f" ({error})" if error is not None else f" (not written within {budget:g} s)"
-        _warn(f"{n} closed block{'s' if n > 1 else ''}' death notice{'s' if n > 1 else ''} still armed in {where}{why}: "
-              "the watcher may post them as if the process had died")
+        what = f"{n} closed blocks' death notices are" if n > 1 else "a closed block's death notice is"
+        _warn(f"{what} still armed in {where}{why}: the watcher may post {'them' if n > 1 else 'it'} as if the process had died")
 
 
 _undone: list[tuple[Any, int]] = []  # (outbox, row id) of closed blocks still armed in the outbox

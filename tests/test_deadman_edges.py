@@ -87,29 +87,33 @@ def _later_process(home: Path, space) -> None:
 # -- 1. a Ctrl-C while a block closes, or while it opens, leaves no row armed ------------------------------------
 
 CLOSE = """
+before = signal.getsignal(signal.SIGTERM)
 import chat_magic
+from chat_magic import stalls
 url, where, when = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
-    with chat_magic.notify_when_done("quiet job", to=url, on="error"):  # closes with no card: its row is deleted
+    with chat_magic.notify_when_done("quiet job", to=url, on="error", stall_after=3600):  # no card: its row is deleted
         shoot_at(where, signal.SIGINT, when)
     sys.settrace(None)
 except KeyboardInterrupt:
     sys.settrace(None)
     print("INTERRUPTED", flush=True)
-print(f"fired={fired()}", flush=True)
+print(f"fired={fired()} handlers_back={signal.getsignal(signal.SIGTERM) is before} watches={len(stalls._watches)}", flush=True)
 """
 
 
-@pytest.mark.parametrize("where", [
-    "chat_magic.heartbeat:on_close",  # a close hook (heartbeat's deletes the block's key in Redis, synchronously)
-    "chat_magic.termination:_closed",  # the last close hook
-    "chat_magic.outbox:disarm",  # inside the delete itself
+@pytest.mark.parametrize(("where", "watches"), [
+    ("chat_magic.heartbeat:on_close", 0),  # the first close hook (heartbeat's deletes the block's key in Redis)
+    ("chat_magic.stalls:_closed", 1),  # the one interrupted stays undone; the ones after it still run
+    ("chat_magic.outbox:disarm", 0),  # inside the delete itself
 ])
-def test_a_ctrl_c_while_a_block_closes_leaves_no_death_notice_armed(fast_space, tmp_path, where):
+def test_a_ctrl_c_while_a_block_closes_leaves_no_death_notice_armed(fast_space, tmp_path, where, watches):
     home = tmp_path / "home"
     done = _run(tmp_path, CLOSE, _env(fast_space, home, CHAT_MAGIC_WATCHER="off"), fast_space.url, where, "call")
     assert done.returncode == 0, done.stderr
-    assert "INTERRUPTED" in done.stdout and "fired=True" in done.stdout, (done.stdout, done.stderr)
+    assert "INTERRUPTED" in done.stdout, (done.stdout, done.stderr)
+    # the other close hooks ran: the program's SIGTERM handler is back, no stall watch left for a closed block
+    assert f"fired=True handlers_back=True watches={watches}" in done.stdout, (done.stdout, done.stderr)
     assert armed_rows(home) == 0  # deleted at once, or by the retry at exit: nothing left to be posted as a death
     _later_process(home, fast_space)
     assert _notices(fast_space, "quiet job") == [], _texts(fast_space)
