@@ -47,6 +47,8 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
     from . import jobs, ranks
     from .delivery import dispatcher
 
+    box: Any = None
+    now = 0.0
     try:
         d = dispatcher()
         box = d.outbox
@@ -71,13 +73,45 @@ def arm(webhook: Any, thread_key: str | None, *, title: str, details: dict[str, 
         _warn(f"could not arm the death notice of {title!r} (if the process dies it goes unreported): {e}")
         termination.uninstall()
         return None
-    armed = deadman.Armed(row_id, box, title, started=now)
-    deadman.register(armed)
-    spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
-                stall_after=stall_after, job=job, webhook=webhook, probe=probe)
-    for raised in hooks.call(hooks.on_arm, armed, spec):
-        _warn(f"{title!r}: {type(raised).__name__}: {raised}")
+    except BaseException:  # an interrupt (Ctrl-C) while arming: a row it committed is nobody's
+        _abandon(box, now, None)
+        raise
+    armed: deadman.Armed | None = None
+    try:
+        armed = deadman.Armed(row_id, box, title, started=now)
+        deadman.register(armed)
+        spec.update(to=to if isinstance(to, str) and "://" not in to else None, thread_key=thread_key,
+                    stall_after=stall_after, job=job, webhook=webhook, probe=probe)
+        for raised in hooks.call(hooks.on_arm, armed, spec):
+            _warn(f"{title!r}: {type(raised).__name__}: {raised}")
+    except BaseException:  # an interrupt after the row was committed: the caller never gets the block to close
+        _abandon(box, now, armed)
+        raise
     return armed
+
+
+def _abandon(box: Any, now: float, armed: deadman.Armed | None) -> None:
+    """An interrupt while a block opened: its row deleted (or left to the retry), its hooks closed, the handlers back.
+
+    Without this, the row would stay armed with nobody to close it, and the
+    watcher would post "💀 ... exited without closing it" for a block that
+    never ran. A row committed by an :meth:`Outbox.arm` the interrupt cut
+    short (its id never returned) is found by its owner and time. Never
+    raises an Exception (the interrupt goes on).
+    """
+    try:
+        if armed is not None:
+            armed.disarm()  # the on_close hooks undo what on_arm started (stalls, heartbeat, the signal handlers)
+        elif box is not None and now:
+            from .outbox import owner_id
+
+            held = {a.id for a in deadman.open_notices()}
+            for row in box.armed_rows():
+                if row["owner"] == owner_id() and row["created_at"] == now and row["id"] not in held:
+                    deadman.disarm_row(box, int(row["id"]))
+    except Exception as e:
+        log.warning("chat_magic: could not undo an interrupted arm: %s", e)
+    termination.uninstall()  # no block of this one to close on SIGTERM: the program's handlers back if none is open
 
 
 def _hostname() -> str:
@@ -104,9 +138,11 @@ def _fire_own_at_exit() -> None:
     if not mine:
         return
     boxes = {str(a.outbox.path): a.outbox for a in mine}
-    for box in boxes.values():
+    for path, box in boxes.items():
         try:
-            ids = deadman.fire_dead(box, owner=owner_id(), cause_text="the process exited while it was still running",
+            # the open blocks' rows only: a closed one still armed goes with its card kept in memory, or its retried delete
+            open_ids = [a.id for a in mine if str(a.outbox.path) == path]
+            ids = deadman.fire_dead(box, owner=owner_id(), ids=open_ids, cause_text="the process exited while it was still running",
                                     died_at=time.time(), icon="⏹️", verb="ended")
             from .delivery import dispatchers
 

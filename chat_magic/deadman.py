@@ -53,7 +53,7 @@ from . import (
 from .console import say as _warn
 
 __all__ = [
-    "Armed", "cause", "death_message", "exit_wait", "fire_dead", "fire_orphans", "fired", "forget", "mark_important",
+    "Armed", "cause", "death_message", "disarm_row", "exit_wait", "fire_dead", "fire_orphans", "fired", "forget", "mark_important",
     "moved_notices", "notice_payloads", "open_notices", "peak_memory", "register", "retry_disarms", "retry_disarms_at_exit",
 ]
 
@@ -105,50 +105,102 @@ class Armed:
         return self.id if not self.closed and self.pid == os.getpid() else None
 
     def disarm(self) -> None:
-        """The block closed normally: forget its death notice. Never raises."""
+        """The block closed normally: forget its death notice. Never raises (but lets an interrupt through).
+
+        The row is deleted, or put on the retry list, whatever the hooks do:
+        a Ctrl-C in one of them (heartbeat's is a Redis call) or in the delete
+        itself must not leave a row nobody holds (a false "💀 ... exited").
+        Every hook runs even if one is interrupted (a stall watch left behind
+        would post "no progress" for a closed block); the interrupt goes on after.
+        """
         if self.closed or self.pid != os.getpid():
             return
         self.closed = True
-        forget(self)
-        hooks.call(hooks.on_close, self)  # stalls, heartbeat; termination puts the signal handlers back after the last
-        if self.replaced:
-            return  # gone with the card's transaction (or, the card kept in memory, when it is queued)
-        if not _delete(self.outbox, self.id):
-            _undone.append((self.outbox, self.id))  # the outbox is locked or full: retried later, and at exit
+        interrupted: BaseException | None = None
+        try:
+            forget(self)
+            for hook in list(hooks.on_close):  # heartbeat, stalls; termination puts the signal handlers back after the last
+                try:
+                    hooks.call([hook], self)
+                except BaseException as e:  # an interrupt (Exceptions are caught by hooks.call)
+                    interrupted = interrupted or e
+        finally:
+            if not self.replaced:  # else gone with the card's transaction (or, the card kept in memory, when it is queued)
+                disarm_row(self.outbox, self.id)
+        if interrupted is not None:
+            raise interrupted
 
 
-def _delete(box: Any, row_id: int) -> bool:
+def disarm_row(box: Any, row_id: int, *, wait: float | None = None) -> None:
+    """Delete an armed row of this process, or keep it for a retry (later, and at exit) if the outbox cannot take it.
+
+    An interrupt inside the delete keeps it for the retry too, then goes on
+    (a delete that committed first is harmless to retry).
+    """
+    try:
+        done = _delete(box, row_id, wait=wait)
+    except BaseException:
+        _undone.append((box, row_id))
+        raise
+    if not done:
+        _undone.append((box, row_id))  # the outbox is locked or full: retried later, and at exit
+
+
+def _delete(box: Any, row_id: int, *, wait: float | None = None) -> bool:
     """Delete an armed row; False if the outbox cannot be written now (it is retried: never a false death notice)."""
     try:
-        box.disarm(row_id)
+        box.disarm(row_id, wait=wait)
         return True
     except Exception as e:
         log.warning("chat_magic: could not disarm death notice %s yet: %s", row_id, e)
         return False
 
 
-def retry_disarms() -> None:
-    """Delete the armed rows of closed blocks that the outbox could not take when they closed."""
+def retry_disarms(*, wait: float | None = None) -> None:
+    """Delete the armed rows of closed blocks that the outbox could not take when they closed.
+
+    ``wait``: how long another process's lock may hold up each delete (None:
+    the outbox's busy timeout); the first that fails ends this try.
+    """
     while _undone:
         box, row_id = _undone[0]
-        if not _delete(box, row_id):
+        if not _delete(box, row_id, wait=wait):
             return
         _undone.pop(0)
 
 
-def retry_disarms_at_exit() -> None:
-    """The last try, patiently (10 s each), for closed blocks still armed; one line for each that stays armed."""
+EXIT_RETRY = 10.0  # seconds the exit gives, in all, to the rows of closed blocks still armed
+
+
+def retry_disarms_at_exit(budget: float = EXIT_RETRY) -> None:
+    """The last try, patiently, for closed blocks still armed: ``budget`` seconds in all, then one line for the rest.
+
+    One deadline for every row, not a wait each: with another process holding
+    the write lock, the exit would otherwise hang 10 s per closed block.
+    """
+    deadline = time.monotonic() + budget
+    error: Exception | None = None
     for box, row_id in list(_undone):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         try:
-            box.disarm(row_id, wait=10.0)
+            box.disarm(row_id, wait=left)
             _undone.remove((box, row_id))
         except Exception as e:
-            _warn(f"a closed block's death notice is still armed in {box.path} ({e}): if this process dies, it may be posted")
+            error = e
+    if _undone:
+        n = len(_undone)
+        where = ", ".join(sorted({str(box.path) for box, _ in _undone}))
+        why = f" ({error})" if error is not None else f" (not written within {budget:g} s)"
+        what = f"{n} closed blocks' death notices are" if n > 1 else "a closed block's death notice is"
+        _warn(f"{what} still armed in {where}{why}: the watcher may post {'them' if n > 1 else 'it'} as if the process had died")
 
 
 _undone: list[tuple[Any, int]] = []  # (outbox, row id) of closed blocks still armed in the outbox
 _open: dict[tuple[str, int], Armed] = {}  # every armed notice of this process not closed yet
-_lock = threading.Lock()  # guards _open
+# guards _open; reentrant: the SIGTERM handler (termination.py) reads it on the main thread, maybe while it holds it
+_lock = threading.RLock()
 
 
 def open_notices() -> list[Armed]:
@@ -306,9 +358,13 @@ def death_message(spec: dict[str, Any], row: dict[str, Any], *, cause_text: str,
 
 
 def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = None, exit_status: int | None = None,
-              oom_kills: int = 0, died_at: float | None = None, peak: int = 0, **wording: str) -> list[int]:
+              oom_kills: int = 0, died_at: float | None = None, peak: int = 0, ids: Any = None,
+              **wording: str) -> list[int]:
     """Turn armed rows into pending death notices: those of ``owner``, or (None) of every dead owner on this host.
 
+    ``ids``: only these rows (the still-open blocks of this process, when it
+    fires its own: a closed block's row still armed waits for its card kept
+    in memory, or for the retry of its delete, never a second notice).
     Returns the ids of the messages queued. Exactly once: each row is
     deleted while still armed and its notice inserted in one transaction
     (:meth:`Outbox.fire_armed`); a row another process fired meanwhile is
@@ -317,6 +373,9 @@ def fire_dead(box: Any, *, owner: str | None = None, cause_text: str | None = No
     from .outbox import armed_spec, owner_alive
 
     rows = box.armed_rows()
+    if ids is not None:
+        wanted = set(ids)
+        rows = [r for r in rows if r["id"] in wanted]
     if owner is not None:
         rows = [r for r in rows if r["owner"] == owner]
     else:
@@ -392,7 +451,7 @@ def fire_orphans(box: Any) -> list[int]:
 def _after_fork_in_child() -> None:
     """A forked child owns none of its parent's blocks (their rows name the parent)."""
     global _lock
-    _lock = threading.Lock()  # it may have been held by another thread at the fork
+    _lock = threading.RLock()  # it may have been held by another thread at the fork
     _open.clear()
 
 

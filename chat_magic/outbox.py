@@ -52,6 +52,7 @@ import os
 import re
 import sqlite3
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -346,16 +347,19 @@ class Outbox:
     def _heal(self, depth: int) -> None:
         """After an interrupt: roll back a transaction this call left open, give back the gate holds it took."""
         conn = getattr(self._local, "conn", None)
-        if depth == 0 and conn is not None:
-            try:
+        try:
+            # only what this call left, under the gate it left held (waiting for the gate here doubled the
+            # wait of every error that left an outbox call while another thread held it)
+            if depth == 0 and conn is not None and _gate.held():
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            except sqlite3.Error:
-                pass
-        if self._lease_lock._is_owned():  # never held across an outbox call: an interrupt left it
-            self._lease_lock._release_save()
-        _gate.restore(depth)
+        except sqlite3.Error:
+            pass
+        finally:  # a second Ctrl-C in the rollback still gives back the holds
+            if self._lease_lock._is_owned():  # never held across an outbox call: an interrupt left it
+                self._lease_lock._release_save()
+            _gate.restore(depth)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, caller_timeout: float = 2.0,
                  pacer: SqlitePacer | None = None, cluster: RedisSlot | None = None) -> None:
@@ -461,8 +465,9 @@ class Outbox:
         salvaged and delivered. No ``with`` lock here: an interrupt on the
         line that releases it would leave it held (the gate heals itself).
         """
-        _gate.enter(self.busy_timeout)
+        depth = _gate.depth()
         try:
+            _gate.enter(self.busy_timeout)
             if not self._opened:
                 self._follow()
             elif self._ino is not None and time.monotonic() >= self._next_look:
@@ -471,7 +476,7 @@ class Outbox:
                     self._follow()  # another process replaced the file (a recovery): follow it
             return self._connect()
         finally:
-            _gate.leave()
+            _gate.leave_to(depth)
 
     def _follow(self) -> None:
         """Open the file at ``path`` once no recovery (in any process) is moving it aside or salvaging into it."""
@@ -845,8 +850,9 @@ class Outbox:
 
     def _checkpoint(self) -> None:
         """``wal_checkpoint(TRUNCATE)``, waiting at most 0.1 s for other processes (incomplete then: next time)."""
-        _gate.enter(self.busy_timeout)  # a fork must not come while this connection holds the log's locks
+        depth = _gate.depth()
         try:
+            _gate.enter(self.busy_timeout)  # a fork must not come while this connection holds the log's locks
             db = self._db()
             db.execute("PRAGMA busy_timeout=100")
             try:
@@ -854,7 +860,7 @@ class Outbox:
             finally:
                 db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")  # a caller's wait is set per transaction
         finally:
-            _gate.leave()
+            _gate.leave_to(depth)
 
     @_guarded("write to")
     def prune_sent(self, keep: int, min_age: float = KEEP_SENT_FOR) -> int:
@@ -1654,13 +1660,17 @@ class _Gate:
         return bool(self._lock._is_owned())
 
     def enter(self, timeout: float) -> bool:
+        moving = getattr(self._local, "moving", None)
         depth = self.depth()
-        if depth == 0 and self._lock._is_owned():
+        if depth == 0 and self._lock._is_owned() and not _on_stack(moving):
             self.restore(0)
             log.warning("chat_magic: released the outbox lock left held by an interrupt")
+        self._local.moving = sys._getframe()
         if not self._lock.acquire(True, max(0.0, timeout)):
+            self._local.moving = moving
             raise sqlite3.OperationalError("database is locked (by another thread of this process)")
         self._local.depth = depth + 1
+        self._local.moving = moving
         return True
 
     # The count never says more than the holds: it goes down before a release and up after an
@@ -1668,10 +1678,24 @@ class _Gate:
     # a count above the holds (which no depth-0 check would ever see: the gate then stayed held for
     # good, and a Ctrl-C storm left a worker waiting on it with hundreds of messages queued).
 
+    # A signal handler can run inside enter or leave, between the lock and the count, and enter the gate
+    # itself: the frame mid-way (``moving``, found on the handler's stack) tells that hold from one an
+    # interrupt left, so the handler's entry does not give back a hold its own thread is still counting.
+
     def leave(self) -> None:
         if self._lock._is_owned():
+            moving = getattr(self._local, "moving", None)
+            self._local.moving = sys._getframe()
             self._local.depth = max(0, self.depth() - 1)
             self._lock.release()
+            self._local.moving = moving
+
+    def leave_to(self, depth: int) -> None:
+        """Back to ``depth`` after a call that entered once: a leave, or a restore when an interrupt cut ``enter`` short."""
+        if self.depth() == depth + 1:
+            self.leave()
+        else:
+            self.restore(depth)
 
     def restore(self, depth: int) -> None:
         """Hold the gate exactly ``depth`` times, as this thread did before a call an interrupt cut short."""
@@ -1681,6 +1705,18 @@ class _Gate:
         if depth:
             self._lock._acquire_restore((depth, threading.get_ident()))
         self._local.depth = depth
+
+
+def _on_stack(frame: Any) -> bool:
+    """Whether ``frame`` is one of the caller's callers (a mark an interrupt left is on no stack)."""
+    if frame is None:
+        return False
+    f: Any = sys._getframe(2)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 _gate = _Gate()
@@ -1701,11 +1737,12 @@ def _call_gated(box: Outbox, method: Callable[..., T], gate: bool, args: Any, kw
     """``method(box, ...)``, holding the gate when ``gate``."""
     if not gate:
         return method(box, *args, **kwargs)
-    _gate.enter(box.busy_timeout)
+    depth = _gate.depth()
     try:
+        _gate.enter(box.busy_timeout)
         return method(box, *args, **kwargs)
     finally:
-        _gate.leave()
+        _gate.leave_to(depth)
 
 
 # -- the gated connection: every statement of the process holds the gate -----------------
@@ -1751,9 +1788,10 @@ class _Rows:
 def _ran(conn: sqlite3.Connection, step: Callable[[Any, str, Any], sqlite3.Cursor], sql: str, args: Any) -> _Rows:
     """Run one statement to its end under the gate (taken here unless this thread holds it: a transaction, an outbox call)."""
     outermost = not _gate.held()
-    if outermost:
-        _gate.enter(_wait_of(conn))
+    depth = _gate.depth()
     try:
+        if outermost:
+            _gate.enter(_wait_of(conn))
         cur = step(conn, sql, args)
         rows: list[Any] = []
         error = None
@@ -1769,7 +1807,7 @@ def _ran(conn: sqlite3.Connection, step: Callable[[Any, str, Any], sqlite3.Curso
         return _Rows(cur, rows, error)
     finally:
         if outermost:
-            _gate.leave()
+            _gate.leave_to(depth)
 
 
 class _Statement(sqlite3.Cursor):
@@ -1837,11 +1875,12 @@ class _GatedConnection(sqlite3.Connection):
         self._gated(super().close)  # the last connection's close checkpoints the log: locks, like a statement
 
     def _gated(self, call: Callable[[], None]) -> None:
-        _gate.enter(self.wait)
+        depth = _gate.depth()
         try:
+            _gate.enter(self.wait)
             call()
         finally:
-            _gate.leave()
+            _gate.leave_to(depth)
 
 
 def _wait_of(conn: sqlite3.Connection) -> float:
@@ -2014,8 +2053,9 @@ class _Tx:
 @contextmanager
 def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction on a connection of another file (another host's outbox): under the gate, no retries."""
-    _gate.enter(getattr(db, "wait", 10.0))
+    depth = _gate.depth()
     try:
+        _gate.enter(getattr(db, "wait", 10.0))
         db.execute("BEGIN IMMEDIATE")
         yield db
         db.execute("COMMIT")
@@ -2023,7 +2063,7 @@ def _plain_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         _rollback(db)
         raise
     finally:
-        _gate.leave()
+        _gate.leave_to(depth)
 
 
 def _rollback(db: sqlite3.Connection) -> None:

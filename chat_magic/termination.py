@@ -118,6 +118,12 @@ def _handle(sig: int, frame: Any) -> None:
             _close_blocks(sig)
     except Exception as e:  # never keep the process from ending as it would have
         _warn(f"could not post the termination notice: {type(e).__name__}: {e}")
+    finally:  # a Ctrl-C during the wait too: the blocks are closed as terminated, so the process must end as it would have
+        _pass_on(sig, frame, prev)
+
+
+def _pass_on(sig: int, frame: Any, prev: Any) -> None:
+    """What the signal would have done without chat_magic: the program's handler, or the default action (the end)."""
     if callable(prev):
         prev(sig, frame)
         return
@@ -134,13 +140,16 @@ def _close_blocks(sig: int) -> None:
     from .delivery import dispatcher
     from .outbox import owner_id
 
+    deadman.retry_disarms(wait=1.0)  # closed blocks whose delete failed: this process ends now, nobody retries them later
     mine = deadman.open_notices()
     if not mine:
         return
     text = describe(sig)
     ids: list[int] = []
-    for box in {str(a.outbox.path): a.outbox for a in mine}.values():
-        ids += deadman.fire_dead(box, owner=owner_id(), cause_text=text, died_at=time.time(), icon="🛑",
+    for path, box in {str(a.outbox.path): a.outbox for a in mine}.items():
+        # the open blocks' rows only: a closed block's row still armed goes with its card kept in memory
+        open_ids = [a.id for a in mine if str(a.outbox.path) == path]
+        ids += deadman.fire_dead(box, owner=owner_id(), ids=open_ids, cause_text=text, died_at=time.time(), icon="🛑",
                                  verb="was terminated", peak=deadman.peak_memory())
     for a in mine:
         a.closed = True

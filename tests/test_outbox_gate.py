@@ -15,6 +15,7 @@ import ast
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,3 +190,129 @@ def test_an_interrupt_at_any_opcode_of_the_gate_never_counts_more_than_it_holds(
         if not fired:
             break
     assert n > 5, "the sweep went through the gate's opcodes"
+
+
+# -- a signal handler that runs inside the gate's own steps, and an interrupt just past an entry ---------------
+
+
+def _handler_at_opcode(n: int, fn, handler) -> bool:
+    """Run ``fn``, calling ``handler`` (as a signal handler runs: same thread, between two instructions) at its
+    ``n``-th instruction inside the gate's ``enter``/``leave``; whether it was called."""
+    gate = outbox_module._Gate
+    codes = {gate.enter.__code__, gate.leave.__code__}
+    count = 0
+    fired = False
+
+    def local(frame, event, arg):
+        nonlocal count, fired
+        if event == "opcode" and not fired:
+            count += 1
+            if count == n:
+                fired = True
+                handler()  # tracing is off inside a trace function: the handler's own entries run untraced
+        return local
+
+    def global_(frame, event, arg):
+        if fired or frame.f_code not in codes:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(global_)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return fired
+
+
+def test_a_signal_handler_reading_the_outbox_inside_the_gates_own_steps_leaves_it_as_it_was(tmp_path: Path):
+    """A program's own SIGTERM handler with a block open reads the outbox (termination's one line per block).
+
+    Run between the lock and the count of ``enter`` (or of ``leave``), its
+    entry took the hold its own thread was still counting for one an
+    interrupt left, and gave it back: the interrupted call then counted a
+    hold it did not have (the gate held for good at its next error), or
+    ``leave`` raised "cannot release un-acquired lock" into the caller.
+    """
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=2.0, caller_timeout=2.0)
+    box.enqueue(HOOK, None, [(_body("queued"), False)])
+    gate = outbox_module._gate
+    seen = []
+    n = 0
+    while True:
+        n += 1
+        fired = _handler_at_opcode(n, lambda: seen.append(box.counts()), lambda: seen.append(box.counts()))
+        assert (gate.depth(), _holds(gate)) == (0, 0), (n, gate.depth(), _holds(gate))
+        if not fired:
+            break
+    assert n > 10, "the sweep went through the gate's instructions"
+    assert all(c.get("pending") == 1 for c in seen) and len(seen) == 2 * (n - 1) + 1
+    other = threading.Thread(target=lambda: seen.append(box.counts()))  # another thread gets in
+    other.start()
+    other.join(10)
+    assert not other.is_alive() and len(seen) == 2 * n
+
+
+def _statement(tmp_path: Path):
+    conn = outbox_module._connect_file(str(tmp_path / "other-host.sqlite3"), timeout=1.0, isolation_level=None)
+    return lambda: conn.execute("SELECT 1").fetchall()
+
+
+def _plain_transaction(tmp_path: Path):
+    conn = outbox_module._connect_file(str(tmp_path / "other-host.sqlite3"), timeout=1.0, isolation_level=None)
+
+    def run():
+        with outbox_module._plain_tx(conn):
+            pass
+    return run
+
+
+def _checkpoint(tmp_path: Path):
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=1.0, caller_timeout=1.0)
+    box.enqueue(HOOK, None, [(_body("queued"), False)])
+    return box._checkpoint
+
+
+@pytest.mark.parametrize("make", [_statement, _plain_transaction, _checkpoint], ids=["statement", "plain-tx", "checkpoint"])
+def test_an_interrupt_as_the_gate_is_entered_outside_any_outbox_call_leaves_it_free(tmp_path: Path, make):
+    """Statements outside an outbox call (another host's file, read by a take-over; the checkpoint) took the gate
+    before their ``try``: an interrupt as ``enter`` returned (Python 3.10 checks for one there) left it held,
+    and no outbox call healed it (``heal_gate`` acts at depth 0 only): every other thread waited for good."""
+    run = make(tmp_path)
+    code = outbox_module._Gate.enter.__code__
+    raised, _ = interrupt_at(1, run, None, events=("return",), codes={code})
+    assert raised
+    gate = outbox_module._gate
+    assert (gate.depth(), _holds(gate)) == (0, 0)
+    run()  # and it still works
+
+
+def test_an_outbox_call_that_could_not_get_in_waits_for_the_gate_once_not_twice(tmp_path: Path):
+    """Its clean-up ran SQL through the gate again (a busy-timeout reset), so every error that left an outbox
+    call while another thread held the gate came after twice the wait, and a Ctrl-C in that wait hung longer."""
+    box = Outbox(tmp_path / "outbox.sqlite3", busy_timeout=0.3, caller_timeout=0.3)
+    box.enqueue(HOOK, None, [(_body("queued"), False)])
+    holding, done = threading.Event(), threading.Event()
+
+    def hold():
+        outbox_module._gate.enter(5)
+        holding.set()
+        done.wait(30)
+        outbox_module._gate.leave()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    entries = []
+    code = outbox_module._Gate.enter.__code__
+    sys.setprofile(lambda frame, event, arg: entries.append(1) if event == "call" and frame.f_code is code else None)
+    try:
+        with pytest.raises(chat_magic.OutboxError, match="locked"):
+            box.counts()
+    finally:
+        sys.setprofile(None)
+        done.set()
+        holder.join(10)
+    assert len(entries) == 1, f"the gate was waited for {len(entries)} times"
+    assert box.counts().get("pending") == 1
