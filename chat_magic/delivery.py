@@ -382,8 +382,8 @@ class _Wake(threading.Event):
     A Ctrl-C can land after ``Condition.__enter__`` took the lock and before
     the ``with`` block began: no ``__exit__`` runs, and every lane then waited
     for the lock for good (a storm of Ctrl-C jammed 1 process in ~30). ``set``
-    gives back what an interrupt left held, and :func:`_heal_locks` (on the way
-    out of ``send``) does too.
+    and ``clear`` give back what an interrupt left held, and :func:`_heal_locks`
+    (on the way out of ``send``) does too.
     """
 
     def __init__(self) -> None:
@@ -393,9 +393,15 @@ class _Wake(threading.Event):
         self._cond = threading.Condition(self.lock)
 
     def set(self) -> None:
+        self._given_back(super().set)
+
+    def clear(self) -> None:
+        self._given_back(super().clear)
+
+    def _given_back(self, step: Callable[[], None]) -> None:
         outer = self.lock._is_owned()  # a signal handler's set() inside this thread's set(): the outer one gives back
         try:
-            super().set()
+            step()
         finally:
             if not outer and self.lock._is_owned():
                 self.lock._release_save()  # cut between taking the lock and the with block: never kept
@@ -451,7 +457,8 @@ class Dispatcher:
         self._wake = _Wake()
         # notified when an outcome is recorded (wait_for sleeps on it); guards no data; a leaf
         self._changed = threading.Condition(threading.RLock())
-        self._stop = threading.Event()
+        # set by stop(); cleared by ensure_running on the caller's thread (send): healed like _wake
+        self._stop = _Wake()
         self._thread: threading.Thread | None = None
         # guards _lanes (and each lane's busy/current), _held, _held_reason, _watchers, _thread; a leaf:
         # no outbox call, no other lock inside (reentrant: a signal handler may run while this thread holds it)
@@ -1225,7 +1232,7 @@ def _locks() -> list[Any]:
     """The reentrant locks on the way of ``send``."""
     ds = list(_dispatchers.values())
     return ([config.settings_lock(), webhook_module.known_lock(), _dlock] + [d._lock for d in ds]
-            + [d._changed._lock for d in ds] + [d._wake.lock for d in ds])  # type: ignore[attr-defined]
+            + [d._changed._lock for d in ds] + [d._wake.lock for d in ds] + [d._stop.lock for d in ds])  # type: ignore[attr-defined]
 
 
 def _owned_locks() -> set[int]:
