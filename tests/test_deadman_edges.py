@@ -227,12 +227,16 @@ print("STILL RUNNING", flush=True)
 """
 
 
-def test_a_ctrl_c_during_the_termination_wait_still_ends_the_process_by_its_signal(fast_space, tmp_path):
-    home = tmp_path / "home"
+def _start(tmp_path: Path, body: str, space) -> subprocess.Popen:
+    """``body`` (after the tracer) run as a script with the space's URL, its home in ``tmp_path``."""
     path = tmp_path / "job.py"
-    path.write_text(TRACER + textwrap.dedent(CTRL_C_IN_HANDLER), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(path), fast_space.url], env=_env(fast_space, home),
+    path.write_text(TRACER + textwrap.dedent(body), encoding="utf-8")
+    return subprocess.Popen([sys.executable, str(path), space.url], env=_env(space, tmp_path / "home"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_ctrl_c_during_the_termination_wait_still_ends_the_process_by_its_signal(fast_space, tmp_path):
+    proc = _start(tmp_path, CTRL_C_IN_HANDLER, fast_space)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
         proc.send_signal(signal.SIGTERM)
@@ -264,11 +268,7 @@ print("NOT ENDED", flush=True)
 
 
 def test_sigterm_while_the_main_thread_holds_the_registry_lock_still_posts_and_ends(fast_space, tmp_path):
-    home = tmp_path / "home"
-    path = tmp_path / "job.py"
-    path.write_text(TRACER + textwrap.dedent(IN_LOCK), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(path), fast_space.url], env=_env(fast_space, home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(tmp_path, IN_LOCK, fast_space)
     try:
         out, err = proc.communicate(timeout=45)  # a deadlocked handler never ends
     except subprocess.TimeoutExpired:
