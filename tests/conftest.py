@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -83,6 +84,13 @@ try:
     import tqdm.auto  # noqa: F401
 except ImportError:
     pass
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and
+# every process it starts would too: the real Ctrl-C the interrupt tests send their scripts (os.kill SIGINT) would
+# then do nothing, and those tests fail, or pass having proved nothing. A user's program run from a terminal has
+# the default; so do this process's children (a handler becomes the default across exec, an ignore does not).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TEST_INTERVAL = 0.01  # this process's pacing interval in tests not marked `pacing` (the user's: 1.1 s)
 # ... and that of the kernels and subprocesses they start, which inherit the environment (a `pacing` test removes it)
