@@ -142,7 +142,7 @@ def ctrl_c(rnd: random.Random, runs: int = 10) -> bool:
     env = _edge_env(home)
     locker, stop = _with_locker(home, env)
     for run in range(runs):
-        pressed, returned, code, _ = ctrl_c_storm(url, run, env, rnd)
+        pressed, returned, code, _, _ = ctrl_c_storm(url, run, env, rnd)
         presses += pressed
         hung += code is None
         stopped += bool(code)

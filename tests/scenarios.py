@@ -42,7 +42,7 @@ while True:
                 chat_magic.send(f"storm-{run}-{i:04d}", to=url, thread_key="storm")
                 print(f"ok storm-{run}-{i:04d}", flush=True)
             except KeyboardInterrupt:
-                pass
+                print("^C", flush=True)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         break
     except KeyboardInterrupt:
@@ -137,11 +137,11 @@ sys.exit(0 if chat_magic.flush(180) else 4)
 """
 
 
-def ctrl_c_storm(url: str, run: int, env: dict[str, str], rnd: random.Random) -> tuple[int, set[str], int | None, str]:
+def ctrl_c_storm(url: str, run: int, env: dict[str, str], rnd: random.Random) -> tuple[int, set[str], int | None, str, int]:
     """One :data:`STORM` process sending 300 events under real SIGINTs every 0.5-8 ms.
 
     Returns (presses, the events whose send returned, its exit code or None when it hung and
-    was killed, its stderr). Like a user's program, it may be stopped by a Ctrl-C that lands
+    was killed, its stderr, how many Ctrl-C its sends raised: none means none landed). Like a user's program, it may be stopped by a Ctrl-C that lands
     outside its ``try`` (a KeyboardInterrupt traceback): what it queued must still be delivered.
     """
     proc = subprocess.Popen([sys.executable, "-c", STORM, url, str(run), "300"], env=env,
@@ -161,8 +161,9 @@ def ctrl_c_storm(url: str, run: int, env: dict[str, str], rnd: random.Random) ->
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return presses, set(), None, ""
+        return presses, set(), None, "", 0
     finally:
         reader.join(10)
     # a print cut by Ctrl-C runs into the next one: take every whole name
-    return presses, set(re.findall(r"storm-\d+-\d{4}", "".join(lines))), proc.returncode, stderr
+    text = "".join(lines)
+    return presses, set(re.findall(r"storm-\d+-\d{4}", text)), proc.returncode, stderr, text.count("^C")
