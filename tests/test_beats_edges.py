@@ -146,6 +146,7 @@ def test_a_block_whose_notice_fired_in_its_live_process_writes_nothing_at_the_ne
             assert len(client.keys("chat_magic:beat:*")) == 1, "the other block's heartbeat only"
         wait_until(lambda: [m for m in fast_space.messages() if "🛑" in _texts(m)], what="the termination card")
     finally:
+        fired.__exit__(None, None, None)  # off this thread's stack of open blocks (a later tqdm would report into it)
         deadman.retry_disarms()
 
 
