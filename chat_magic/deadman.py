@@ -110,25 +110,18 @@ class Armed:
         The row is deleted, or put on the retry list, whatever the hooks do:
         a Ctrl-C in one of them (heartbeat's is a Redis call) or in the delete
         itself must not leave a row nobody holds (a false "💀 ... exited").
-        Every hook runs even if one is interrupted (a stall watch left behind
-        would post "no progress" for a closed block); the interrupt goes on after.
+        Every hook runs even if one is interrupted (:func:`hooks.call`); the
+        interrupt goes on after the delete.
         """
         if self.closed or self.pid != os.getpid():
             return
         self.closed = True
-        interrupted: BaseException | None = None
         try:
             forget(self)
-            for hook in list(hooks.on_close):  # heartbeat, stalls; termination puts the signal handlers back after the last
-                try:
-                    hooks.call([hook], self)
-                except BaseException as e:  # an interrupt (Exceptions are caught by hooks.call)
-                    interrupted = interrupted or e
+            hooks.call(hooks.on_close, self)  # heartbeat, stalls; termination puts the signal handlers back after the last
         finally:
             if not self.replaced:  # else gone with the card's transaction (or, the card kept in memory, when it is queued)
                 disarm_row(self.outbox, self.id)
-        if interrupted is not None:
-            raise interrupted
 
 
 def disarm_row(box: Any, row_id: int, *, wait: float | None = None) -> None:

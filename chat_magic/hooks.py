@@ -62,11 +62,21 @@ death_notices: DeathNotices | None = None
 
 
 def call(hooks: list[Callable[..., None]], *args: Any) -> list[BaseException]:
-    """Call every hook of a list in order (a copy: one may register meanwhile); return what they raised."""
+    """Call every hook of a list in order (a copy: one may register meanwhile); return what they raised.
+
+    An interrupt (Ctrl-C) in one hook does not skip the others (a stall
+    watch left running would post "no progress" for a closed block): the
+    first is raised once every hook has run.
+    """
     raised: list[BaseException] = []
+    interrupted: BaseException | None = None
     for hook in list(hooks):
         try:
             hook(*args)
         except Exception as e:
             raised.append(e)
+        except BaseException as e:
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
     return raised
