@@ -246,6 +246,10 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
     that card replaces the death notice in one transaction, delivered by
     the kernel or, the kernel gone, by its watcher. Either way the space gets
     exactly one notice for the cell; the third case forces the second order.
+    The signals wait for the cell's own code to run: an interrupt while
+    ``%%chat`` is still opening the block ends it before the cell starts,
+    with nothing to report (as a Ctrl-C inside ``notify_when_done``'s
+    ``__enter__``), and its death notice withdrawn.
     """
     home = tmp_path / "home"
     env = script_env(fast_space, home)
@@ -253,8 +257,10 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
     title = "Fine-tune the big model"
     try:
         kc.execute_interactive("%load_ext chat_magic", timeout=60)
-        kc.execute(f"%%chat\n# {title}\nimport time\nprint('step 1', flush=True)\ntime.sleep(300)")
-        wait_until(lambda: armed_rows(home) == 1, timeout=60, what="the cell's death notice to be armed")
+        running = tmp_path / "running"  # the cell's own code has started (an interrupt before that ends no cell)
+        kc.execute(f"%%chat\n# {title}\nimport pathlib, time\npathlib.Path({str(running)!r}).touch()\n"
+                   "print('step 1', flush=True)\ntime.sleep(300)")
+        wait_until(lambda: running.exists() and armed_rows(home) == 1, timeout=60, what="the cell to run, its death notice armed")
         pid = km.provisioner.process.pid
         if how == "sigkill":
             os.kill(pid, signal.SIGKILL)
