@@ -123,14 +123,13 @@ def test_handlers_are_back_to_the_programs_when_no_block_is_open(fast_space):
 
 @pytest.mark.slow
 def test_a_kernel_terminated_mid_chat_cell_posts_a_termination_card(fast_space, tmp_path):
-    from test_watcher import _kernel
+    from test_watcher import _kernel, start_chat_cell
 
     home = tmp_path / "home"
     km, kc = _kernel(script_env(fast_space, home))
     try:
         kc.execute_interactive("%load_ext chat_magic", timeout=60)
-        kc.execute("%%chat\n# Sweep\nimport time\nfor _ in range(3000): time.sleep(0.1)")
-        wait_until(lambda: armed_rows(home) == 1, timeout=60, what="the cell's death notice to be armed")
+        start_chat_cell(kc, home, "Sweep", "for _ in range(3000): time.sleep(0.1)")
         km.provisioner.process.send_signal(signal.SIGTERM)
         found = wait_until(lambda: stops(fast_space), timeout=15, what="the termination card")
         assert "Sweep was terminated after" in found[0]["fallbackText"]

@@ -234,6 +234,19 @@ def cell_notices(space, title: str) -> list[str]:
     return [t for t in texts if title in t]
 
 
+def start_chat_cell(kc, home: Path, title: str, body: str) -> None:
+    """Run ``%%chat`` cell ``title`` (``body``: its code, ``time`` imported) in the kernel; return once its own code runs.
+
+    Not as soon as its death notice is armed: a signal while ``%%chat`` is
+    still opening the block ends it before the cell starts (an interrupt
+    then ends no cell, and withdraws the notice; a SIGTERM finds no block
+    open yet and the watcher reports the death).
+    """
+    running = home.parent / f"running-{abs(hash(title))}"
+    kc.execute(f"%%chat\n# {title}\nimport pathlib, time\npathlib.Path({str(running)!r}).touch()\n{body}")
+    wait_until(lambda: running.exists() and armed_rows(home) == 1, timeout=60, what="the cell to run, its death notice armed")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigkill", "restart", "restart-interrupt-lands-first"])
 def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_path, how):
@@ -246,10 +259,7 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
     that card replaces the death notice in one transaction, delivered by
     the kernel or, the kernel gone, by its watcher. Either way the space gets
     exactly one notice for the cell; the third case forces the second order.
-    The signals wait for the cell's own code to run: an interrupt while
-    ``%%chat`` is still opening the block ends it before the cell starts,
-    with nothing to report (as a Ctrl-C inside ``notify_when_done``'s
-    ``__enter__``), and its death notice withdrawn.
+    The signals wait for the cell's own code to run (:func:`start_chat_cell`).
     """
     home = tmp_path / "home"
     env = script_env(fast_space, home)
@@ -257,10 +267,7 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
     title = "Fine-tune the big model"
     try:
         kc.execute_interactive("%load_ext chat_magic", timeout=60)
-        running = tmp_path / "running"  # the cell's own code has started (an interrupt before that ends no cell)
-        kc.execute(f"%%chat\n# {title}\nimport pathlib, time\npathlib.Path({str(running)!r}).touch()\n"
-                   "print('step 1', flush=True)\ntime.sleep(300)")
-        wait_until(lambda: running.exists() and armed_rows(home) == 1, timeout=60, what="the cell to run, its death notice armed")
+        start_chat_cell(kc, home, title, "print('step 1', flush=True)\ntime.sleep(300)")
         pid = km.provisioner.process.pid
         if how == "sigkill":
             os.kill(pid, signal.SIGKILL)
