@@ -222,14 +222,31 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("moment", ["after_lost_reply", "mid_request"])
-def test_kill_9_then_a_new_process_delivers_each_once(space, outbox_home, moment):
-    """The space has the message but the sender died before knowing: the next process's retry carries the same requestId."""
+def test_kill_9_then_a_new_process_delivers_each_once(space, outbox_home, monkeypatch, moment):
+    """The space has the message but the sender died before knowing: the next process's retry carries the same requestId.
+
+    ``mid_request``: the kill waits for the emulator to have read the request (a row marked
+    ``sending`` is not yet a request on the wire: a kill in between leaves the space nothing
+    to deduplicate), and the emulator holds its answer for 3 s (the kill lands before it).
+    """
     box = outbox_path(outbox_home)
     env = dict(os.environ)
+    arrived = threading.Event()
     if moment == "after_lost_reply":
         space.emu.inject("lost_reply", count=1)
     else:
-        space.emu.latency = 1.5
+        space.emu.latency = 3.0
+        from chat_magic.emulator import server
+
+        read_body = server._Handler._read_body
+
+        def seen(handler):  # observes the real emulator: the request's body has been read, nothing else changes
+            body = read_body(handler)
+            if body and b"kill-0" in body:
+                arrived.set()
+            return body
+
+        monkeypatch.setattr(server._Handler, "_read_body", seen)
     try:
         p = subprocess.Popen([sys.executable, "-c", KILLED_SENDER], env=env, stdout=subprocess.PIPE, text=True)
         try:
@@ -239,8 +256,7 @@ def test_kill_9_then_a_new_process_delivers_each_once(space, outbox_home, moment
                 wait_until(lambda: any(r["state"] == "pending" and r["attempts"] >= 1 and r["error"] for r in _rows(box)), 20, "the lost reply")
                 assert len(space.messages()) == 1
             else:
-                wait_until(lambda: any(r["state"] == "sending" for r in _rows(box)), 20, "a request in flight")
-                time.sleep(0.3)  # the request reached the server, which answers after 1.5 s
+                assert arrived.wait(20), "the first request to reach the emulator"  # which answers 3 s later
         finally:
             p.send_signal(signal.SIGKILL)
             p.wait(10)
