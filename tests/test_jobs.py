@@ -128,7 +128,12 @@ def test_chat_magic_watch_reports_a_host_killed_whole_and_nothing_for_a_job_that
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert host.stdout.readline().strip() == "READY", host.stderr.read()
         wait_until(lambda: redis_server.client().keys("chat_magic:beat:gpu-node-17:*"), what="the host's heartbeat")
-        record = redis_server.client().hgetall(redis_server.client().keys("chat_magic:open:gpu-node-17:*")[0])
+        opened = redis_server.client().keys("chat_magic:open:gpu-node-17:*")[0]
+        # the progress line goes to Redis with a beat: the first (at the block's start) can come before the job's
+        # n.update, and a host killed before the next beat is reported with no progress (correct, but not this case)
+        wait_until(lambda: redis_server.client().hget(opened, "progress") == "trial 7 of 40",
+                   what="the job's progress line in its Redis record")
+        record = redis_server.client().hgetall(opened)
         assert record["label"] == "long sweep" and record["to"] == "" and "key=" not in str(record)
         watch_env = script_env(fast_space, tmp_path / "login-node", CHAT_MAGIC_REDIS_URL=redis_server.url)
         watch = subprocess.Popen([sys.executable, "-m", "chat_magic.cli", "watch", "--lost-after", "3", "--every", "0.5"],
