@@ -108,7 +108,9 @@ def test_new_thread_then_custom_key_continues_it(space):
 def test_click_does_not_block_and_double_click_sends_once(outbox_home, monkeypatch):
     from chat_magic.emulator import Emulator
 
-    with Emulator(key=KEY, token=TOKEN, qps=None, latency=1.5) as slow:
+    # the server holds each request 3 s: the clicks below happen while the first is in flight however slowly a
+    # loaded machine runs them (with 1.5 s and a 1.0 s bound, a first send that creates the outbox had little room)
+    with Emulator(key=KEY, token=TOKEN, qps=None, latency=3.0) as slow:
         monkeypatch.setenv("GOOGLE_CHAT_WEBHOOK_URL", slow.webhook_url(space="SLOW", key=KEY, token=TOKEN))
         c = Composer(thread="new")
         c.message.value = "takes a while to arrive"
@@ -118,7 +120,7 @@ def test_click_does_not_block_and_double_click_sends_once(outbox_home, monkeypat
         c.message.value = "typed while the first is in flight"
         c._on_send()  # even when called directly, the in-flight send blocks a second one
         elapsed = time.monotonic() - t0
-        assert elapsed < 1.0, f"click blocked for {elapsed:.2f} s"  # the server takes 1.5 s per request
+        assert elapsed < 3.0, f"click blocked for {elapsed:.2f} s"  # waiting for the server takes 3 s at least
         assert c.status.value == "queued"
         assert c.send_button.disabled
         wait_status(c, "delivered: ")
