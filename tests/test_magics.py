@@ -508,7 +508,7 @@ def test_posting_never_waits_for_the_network(ip, space, emulator):
     finally:
         emulator.clear_faults()
     assert r.success
-    assert elapsed < 2.0  # generous: the stalled request alone takes 4 s
+    assert elapsed < 4.0  # waiting for the stalled request would take 4 s at least (2.0 left a loaded machine half that)
     assert [rq["fault"] for rq in space.requests()].count("stall") == 1
     text = json.dumps(msgs, ensure_ascii=False)
     assert "Stalled finished" in text and "and a line" in text
