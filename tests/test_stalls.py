@@ -29,8 +29,10 @@ def test_a_block_with_no_progress_posts_one_stall_line_and_one_when_it_moves_aga
         n.update("epoch 3: loss 0.250")
         stalled = wait_until(lambda: lines_with(fast_space, "⏸"), what="the stall line")
         time.sleep(0.5)  # still stalled: no second line (checked below, after the end)
-        n.log(loss=0.2)
-        moving = wait_until(lambda: lines_with(fast_space, "▶️"), what="the line saying it moves again")
+        n.log(loss=0.2)  # queues the moving-again line itself
+    # the block ends at once: left open while the line is delivered, it could stall again (a correct second line,
+    # seen with a 5 s delivery)
+    moving = wait_until(lambda: lines_with(fast_space, "▶️"), what="the line saying it moves again")
     wait_until(lambda: any("finished" in (m.get("fallbackText") or "") for m in fast_space.messages()), what="the card")
     assert stalled[0].startswith("⏸ *nightly training*: no progress for") and stalled[0].endswith("(last: epoch 3: loss 0.250)")
     assert moving[0].startswith("▶️ *nightly training* is moving again after")
