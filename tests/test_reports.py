@@ -135,7 +135,8 @@ def test_run_all_total_is_first_start_to_last_end_without_the_quiet_wait(ip, spa
 def test_run_all_names_the_cells_never_run_after_a_failure(ip, space, tmp_path):
     import nbformat
 
-    sources = ["%chat_autonotify --run-all --quiet 0.5", "# Load\nx = 1", "# Train\nraise ValueError('diverged')",
+    # quiet 1.5 s: a loaded machine's pause between two cells (0.6 s) does not split the run
+    sources = ["%chat_autonotify --run-all --quiet 1.5", "# Load\nx = 1", "# Train\nraise ValueError('diverged')",
                "# Evaluate\ny = x", "", "print('report')"]
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in sources]
@@ -156,7 +157,7 @@ def test_run_all_names_the_cells_never_run_after_a_failure(ip, space, tmp_path):
 
 
 def test_a_failing_cell_already_reported_gets_one_failure_notice(ip, space):
-    ip.run_cell("%chat_autonotify --run-all --quiet 0.5")
+    ip.run_cell("%chat_autonotify --run-all --quiet 1.5")  # a pause between two cells (0.6 s) does not split the run
     ip.run_cell("a = 1", store_history=True)
     ip.run_cell("# Fit\nimport chat_magic\nwith chat_magic.notify_when_done('fit'):\n    raise ValueError('loss is nan')",
                 store_history=True)
