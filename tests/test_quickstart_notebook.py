@@ -81,7 +81,12 @@ def test_quickstart_runs_in_a_real_kernel(space, monkeypatch):
     assert "Train a tiny model finished" in everything
     assert "final loss is *0.125* after 3 epochs" in everything
     assert "Load the data failed" in everything and "FileNotFoundError" in everything
-    assert "A quick step" not in everything  # under the auto-notify threshold
+    # under the auto-notify threshold (0.5 s): not announced, unless the cell really took that long (a loaded
+    # machine can make "1 + 1" take 0.6 s, and the notice is then right)
+    for m in msgs:
+        if "A quick step" in _all_text(m):
+            took = re.search(r"A quick step[^\n]*? finished in (\d+) ms|A quick step[^\n]*? finished in ([\d.]+) s", _all_text(m))
+            assert took and (int(took[1]) / 1000 if took[1] else float(took[2])) >= 0.5, _all_text(m)[:300]
     for r in space.requests():
         if r.get("status") == 200:
             validate_message(r["body"])
