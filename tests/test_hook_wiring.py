@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cluster_support import RedisServer
 from conftest import wait_until
-from test_watcher import armed_rows, deaths, ready, script_env
+from test_watcher import armed_rows, deaths, ready, script_env, watchers_of
 
 
 @pytest.fixture
@@ -43,19 +43,6 @@ def handles(pid: int, sig: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
     raise AssertionError("no SigCgt line")
-
-
-def watchers_of(pid: int) -> list[int]:
-    """The ``python -m chat_magic.watcher --pid <pid>`` processes alive now."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"chat_magic.watcher" in args and b"--pid" in args and args[args.index(b"--pid") + 1] == str(pid).encode():
-            found.append(int(entry.name))
-    return found
 
 
 def records(redis_server, kind: str, pid: int) -> list[str]:

@@ -296,17 +296,17 @@ def test_a_kernel_killed_mid_chat_cell_posts_the_cells_death(fast_space, tmp_pat
 
 
 def watchers_of(pid: int) -> list[int]:
-    """The pids of running ``chat_magic.watcher`` processes watching ``pid``."""
+    """The ``python -m chat_magic.watcher --pid <pid>`` processes alive now."""
     found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
+            args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"chat_magic.watcher" in argv and str(pid).encode() in argv:
-            found.append(int(d.name))
+        if b"chat_magic.watcher" in args and b"--pid" in args and args[args.index(b"--pid") + 1] == str(pid).encode():
+            found.append(int(entry.name))
     return found
 
 
