@@ -137,11 +137,8 @@ def _fire_own_at_exit() -> None:
     mine = deadman.open_notices()
     if not mine:
         return
-    boxes = {str(a.outbox.path): a.outbox for a in mine}
-    for path, box in boxes.items():
+    for box, open_ids in deadman.by_outbox(mine):
         try:
-            # the open blocks' rows only: a closed one still armed goes with its card kept in memory, or its retried delete
-            open_ids = [a.id for a in mine if str(a.outbox.path) == path]
             ids = deadman.fire_dead(box, owner=owner_id(), ids=open_ids, cause_text="the process exited while it was still running",
                                     died_at=time.time(), icon="⏹️", verb="ended")
             from .delivery import dispatchers

@@ -53,7 +53,7 @@ from . import (
 from .console import say as _warn
 
 __all__ = [
-    "Armed", "cause", "death_message", "disarm_row", "exit_wait", "fire_dead", "fire_orphans", "fired", "forget", "mark_important",
+    "Armed", "by_outbox", "cause", "death_message", "disarm_row", "exit_wait", "fire_dead", "fire_orphans", "fired", "forget", "mark_important",
     "moved_notices", "notice_payloads", "open_notices", "peak_memory", "register", "retry_disarms", "retry_disarms_at_exit",
 ]
 
@@ -200,6 +200,22 @@ def open_notices() -> list[Armed]:
     """This process's open blocks (a forked child has none of its parent's)."""
     with _lock:
         return [a for a in _open.values() if a.pid == os.getpid()]
+
+
+def by_outbox(blocks: list[Armed]) -> list[tuple[Any, list[int]]]:
+    """``blocks`` grouped by outbox file: ``(outbox, their row ids)``, what :func:`fire_dead`'s ``ids=`` takes.
+
+    When this process fires its own open blocks (termination, exit), only
+    their rows: a closed block's row still armed goes with its card kept in
+    memory, or its retried delete, never a second notice.
+    """
+    boxes: dict[str, Any] = {}
+    ids: dict[str, list[int]] = {}
+    for a in blocks:
+        path = str(a.outbox.path)
+        boxes[path] = a.outbox
+        ids.setdefault(path, []).append(a.id)
+    return [(boxes[path], ids[path]) for path in boxes]
 
 
 def register(armed: Armed) -> None:

@@ -146,9 +146,7 @@ def _close_blocks(sig: int) -> None:
         return
     text = describe(sig)
     ids: list[int] = []
-    for path, box in {str(a.outbox.path): a.outbox for a in mine}.items():
-        # the open blocks' rows only: a closed block's row still armed goes with its card kept in memory
-        open_ids = [a.id for a in mine if str(a.outbox.path) == path]
+    for box, open_ids in deadman.by_outbox(mine):
         ids += deadman.fire_dead(box, owner=owner_id(), ids=open_ids, cause_text=text, died_at=time.time(), icon="🛑",
                                  verb="was terminated", peak=deadman.peak_memory())
     for a in mine:
